@@ -1,0 +1,1400 @@
+#!/usr/bin/env python3
+"""Serve short-lived, bucket-scoped AWS credentials to programs on this machine.
+
+    python3 s3_localserver.py my-bucket --duration 1h
+
+starts an HTTP server on http://localhost:8094/ that answers ``GET /`` with
+temporary credentials from AWS STS, restricted by an inline session policy to
+one S3 bucket.  The JSON suits curl, the AWS CLI's ``credential_process`` and
+the container-credentials provider of every AWS SDK.
+
+One file, standard library only, CPython 3.6 or newer: copy it anywhere.
+It signs its own requests (SigV4), sends them with urllib, parses the XML with
+ElementTree, caches the credentials behind a lock and refreshes them in a
+background thread well before they expire.
+"""
+
+import argparse
+import calendar
+import configparser
+import email.utils
+import hashlib
+import hmac
+import http.client
+import http.server
+import json
+import os
+import random
+import re
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ElementTree
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AWSClient",
+    "AWSError",
+    "CredentialCache",
+    "CredentialServer",
+    "Credentials",
+    "LocalServerError",
+    "build_policy",
+    "main",
+    "parse_duration",
+    "sign_request",
+]
+
+DEFAULT_PORT = 8094
+MIN_DURATION = 15 * 60
+MAX_DURATION = 12 * 60 * 60
+POLICY_MAX_CHARS = 2048  # STS refuses longer inline session policies
+DEFAULT_ROLE_NAME = "s3-credentials.AmazonS3FullAccess"
+S3_FULL_ACCESS_POLICY = "policy/AmazonS3FullAccess"
+STS_VERSION = "2011-06-15"
+IAM_VERSION = "2010-05-08"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+USER_AGENT = "s3_localserver/" + __version__
+REQUEST_TIMEOUT = 10.0  # seconds, connect and each read of every AWS call
+
+
+######################################################################
+#  Errors
+######################################################################
+
+
+class LocalServerError(Exception):
+    """A problem the user can act on; main() prints it as one 'Error:' line."""
+
+
+class AWSError(LocalServerError):
+    """An error answer from AWS, or no usable answer at all.
+
+    ``transient`` says whether sending the same request again may succeed.
+    """
+
+    # What botocore retries, by HTTP status and by error code.
+    RETRY_STATUSES = frozenset([429, 500, 502, 503, 504])
+    RETRY_CODES = frozenset([
+        "Throttling", "ThrottlingException", "ThrottledException",
+        "RequestThrottledException", "TooManyRequestsException",
+        "ProvisionedThroughputExceededException", "RequestLimitExceeded",
+        "RequestThrottled", "SlowDown", "PriorRequestNotComplete",
+        "RequestTimeout", "RequestTimeoutException", "InternalError",
+        "InternalFailure", "ServiceUnavailable", "IDPCommunicationError",
+    ])
+    # Errors caused by a wrong local clock; worth one retry after correcting it.
+    SKEW_CODES = frozenset([
+        "RequestTimeTooSkewed", "RequestExpired", "RequestInTheFuture",
+        "InvalidSignatureException", "SignatureDoesNotMatch", "AuthFailure",
+    ])
+
+    def __init__(self, code, message, status=None, transient=None):
+        self.code = code
+        self.message = message
+        self.status = status
+        if transient is None:
+            transient = code in self.RETRY_CODES or (
+                status in self.RETRY_STATUSES and code not in PERMANENT_CODES)
+        self.transient = transient
+        super().__init__("{}: {}".format(code, message) if message else code)
+
+
+# Never retried, whatever the HTTP status says (PROTOCOLS.md).
+PERMANENT_CODES = frozenset([
+    "AccessDenied", "ExpiredToken", "InvalidClientTokenId",
+    "SignatureDoesNotMatch", "ValidationError", "MalformedPolicyDocument",
+    "RegionDisabledException", "PackedPolicyTooLarge", "NoSuchEntity",
+])
+
+
+######################################################################
+#  Durations and validation
+######################################################################
+
+_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?$")
+
+
+def parse_duration(text):
+    """Turn '900', '900s', '15m', '1h' or '1h30m' into seconds (15 min to 12 h)."""
+    match = _DURATION_RE.match(text.strip().lower())
+    if not text.strip() or not match or not any(match.groups()):
+        raise ValueError(
+            "duration must look like 900, 900s, 15m, 1h or 1h30m, not {!r}".format(text))
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if not MIN_DURATION <= total <= MAX_DURATION:
+        raise ValueError(
+            "duration must be between 15 minutes and 12 hours, got {} seconds".format(total))
+    return total
+
+
+def session_name(permission, bucket, limit):
+    """An STS session name for these credentials, valid whatever the bucket.
+
+    AssumeRole allows 64 characters and GetFederationToken 32, each from
+    [\\w+=,.@-]; bucket names are longer than that allows at times.
+    """
+    name = re.sub(r"[^\w+=,.@-]", "-", "s3.{}.{}".format(permission, bucket))
+    return name[:limit]
+
+
+def parse_statement(text):
+    """Parse one --statement: a JSON object with Effect, Action and Resource."""
+    try:
+        statement = json.loads(text)
+    except ValueError as error:
+        raise ValueError("--statement is not valid JSON ({})".format(error))
+    if not isinstance(statement, dict):
+        raise ValueError("--statement must be a JSON object")
+    missing = sorted({"Effect", "Action", "Resource"} - set(statement))
+    if missing:
+        raise ValueError("--statement is missing {}".format(", ".join(missing)))
+    return statement
+
+
+######################################################################
+#  Policies (the same statements s3-credentials issues)
+######################################################################
+
+
+def partition_for_region(region):
+    """The AWS partition a region belongs to: aws, aws-cn or aws-us-gov."""
+    region = region or ""
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
+def bucket_statements(permission, bucket, prefix="*", partition="aws"):
+    """IAM statements granting ``permission`` on ``bucket`` (below ``prefix``)."""
+    if not prefix.endswith("*"):
+        prefix += "*"
+    bucket_arn = "arn:{}:s3:::{}".format(partition, bucket)
+    objects_arn = "{}/{}".format(bucket_arn, prefix)
+    if permission == "write-only":
+        return [{"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": [objects_arn]}]
+    if prefix == "*":
+        statements = [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
+                       "Resource": [bucket_arn]}]
+    else:
+        # A prefix limits listing through the s3:prefix condition; the bucket's
+        # location stays readable because clients ask for it before anything else.
+        statements = [
+            {"Effect": "Allow", "Action": ["s3:GetBucketLocation"], "Resource": [bucket_arn]},
+            {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [bucket_arn],
+             "Condition": {"StringLike": {"s3:prefix": [prefix]}}},
+        ]
+    statements.append({
+        "Effect": "Allow",
+        "Action": ["s3:GetObject", "s3:GetObjectAcl", "s3:GetObjectLegalHold",
+                   "s3:GetObjectRetention", "s3:GetObjectTagging"],
+        "Resource": [objects_arn],
+    })
+    if permission == "read-write":
+        statements.append({"Effect": "Allow", "Action": ["s3:PutObject", "s3:DeleteObject"],
+                           "Resource": [objects_arn]})
+    return statements
+
+
+def build_policy(permission, bucket, prefix="*", extra_statements=(), partition="aws"):
+    """The inline session policy as a dict."""
+    statements = bucket_statements(permission, bucket, prefix, partition)
+    statements.extend(extra_statements)
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def policy_json(policy):
+    """Serialize compactly: STS counts every character against its 2048 limit."""
+    text = json.dumps(policy, separators=(",", ":"))
+    if len(text) > POLICY_MAX_CHARS:
+        raise LocalServerError(
+            "the session policy is {} characters; STS allows at most {} "
+            "(use fewer or shorter --statement options)".format(len(text), POLICY_MAX_CHARS))
+    return text
+
+
+######################################################################
+#  Timestamps
+######################################################################
+
+_TIMESTAMP_RE = re.compile(
+    r"^(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.\d+)?(Z|[+-]\d\d:?\d\d)?$")
+
+
+def parse_timestamp(text):
+    """Epoch seconds of an ISO 8601 time such as STS's Expiration."""
+    match = _TIMESTAMP_RE.match((text or "").strip())
+    if not match:
+        raise ValueError("not an ISO 8601 time: {!r}".format(text))
+    fields = [int(part) for part in match.groups()[:6]]
+    epoch = calendar.timegm(tuple(fields) + (0, 0, 0))
+    zone = match.group(7)
+    if zone and zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        epoch -= sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return float(epoch)
+
+
+def format_timestamp(epoch):
+    """'YYYY-MM-DDTHH:MM:SSZ', the form every credential client accepts."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+######################################################################
+#  Credentials
+######################################################################
+
+
+class Credentials(object):
+    """An access key, its secret, an optional session token and expiry.
+
+    The repr names the key id only, so credentials can never leak into a log
+    or a traceback by accident.
+    """
+
+    __slots__ = ("access_key_id", "secret_access_key", "session_token", "expiration")
+
+    def __init__(self, access_key_id, secret_access_key, session_token=None, expiration=None):
+        self.access_key_id = access_key_id
+        self.secret_access_key = secret_access_key
+        self.session_token = session_token or None
+        self.expiration = expiration  # epoch seconds, or None for long-term keys
+
+    def __repr__(self):
+        return "Credentials({!r}, expiration={})".format(
+            self.access_key_id,
+            format_timestamp(self.expiration) if self.expiration else None)
+
+    def __eq__(self, other):
+        return isinstance(other, Credentials) and all(
+            getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = None
+
+
+######################################################################
+#  SigV4
+######################################################################
+
+
+def _hmac(key, text):
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).digest()
+
+
+def uri_encode(text, safe="-_.~"):
+    """RFC 3986 percent-encoding, as SigV4 wants it (upper-case hex, %20)."""
+    return urllib.parse.quote(text, safe=safe)
+
+
+def canonical_query(params):
+    """The SigV4 canonical query string of (name, value) pairs."""
+    return "&".join("{}={}".format(key, value) for key, value in sorted(
+        (uri_encode(str(key)), uri_encode(str(value))) for key, value in params))
+
+
+def _remove_dot_segments(path):
+    # RFC 3986 section 5.2.4, plus the collapse of empty segments AWS wants.
+    output = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if output:
+                output.pop()
+        elif segment and segment != ".":
+            output.append(segment)
+    trailing = "/" if path.endswith("/") and output else ""
+    return "/" + "/".join(output) + trailing
+
+
+def canonical_uri(path, service):
+    """S3 signs the path as sent; every other service normalizes and re-encodes it."""
+    if service == "s3":
+        return path or "/"
+    return uri_encode(_remove_dot_segments(path or "/"), safe="/~")
+
+
+def host_header(url):
+    """The Host value for a URL: lower-case, IPv6 in brackets, port only if not default."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = "[{}]".format(host)
+    default_port = {"http": 80, "https": 443}.get(parts.scheme)
+    if parts.port is not None and parts.port != default_port:
+        host = "{}:{}".format(host, parts.port)
+    return host
+
+
+def sign_request(method, url, headers, body, credentials, region, service, now):
+    """Return ``headers`` plus the SigV4 headers for this request.
+
+    ``url`` is what goes on the wire (path and query already percent-encoded),
+    ``body`` bytes, ``now`` epoch seconds.  Every header passed in is signed.
+    """
+    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    parts = urllib.parse.urlsplit(url)
+    payload_hash = hashlib.sha256(body or b"").hexdigest()
+    signed = dict((name.lower(), value) for name, value in headers.items())
+    signed["host"] = host_header(url)
+    signed["x-amz-date"] = amz_date
+    if service == "s3":
+        signed["x-amz-content-sha256"] = payload_hash
+    if credentials.session_token:
+        signed["x-amz-security-token"] = credentials.session_token
+    query = [tuple(urllib.parse.unquote(item) for item in pair.partition("=")[::2])
+             for pair in parts.query.split("&") if pair]
+    names = sorted(signed)
+    canonical_request = "\n".join([
+        method.upper(),
+        canonical_uri(parts.path, service),
+        canonical_query(query),
+        "".join("{}:{}\n".format(name, " ".join(str(signed[name]).split())) for name in names),
+        ";".join(names),
+        payload_hash,
+    ])
+    scope = "{}/{}/{}/aws4_request".format(amz_date[:8], region, service)
+    string_to_sign = "\n".join([
+        "AWS4-HMAC-SHA256", amz_date, scope,
+        hashlib.sha256(canonical_request.encode("utf-8")).hexdigest()])
+    key = ("AWS4" + credentials.secret_access_key).encode("utf-8")
+    for part in (amz_date[:8], region, service, "aws4_request"):
+        key = _hmac(key, part)
+    signature = hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    result = dict(headers)
+    result.update({
+        "Host": signed["host"],
+        "X-Amz-Date": amz_date,
+        "Authorization": "AWS4-HMAC-SHA256 Credential={}/{}, SignedHeaders={}, Signature={}".format(
+            credentials.access_key_id, scope, ";".join(names), signature),
+    })
+    if service == "s3":
+        result["X-Amz-Content-SHA256"] = payload_hash
+    if credentials.session_token:
+        result["X-Amz-Security-Token"] = credentials.session_token
+    return result
+
+
+######################################################################
+#  Endpoints
+######################################################################
+
+
+def _dns_suffix(partition):
+    return "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
+
+
+def custom_endpoint(service, endpoint_url=None, environ=os.environ):
+    """The endpoint URL the user set for a service, or None."""
+    return (endpoint_url or environ.get("AWS_ENDPOINT_URL_" + service.upper())
+            or environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def service_endpoint(service, region, endpoint_url=None, environ=os.environ):
+    """Return (base URL, signing region) for 'sts', 'iam' or 's3'.
+
+    --endpoint-url beats AWS_ENDPOINT_URL_<SERVICE>, which beats
+    AWS_ENDPOINT_URL; a custom URL is signed with the configured region.
+    """
+    custom = custom_endpoint(service, endpoint_url, environ)
+    signing_region = region or "us-east-1"
+    if custom:
+        return custom.rstrip("/"), signing_region
+    partition = partition_for_region(region)
+    if service == "iam":
+        if partition == "aws-cn":
+            return "https://iam.cn-north-1.amazonaws.com.cn", "cn-north-1"
+        if partition == "aws-us-gov":
+            return "https://iam.us-gov.amazonaws.com", "us-gov-west-1"
+        return "https://iam.amazonaws.com", "us-east-1"
+    if service == "sts" and not region:
+        return "https://sts.amazonaws.com", "us-east-1"
+    return "https://{}.{}.{}".format(service, signing_region, _dns_suffix(partition)), signing_region
+
+
+######################################################################
+#  XML answers
+######################################################################
+
+
+def _local(tag):
+    return tag.rpartition("}")[2]
+
+
+def xml_find(element, *names):
+    """Follow child names below ``element`` ignoring XML namespaces; text or None."""
+    for name in names:
+        element = next((child for child in element if _local(child.tag) == name), None)
+        if element is None:
+            return None
+    return (element.text or "").strip()
+
+
+def parse_xml(body):
+    """The root element of an AWS answer; a garbled answer is a transient AWSError."""
+    try:
+        return ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        raise AWSError("MalformedResponse", "AWS answered with something that is not XML",
+                       transient=True)
+
+
+def parse_error(status, body):
+    """An AWSError from an error answer (query XML, S3 XML, or none at all)."""
+    try:
+        root = ElementTree.fromstring(body) if body else None
+    except ElementTree.ParseError:
+        root = None
+    if root is not None:
+        error = root if _local(root.tag) == "Error" else next(
+            (node for node in root.iter() if _local(node.tag) == "Error"), None)
+        if error is not None and xml_find(error, "Code"):
+            return AWSError(xml_find(error, "Code"), xml_find(error, "Message") or "", status)
+    reason = http.client.responses.get(status, "")
+    return AWSError("HTTP{}".format(status), reason or "no error details", status)
+
+
+def parse_credentials(root, result_name):
+    """Credentials from an AssumeRole or GetFederationToken answer."""
+    fields = [xml_find(root, result_name, "Credentials", name) for name in
+              ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")]
+    if not all(fields):
+        raise AWSError("MalformedResponse",
+                       "the {} answer holds no credentials".format(result_name), transient=True)
+    try:
+        expiration = parse_timestamp(fields[3])
+    except ValueError:
+        raise AWSError("MalformedResponse", "unreadable Expiration in the answer",
+                       transient=True)
+    return Credentials(fields[0], fields[1], fields[2], expiration)
+
+
+######################################################################
+#  AWS client: STS, IAM and S3 over urllib
+######################################################################
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # S3 answers 301 for a bucket in another region; we want to see that answer.
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def default_opener():
+    return urllib.request.build_opener(_NoRedirect())
+
+
+class AWSClient(object):
+    """Signs and sends the few AWS calls this server needs.
+
+    ``opener``, ``clock`` and ``sleep`` are injectable so tests never wait or
+    reach a network.  Transient failures are retried like botocore does: at most
+    ``max_attempts`` tries with jittered exponential backoff.
+    """
+
+    max_attempts = 3
+    max_backoff = 20.0
+
+    def __init__(self, credentials, region=None, endpoint_url=None, environ=None,
+                 opener=None, clock=time.time, sleep=time.sleep, timeout=REQUEST_TIMEOUT,
+                 log=None):
+        self.credentials = credentials
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.environ = os.environ if environ is None else environ
+        self.opener = opener or default_opener()
+        self.clock = clock
+        self.sleep = sleep
+        self.timeout = timeout
+        self.log = log or (lambda message: None)
+        self.clock_offset = 0.0  # AWS's time minus ours, learnt from skew errors
+
+    @property
+    def partition(self):
+        return partition_for_region(self.region)
+
+    def endpoint(self, service):
+        return service_endpoint(service, self.region, self.endpoint_url, self.environ)
+
+    # -- transport ---------------------------------------------------------
+
+    def _send_once(self, method, url, headers, body):
+        request = urllib.request.Request(url, data=body or None, headers=headers, method=method)
+        try:
+            with self.opener.open(request, timeout=self.timeout) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                try:
+                    data = error.read()
+                except (OSError, http.client.HTTPException):
+                    data = b""
+                return error.code, error.headers, data
+        except (OSError, http.client.HTTPException) as error:
+            # URLError, timeouts, resets and truncated answers all land here.
+            reason = getattr(error, "reason", None) or error
+            raise AWSError("ConnectionError", "could not reach {}: {}".format(
+                host_header(url), reason), transient=True)
+
+    def request(self, method, url, service, region, body=b"", headers=None, check=None):
+        """Send a signed request, retrying what may succeed next time.
+
+        ``check(status, headers, body)`` turns an answer into a result or raises
+        AWSError; the default accepts 2xx and parses anything else as an error.
+        """
+        check = check or _check_status
+        attempt = 0
+        skew_fixed = False
+        while True:
+            attempt += 1
+            signed = sign_request(method, url, headers or {}, body, self.credentials, region,
+                                  service, self.clock() + self.clock_offset)
+            signed["User-Agent"] = USER_AGENT  # unsigned: proxies may rewrite it
+            answer_headers = None
+            try:
+                status, answer_headers, data = self._send_once(method, url, signed, body)
+                return check(status, answer_headers, data)
+            except AWSError as error:
+                if not skew_fixed and self._fix_clock_skew(error, answer_headers):
+                    skew_fixed = True
+                    attempt -= 1
+                    continue
+                if not error.transient or attempt >= self.max_attempts:
+                    raise
+                delay = random.uniform(0, min(self.max_backoff, 2.0 ** attempt / 2))
+                self.log("{} {} failed ({}); retrying in {:.1f}s".format(
+                    service.upper(), method, error, delay))
+                self.sleep(delay)
+
+    def _fix_clock_skew(self, error, headers):
+        """After a skew error, adopt AWS's clock from its Date header; True to retry."""
+        if error.code not in AWSError.SKEW_CODES or headers is None:
+            return False
+        parsed = email.utils.parsedate_tz(headers.get("Date") or "")
+        if parsed is None:
+            return False
+        server_time = email.utils.mktime_tz(parsed)
+        offset = server_time - self.clock()
+        if abs(offset - self.clock_offset) < 60:
+            return False  # our clock is not the problem
+        self.clock_offset = offset
+        self.log("the local clock is {:+.0f}s off AWS's; signing with AWS's time".format(
+            -offset))
+        return True
+
+    def query(self, service, action, params, version):
+        """A query-protocol call (STS, IAM): POST form data, parse the XML."""
+        url, region = self.endpoint(service)
+        items = [("Action", action), ("Version", version)] + list(params)
+        body = urllib.parse.urlencode(items, quote_via=urllib.parse.quote).encode("utf-8")
+        content_type = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+
+        def check(status, headers, data):
+            if not 200 <= status < 300:
+                raise parse_error(status, data)
+            root = parse_xml(data)
+            if _local(root.tag) != action + "Response":
+                raise AWSError("MalformedResponse",
+                               "the {} answer is incomplete".format(action), transient=True)
+            return root
+        return self.request("POST", url + "/", service, region, body, content_type, check)
+
+    # -- the calls ---------------------------------------------------------
+
+    def get_caller_identity(self):
+        root = self.query("sts", "GetCallerIdentity", [], STS_VERSION)
+        return {name: xml_find(root, "GetCallerIdentityResult", name)
+                for name in ("Account", "Arn", "UserId")}
+
+    def assume_role(self, role_arn, name, policy, duration):
+        params = [("RoleArn", role_arn), ("RoleSessionName", name),
+                  ("DurationSeconds", str(duration))]
+        if policy:
+            params.append(("Policy", policy))
+        return parse_credentials(self.query("sts", "AssumeRole", params, STS_VERSION),
+                                 "AssumeRoleResult")
+
+    def get_federation_token(self, name, policy, duration):
+        params = [("Name", name), ("Policy", policy), ("DurationSeconds", str(duration))]
+        return parse_credentials(self.query("sts", "GetFederationToken", params, STS_VERSION),
+                                 "GetFederationTokenResult")
+
+    def get_role_arn(self, role_name):
+        """The role's ARN, or None if there is no such role."""
+        try:
+            root = self.query("iam", "GetRole", [("RoleName", role_name)], IAM_VERSION)
+        except AWSError as error:
+            if error.code == "NoSuchEntity":
+                return None
+            raise
+        return xml_find(root, "GetRoleResult", "Role", "Arn")
+
+    def create_default_role(self, role_name, account_id):
+        """Create the role s3-credentials uses: trusted by the account, S3 full access."""
+        arn_prefix = "arn:{}:".format(self.partition)
+        trust = {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow",
+            "Principal": {"AWS": "{}iam::{}:root".format(arn_prefix, account_id)},
+            "Action": "sts:AssumeRole"}]}
+        root = self.query("iam", "CreateRole", [
+            ("RoleName", role_name),
+            ("AssumeRolePolicyDocument", json.dumps(trust)),
+            ("MaxSessionDuration", str(MAX_DURATION)),
+            ("Description", "Role used by s3_localserver and s3-credentials to create "
+                            "time-limited credentials restricted to specific buckets"),
+        ], IAM_VERSION)
+        self.query("iam", "AttachRolePolicy", [
+            ("RoleName", role_name),
+            ("PolicyArn", "{}iam::aws:{}".format(arn_prefix, S3_FULL_ACCESS_POLICY)),
+        ], IAM_VERSION)
+        return xml_find(root, "CreateRoleResult", "Role", "Arn")
+
+    def bucket_url(self, bucket, region):
+        base, signing_region = service_endpoint("s3", region, self.endpoint_url, self.environ)
+        if custom_endpoint("s3", self.endpoint_url, self.environ) or "." in bucket:
+            # Path style: custom endpoints (moto, MinIO) and dotted names, whose
+            # virtual host would not match AWS's TLS certificate.
+            return "{}/{}".format(base, uri_encode(bucket)), signing_region
+        scheme, _, host = base.partition("://")
+        return "{}://{}.{}/".format(scheme, bucket, host), signing_region
+
+    def head_bucket(self, bucket):
+        """Check the bucket exists and is reachable; return its region.
+
+        A bucket in another region is looked for there, as S3 says where it is.
+        """
+        region = self.region or "us-east-1"
+        for _ in range(2):
+            url, signing_region = self.bucket_url(bucket, region)
+            status, headers = self.request("HEAD", url, "s3", signing_region,
+                                           check=lambda s, h, d: (s, h))
+            if 200 <= status < 300:
+                return region
+            elsewhere = headers.get("x-amz-bucket-region")
+            if status in (301, 307, 400) and elsewhere and elsewhere != region:
+                region = elsewhere
+                continue
+            if status == 404:
+                raise LocalServerError("bucket '{}' does not exist".format(bucket))
+            if status == 403:
+                raise LocalServerError(
+                    "access to bucket '{}' is denied to these credentials (it may exist, "
+                    "but they cannot see it)".format(bucket))
+            error = AWSError("HTTP{}".format(status), "HeadBucket on '{}' failed".format(bucket),
+                             status)
+            if error.transient:
+                raise error
+            raise LocalServerError(str(error))
+        raise LocalServerError("bucket '{}' could not be found in region {}".format(
+            bucket, region))
+
+
+def _check_status(status, headers, data):
+    if not 200 <= status < 300:
+        raise parse_error(status, data)
+    return status, headers, data
+
+
+def explain(error):
+    """AWS's error, plus what to do about it when we know."""
+    hints = {
+        "ExpiredToken": "the base credentials have expired; renew them (for example "
+                        "'aws sso login') and start the server again",
+        "InvalidClientTokenId": "the base access key is not valid for this account or "
+                                "region",
+    }
+    text = str(error)
+    message = getattr(error, "message", "")
+    if "MaxSessionDuration" in message:
+        text += " (use a shorter --duration or raise the role's maximum session duration)"
+    elif "role chaining" in message.lower():
+        text += (" (credentials that come from an assumed role or SSO can assume another "
+                 "role for at most 1 hour: use --duration 1h or long-term base credentials)")
+    elif getattr(error, "code", None) in hints:
+        text += " ({})".format(hints[error.code])
+    return text
+
+
+######################################################################
+#  Where the script's own (base) credentials come from
+######################################################################
+
+
+def _read_ini(path):
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as error:
+        raise LocalServerError("cannot parse {}: {}".format(path, error.__class__.__name__))
+    return parser
+
+
+def _expand(path):
+    return os.path.expandvars(os.path.expanduser(path))
+
+
+def read_profile(profile, environ):
+    """Merge a profile's keys from the config and credentials files.
+
+    Keys in the credentials file win over the config file.  Returns None if
+    the profile appears in neither.
+    """
+    config_path = _expand(environ.get("AWS_CONFIG_FILE", "~/.aws/config"))
+    credentials_path = _expand(environ.get("AWS_SHARED_CREDENTIALS_FILE",
+                                           "~/.aws/credentials"))
+    found = False
+    merged = {}
+    config = _read_ini(config_path)
+    section = "default" if profile == "default" else "profile " + profile
+    if config.has_section(section):
+        found = True
+        merged.update(config.items(section))
+    credentials = _read_ini(credentials_path)
+    if credentials.has_section(profile):
+        found = True
+        merged.update(credentials.items(profile))
+    return merged if found else None
+
+
+def read_auth_file(path):
+    """Credentials from an -a/--auth file: JSON, or INI like ~/.aws/credentials."""
+    try:
+        with open(_expand(path), encoding="utf-8") as handle:
+            content = handle.read().strip()
+    except OSError as error:
+        raise LocalServerError("cannot read --auth file {}: {}".format(path, error.strerror))
+    if content.startswith("{"):
+        try:
+            data = json.loads(content)
+        except ValueError:
+            raise LocalServerError("--auth file {} is not valid JSON".format(path))
+        keys = (data.get("AccessKeyId"), data.get("SecretAccessKey"), data.get("SessionToken"))
+    else:
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read_string(content)
+        except configparser.Error:
+            raise LocalServerError("--auth file {} is neither JSON nor INI".format(path))
+        section = next((name for name in parser.sections()
+                        if parser.has_option(name, "aws_access_key_id")), None)
+        keys = (None, None, None) if section is None else tuple(
+            parser.get(section, key, fallback=None) for key in
+            ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"))
+    if not keys[0] or not keys[1]:
+        raise LocalServerError("--auth file {} holds no access key and secret".format(path))
+    return Credentials(*keys)
+
+
+def selected_profile(args, environ):
+    """--profile, else AWS_DEFAULT_PROFILE or AWS_PROFILE (botocore's order), else default."""
+    return (args.profile or environ.get("AWS_DEFAULT_PROFILE") or environ.get("AWS_PROFILE")
+            or "default")
+
+
+def resolve_credentials(args, environ):
+    """Find the base credentials the way the AWS CLI does; return (credentials, source).
+
+    First match wins: --access-key/--secret-key, -a/--auth, an explicit
+    --profile, the environment keys, then the AWS_PROFILE (or default) profile.
+    """
+    looked = ["--access-key/--secret-key"]
+    if args.access_key or args.secret_key:
+        if not (args.access_key and args.secret_key):
+            raise LocalServerError("--access-key and --secret-key must be given together")
+        return Credentials(args.access_key, args.secret_key, args.session_token), "command line"
+    looked.append("-a/--auth")
+    if args.auth:
+        return read_auth_file(args.auth), "--auth file"
+    profile = selected_profile(args, environ)
+    if not args.profile:
+        looked.append("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        if environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY"):
+            token = environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN")
+            return Credentials(environ["AWS_ACCESS_KEY_ID"], environ["AWS_SECRET_ACCESS_KEY"],
+                               token), "environment"
+    settings = read_profile(profile, environ)
+    if settings is None and args.profile:
+        raise LocalServerError("the profile '{}' was not found in {} or {}".format(
+            profile, environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+            environ.get("AWS_CONFIG_FILE", "~/.aws/config")))
+    settings = settings or {}
+    if settings.get("aws_access_key_id") and settings.get("aws_secret_access_key"):
+        return Credentials(settings["aws_access_key_id"], settings["aws_secret_access_key"],
+                           settings.get("aws_session_token")), "profile " + profile
+    looked.append("profile '{}' in {} and {}".format(
+        profile, environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+        environ.get("AWS_CONFIG_FILE", "~/.aws/config")))
+    raise LocalServerError("no AWS credentials found; looked in " + ", ".join(looked))
+
+
+def resolve_region(args, environ):
+    """--region, AWS_REGION, AWS_DEFAULT_REGION, then the profile's region."""
+    region = args.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    return (read_profile(selected_profile(args, environ), environ) or {}).get("region")
+
+
+######################################################################
+#  Minting the served credentials
+######################################################################
+
+
+class CredentialMaker(object):
+    """Knows how to get one fresh set of scoped credentials from STS.
+
+    mode is 'role' (ensure the s3-credentials role exists, then assume it),
+    'role-arn' (assume the given role) or 'federation' (GetFederationToken).
+    """
+
+    propagation_wait = 60.0  # how long a newly created role may stay unassumable
+
+    def __init__(self, client, mode, policy, duration, permission, bucket,
+                 role_arn=None, log=None):
+        self.client = client
+        self.mode = mode
+        self.policy = policy
+        self.duration = duration
+        self.permission = permission
+        self.bucket = bucket
+        self.role_arn = role_arn
+        self.role_created_at = None
+        self.log = log or (lambda message: None)
+
+    def prepare(self):
+        """One-off set-up before the first credentials (IAM calls for 'role')."""
+        if self.mode != "role" or self.role_arn:
+            return
+        arn = self.client.get_role_arn(DEFAULT_ROLE_NAME)
+        if arn is None:
+            account = self.client.get_caller_identity()["Account"]
+            self.log("Creating IAM role {}...".format(DEFAULT_ROLE_NAME))
+            arn = self.client.create_default_role(DEFAULT_ROLE_NAME, account)
+            self.role_created_at = self.client.clock()
+        self.role_arn = arn
+
+    def __call__(self):
+        if self.mode == "federation":
+            return self.client.get_federation_token(
+                session_name(self.permission, self.bucket, 32), self.policy, self.duration)
+        while True:
+            try:
+                return self.client.assume_role(
+                    self.role_arn, session_name(self.permission, self.bucket, 64),
+                    self.policy, self.duration)
+            except AWSError as error:
+                # A role created moments ago is refused until IAM has propagated it.
+                new_role = self.role_created_at is not None and (
+                    self.client.clock() - self.role_created_at < self.propagation_wait)
+                if error.code != "AccessDenied" or not new_role:
+                    raise
+                self.log("The new role is not usable yet (IAM propagation); retrying...")
+                self.client.sleep(2.0)
+
+
+######################################################################
+#  Credential cache
+######################################################################
+
+
+def credential_document(credentials):
+    """The JSON body served on GET /.
+
+    Version 1 is what credential_process requires; Token repeats SessionToken
+    because the container-credentials providers of the SDKs read that key.
+    """
+    return json.dumps({
+        "Version": 1,
+        "AccessKeyId": credentials.access_key_id,
+        "SecretAccessKey": credentials.secret_access_key,
+        "SessionToken": credentials.session_token,
+        "Token": credentials.session_token,
+        "Expiration": format_timestamp(credentials.expiration),
+    }, indent=2).encode("utf-8") + b"\n"
+
+
+class Unavailable(LocalServerError):
+    """No valid credentials to serve right now."""
+
+    def __init__(self, code, message):
+        self.code = code
+        self.message = message
+        super().__init__("{}: {}".format(code, message))
+
+
+class CredentialCache(object):
+    """Holds the served credentials and refreshes them ahead of expiry.
+
+    Only the refresher (one thread) calls STS, so any number of concurrent
+    requests cause one STS call per refresh.  Readers take the lock just long
+    enough to copy a reference; they never wait for STS.
+
+    Clients are handed credentials with at least ``min_lifetime`` left: half
+    the duration or 30 minutes, whichever is smaller.  botocore refreshes on
+    every use below 15 minutes, so serving less would make clients hammer us.
+    The refresh starts ``lead`` seconds before that point so retries have time.
+    If every retry fails, the old credentials are still served until
+    ``expiry_floor`` seconds before they expire, and never after.
+    """
+
+    expiry_floor = 60.0
+    max_retry_delay = 300.0
+
+    def __init__(self, fetch, duration, clock=time.time, log=None):
+        self.fetch = fetch
+        self.duration = duration
+        self.clock = clock
+        self.log = log or (lambda message: None)
+        self.min_lifetime = min(duration / 2.0, 30 * 60.0)
+        self.lead = min(300.0, duration / 10.0)
+        self._lock = threading.Lock()  # guards _current, _last_error and counters
+        self._current = None  # (Credentials, served body bytes)
+        self._last_error = None
+        self._last_refresh = None
+        self._failures = 0
+        self._next_attempt = 0.0
+        self.refresh_count = 0
+        self._last_logged = None  # the failure last reported, so each is logged once
+        self._wake = threading.Event()
+        self._stopping = False
+
+    # -- readers -----------------------------------------------------------
+
+    def current(self):
+        """(Credentials, body) to serve now; raises Unavailable if none is valid."""
+        with self._lock:
+            current, last_error = self._current, self._last_error
+        now = self.clock()
+        if current is not None and current[0].expiration - now > self.expiry_floor:
+            if current[0].expiration - now < self.min_lifetime + self.lead:
+                self._wake.set()  # the refresher is late; nudge it
+            return current
+        self._wake.set()
+        if last_error is not None:
+            raise Unavailable(getattr(last_error, "code", "RefreshFailed"),
+                              "no valid credentials: the last refresh failed: {}".format(
+                                  explain(last_error)))
+        raise Unavailable("NotReady", "no valid credentials yet")
+
+    def status(self):
+        """A summary for /healthz, without secrets."""
+        with self._lock:
+            current, error = self._current, self._last_error
+            last_refresh, failures, refreshes = (
+                self._last_refresh, self._failures, self.refresh_count)
+        now = self.clock()
+        valid = current is not None and current[0].expiration - now > self.expiry_floor
+        return {
+            "status": "ok" if valid and not failures else ("degraded" if valid else "unavailable"),
+            "expiration": format_timestamp(current[0].expiration) if current else None,
+            "seconds_left": int(current[0].expiration - now) if current else None,
+            "last_refresh": format_timestamp(last_refresh) if last_refresh else None,
+            "refreshes": refreshes,
+            "consecutive_failures": failures,
+            "last_error": explain(error) if error else None,
+        }
+
+    # -- refresher ---------------------------------------------------------
+
+    def refresh_due_at(self):
+        """When the current credentials should be replaced (epoch seconds)."""
+        with self._lock:
+            current = self._current
+        if current is None:
+            return self.clock()
+        return current[0].expiration - self.min_lifetime - self.lead
+
+    def refresh(self):
+        """Fetch new credentials now (raises on failure, and records it)."""
+        try:
+            credentials = self.fetch()
+            if credentials.expiration is None:
+                raise AWSError("MalformedResponse", "credentials without Expiration",
+                               transient=True)
+        except Exception as error:
+            with self._lock:
+                self._last_error = error
+                self._failures += 1
+                failures = self._failures
+            if failures == 1 or getattr(error, "code", None) != getattr(
+                    self._last_logged, "code", None):
+                self.log("Refreshing credentials failed: {}".format(explain(error)))
+            self._last_logged = error
+            raise
+        body = credential_document(credentials)
+        with self._lock:
+            recovered = self._failures
+            self._current = (credentials, body)
+            self._last_error = None
+            self._failures = 0
+            self._last_refresh = self.clock()
+            self.refresh_count += 1
+        self._last_logged = None
+        if recovered:
+            self.log("Credentials refreshed after {} failed attempt(s)".format(recovered))
+        return credentials
+
+    def step(self):
+        """Refresh if due; return seconds until the refresher should look again."""
+        now = self.clock()
+        due = max(self.refresh_due_at(), self._next_attempt)
+        if now < due:
+            return due - now
+        try:
+            self.refresh()
+        except Exception:
+            delay = min(self.max_retry_delay, 5.0 * 2 ** (self._failures - 1))
+            delay *= random.uniform(0.5, 1.0)
+            self._next_attempt = self.clock() + delay
+            return delay
+        self._next_attempt = 0.0
+        return max(0.0, self.refresh_due_at() - self.clock())
+
+    def run(self):
+        """The refresher thread's loop; returns after stop()."""
+        while not self._stopping:
+            delay = self.step()
+            self._wake.wait(min(delay, 60.0))  # re-check the clock at least each minute
+            self._wake.clear()
+
+    def start(self):
+        thread = threading.Thread(target=self.run, name="refresher", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self):
+        self._stopping = True
+        self._wake.set()
+
+
+######################################################################
+#  HTTP handler and server
+######################################################################
+
+
+class CredentialHandler(http.server.BaseHTTPRequestHandler):
+    """Answers GET / with the cached credentials.
+
+    Settings come from the server object, never from module globals.
+    """
+
+    protocol_version = "HTTP/1.1"  # keep-alive for SDKs that reuse connections
+    server_version = "s3_localserver/" + __version__
+    # Seconds a connection may sit idle or take over one request before it is dropped.
+    timeout = 30
+    # Buffer the whole answer and send it in one write: separate header and body
+    # writes meet Nagle and delayed ACK and stall keep-alive clients 40 ms.
+    wbufsize = 64 * 1024
+    disable_nagle_algorithm = True
+    CREDENTIAL_PATHS = ("/",)
+
+    def version_string(self):
+        return self.server_version
+
+    def do_GET(self):
+        path = self.path.partition("?")[0]
+        if path in self.CREDENTIAL_PATHS:
+            try:
+                _, body = self.server.cache.current()
+            except Unavailable as error:
+                self.send_json(503, {"code": error.code, "message": error.message},
+                               {"Retry-After": "5"})
+                return
+            self.send_body(200, body)
+        elif path == "/healthz":
+            self.send_json(200, self.server.cache.status())
+        else:
+            self.send_json(404, {"code": "NotFound", "message": "no such path; try GET /"})
+
+    do_HEAD = do_GET
+
+    def refuse_method(self):
+        self.send_json(405, {"code": "MethodNotAllowed", "message": "use GET or HEAD"},
+                       {"Allow": "GET, HEAD"})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse_method
+
+    def send_json(self, status, data, headers=None):
+        self.send_body(status, json.dumps(data).encode("utf-8") + b"\n", headers)
+
+    def send_body(self, status, body, headers=None):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own errors (bad request line, oversized headers...) as JSON.
+        self.close_connection = True
+        try:
+            self.send_json(code, {"code": "HTTP{}".format(code),
+                                  "message": message or self.responses.get(code, ("",))[0]},
+                           {"Connection": "close"})
+        except OSError:
+            pass
+
+    def log_request(self, code="-", size="-"):
+        self.server.log_access(self.client_address[0], getattr(self, "command", None) or "-",
+                               (getattr(self, "path", None) or "-").partition("?")[0], code)
+
+    def log_message(self, format, *args):
+        # http.server reports protocol errors here; the request is logged by log_request.
+        pass
+
+
+class CredentialServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """A threaded HTTP server: one slow client never holds up another."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, cache, quiet=False, stream=None, listen=True):
+        """Bind ``address``; listen at once unless ``listen`` is False.
+
+        main() binds first (a port in use fails before any AWS call) and
+        listens once the first credentials are in the cache.
+        """
+        self.cache = cache
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        http.server.HTTPServer.__init__(self, address, CredentialHandler, bind_and_activate=False)
+        try:
+            self.server_bind()
+            if listen:
+                self.server_activate()
+        except OSError:
+            self.server_close()
+            raise
+
+    def server_bind(self):
+        # HTTPServer.server_bind looks up the host's FQDN, which can take seconds.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def log(self, message):
+        try:
+            self.stream.write(message + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def log_access(self, client, method, path, status):
+        if not self.quiet:
+            self.log("{} {} {} {} {}".format(
+                format_timestamp(time.time()), client, method, path, status))
+
+    def handle_error(self, request, client_address):
+        # A client that hangs up mid-request is normal; anything else gets one
+        # line, never a traceback (which could carry request data).
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, socket.timeout, TimeoutError)):
+            return
+        self.log("{} {} internal error: {}".format(
+            format_timestamp(time.time()), client_address[0], error.__class__.__name__))
+
+
+######################################################################
+#  Command line
+######################################################################
+
+EPILOG = """examples:
+  %(prog)s my-bucket --duration 1h                  read-write, http://localhost:8094/
+  %(prog)s my-bucket -d 15m --read-only --prefix uploads/
+  %(prog)s my-bucket -d 12h --write-only -p 9000
+  %(prog)s my-bucket -d 1h --statement '{"Effect": "Allow", "Action": "textract:*", "Resource": "*"}'
+  %(prog)s my-bucket -d 1h --role-arn arn:aws:iam::123456789012:role/uploader
+  %(prog)s my-bucket -d 1h --federation --profile admin
+  %(prog)s my-bucket -d 1h --endpoint-url http://127.0.0.1:5000 -a creds.json
+
+then: curl http://localhost:8094/
+  or, in ~/.aws/config: credential_process = curl -s http://localhost:8094/
+  or: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:8094/ any-aws-sdk-program
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, not argparse's usage block.
+        self.exit(2, "Error: {} (see --help)\n".format(message))
+
+
+def _duration_arg(text):
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
+def _port_arg(text):
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("port must be a number from 0 to 65535")
+    return port
+
+
+def build_parser():
+    parser = _Parser(
+        prog="s3_localserver.py",
+        description="Serve temporary AWS credentials scoped to one S3 bucket on a local "
+                    "HTTP endpoint, refreshed before they expire.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bucket", help="the S3 bucket the credentials are limited to")
+    parser.add_argument("-d", "--duration", required=True, type=_duration_arg,
+                        help="lifetime of each set of credentials: 900, 900s, 15m, 1h, 1h30m, "
+                             "12h (15 minutes to 12 hours)")
+    serving = parser.add_argument_group("serving")
+    serving.add_argument("-p", "--port", type=_port_arg, default=DEFAULT_PORT,
+                         help="port to listen on (default %(default)s; 0 picks a free one)")
+    serving.add_argument("--host", default="localhost",
+                         help="address to bind (default %(default)s)")
+    serving.add_argument("-q", "--quiet", action="store_true",
+                         help="no access log (errors are still printed)")
+    access = parser.add_argument_group("what the credentials may do")
+    mode = access.add_mutually_exclusive_group()
+    mode.add_argument("--read-only", action="store_true", help="only read from the bucket")
+    mode.add_argument("--write-only", action="store_true", help="only write to the bucket")
+    access.add_argument("--prefix", default="*",
+                        help="only keys starting with this prefix, e.g. uploads/")
+    access.add_argument("--statement", action="append", default=[], metavar="JSON",
+                        help="extra IAM policy statement (repeatable), e.g. "
+                             "'{\"Effect\": \"Allow\", \"Action\": \"textract:*\", "
+                             "\"Resource\": \"*\"}'")
+    how = parser.add_argument_group("how the credentials are made (default: assume the role "
+                                    + DEFAULT_ROLE_NAME + ", creating it if missing)")
+    made = how.add_mutually_exclusive_group()
+    made.add_argument("--role-arn", metavar="ARN",
+                      help="assume this role instead; no IAM calls")
+    made.add_argument("--federation", action="store_true",
+                      help="use GetFederationToken (needs long-term IAM user keys)")
+    base = parser.add_argument_group("the script's own AWS identity and endpoints")
+    base.add_argument("--access-key", help="AWS access key id")
+    base.add_argument("--secret-key", help="AWS secret access key")
+    base.add_argument("--session-token", help="AWS session token, for temporary keys")
+    base.add_argument("-a", "--auth", metavar="FILE",
+                      help="file with credentials: JSON with AccessKeyId, SecretAccessKey, "
+                           "SessionToken, or an INI credentials file")
+    base.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config")
+    base.add_argument("--region", help="AWS region (else AWS_REGION, AWS_DEFAULT_REGION, "
+                                       "the profile's region)")
+    base.add_argument("--endpoint-url", metavar="URL",
+                      help="send STS, IAM and S3 calls here, e.g. http://127.0.0.1:5000")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def validate(args):
+    """Checks argparse cannot express; returns (permission, policy JSON)."""
+    if args.prefix.startswith("/"):
+        raise LocalServerError("--prefix must not start with '/' (S3 keys do not): {!r}".format(
+            args.prefix))
+    if args.session_token and not args.access_key:
+        raise LocalServerError("--session-token needs --access-key and --secret-key")
+    statements = []
+    for text in args.statement:
+        try:
+            statements.append(parse_statement(text))
+        except ValueError as error:
+            raise LocalServerError(str(error))
+    permission = "read-only" if args.read_only else (
+        "write-only" if args.write_only else "read-write")
+    return permission, statements
+
+
+def wait_for_signal(stop):
+    """Block the main thread until Ctrl+C or SIGTERM sets ``stop``."""
+    def on_signal(signum, frame):
+        stop.set()
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not stop.wait(1.0):  # a timeout keeps Ctrl+C responsive on every OS
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv=None, environ=None, stderr=None):
+    """Run the server; return the exit code."""
+    environ = os.environ if environ is None else environ
+    stderr = stderr or sys.stderr
+
+    def say(message):
+        stderr.write(message + "\n")
+        stderr.flush()
+
+    args = build_parser().parse_args(argv)
+    server = None
+    try:
+        permission, statements = validate(args)
+        credentials, _source = resolve_credentials(args, environ)
+        region = resolve_region(args, environ)
+        client = AWSClient(credentials, region, args.endpoint_url, environ, log=say)
+        policy = policy_json(build_policy(permission, args.bucket, args.prefix, statements,
+                                          client.partition))
+        mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
+        maker = CredentialMaker(client, mode, policy, args.duration, permission, args.bucket,
+                                role_arn=args.role_arn, log=say)
+        cache = CredentialCache(maker, args.duration, log=say)
+        try:
+            server = CredentialServer((args.host, args.port), cache, quiet=args.quiet,
+                                      stream=stderr, listen=False)
+        except (OSError, OverflowError) as error:
+            raise LocalServerError("cannot listen on {}:{}: {}".format(
+                args.host, args.port, getattr(error, "strerror", None) or error))
+        client.head_bucket(args.bucket)
+        say("Generating initial credentials...")
+        maker.prepare()
+        cache.refresh()
+        server.server_activate()
+    except (AWSError, LocalServerError) as error:
+        if server is not None:
+            server.server_close()
+        say("Error: {}".format(explain(error)))
+        return 1
+    except KeyboardInterrupt:
+        if server is not None:
+            server.server_close()
+        return 130
+
+    host = args.host if ":" not in args.host else "[{}]".format(args.host)
+    say("Serving {} credentials for bucket '{}' at http://{}:{}/".format(
+        permission, args.bucket, host, server.server_port))
+    say("Duration: {} seconds".format(args.duration))
+    say("Press Ctrl+C to stop")
+    cache.start()
+    serving = threading.Thread(target=server.serve_forever, name="server", daemon=True)
+    serving.start()
+    wait_for_signal(threading.Event())
+    cache.stop()
+    server.shutdown()
+    server.server_close()
+    say("Stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
