@@ -100,6 +100,7 @@ class AWSError(LocalServerError):
         self.code = code
         self.message = message
         self.status = status
+        self.attempts = 1
         if transient is None:
             transient = code in self.RETRY_CODES or (
                 status in self.RETRY_STATUSES and code not in PERMANENT_CODES)
@@ -571,12 +572,10 @@ class AWSClient(object):
                     skew_fixed = True
                     attempt -= 1
                     continue
+                error.attempts = attempt
                 if not error.transient or attempt >= self.max_attempts:
                     raise
-                delay = random.uniform(0, min(self.max_backoff, 2.0 ** attempt / 2))
-                self.log("{} {} failed ({}); retrying in {:.1f}s".format(
-                    service.upper(), method, error, delay))
-                self.sleep(delay)
+                self.sleep(random.uniform(0, min(self.max_backoff, 2.0 ** attempt / 2)))
 
     def _fix_clock_skew(self, error, headers):
         """After a skew error, adopt AWS's clock from its Date header; True to retry."""
@@ -724,6 +723,8 @@ def explain(error):
                  "role for at most 1 hour: use --duration 1h or long-term base credentials)")
     elif getattr(error, "code", None) in hints:
         text += " ({})".format(hints[error.code])
+    if getattr(error, "attempts", 1) > 1:
+        text += " (after {} attempts)".format(error.attempts)
     return text
 
 
@@ -1027,23 +1028,14 @@ class CredentialCache(object):
             with self._lock:
                 self._last_error = error
                 self._failures += 1
-                failures = self._failures
-            if failures == 1 or getattr(error, "code", None) != getattr(
-                    self._last_logged, "code", None):
-                self.log("Refreshing credentials failed: {}".format(explain(error)))
-            self._last_logged = error
             raise
         body = credential_document(credentials)
         with self._lock:
-            recovered = self._failures
             self._current = (credentials, body)
             self._last_error = None
             self._failures = 0
             self._last_refresh = self.clock()
             self.refresh_count += 1
-        self._last_logged = None
-        if recovered:
-            self.log("Credentials refreshed after {} failed attempt(s)".format(recovered))
         return credentials
 
     def step(self):
@@ -1054,11 +1046,19 @@ class CredentialCache(object):
             return due - now
         try:
             self.refresh()
-        except Exception:
+        except Exception as error:
+            # Log a failure once, not once per retry, until it changes or clears.
+            if getattr(error, "code", repr(error)) != self._last_logged:
+                self.log("Refreshing credentials failed (will retry): {}".format(
+                    explain(error)))
+                self._last_logged = getattr(error, "code", repr(error))
             delay = min(self.max_retry_delay, 5.0 * 2 ** (self._failures - 1))
             delay *= random.uniform(0.5, 1.0)
             self._next_attempt = self.clock() + delay
             return delay
+        if self._last_logged is not None:
+            self.log("Credentials refreshed; serving again normally")
+            self._last_logged = None
         self._next_attempt = 0.0
         return max(0.0, self.refresh_due_at() - self.clock())
 

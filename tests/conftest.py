@@ -1,0 +1,102 @@
+import json
+import signal
+
+import pytest
+
+from helpers import ACCOUNT, MotoServer, RecordingProxy, ScriptProcess, clean_env
+
+BUCKET = "my-bucket"
+ADMIN_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": "*", "Resource": "*"}]})
+S3_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]})
+
+
+def trusting(principal_arn):
+    return json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": {"AWS": principal_arn}, "Action": "sts:AssumeRole"}]})
+
+
+def make_user(iam, name, policy=None):
+    iam.create_user(UserName=name)
+    if policy:
+        iam.put_user_policy(UserName=name, PolicyName="all", PolicyDocument=policy)
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return {"AccessKeyId": key["AccessKeyId"], "SecretAccessKey": key["SecretAccessKey"]}
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    """A moto server whose IAM authentication is on once the setup below is done.
+
+    Users: 'tester' may do anything; 'nobody' may do nothing.  The default
+    s3-credentials role and an 'uploader' role both trust 'tester' (moto
+    matches trust principals literally, so the account root would not do).
+    """
+    server = MotoServer(str(tmp_path_factory.mktemp("moto") / "moto.log"))
+    iam = server.client("iam")
+    server.tester = make_user(iam, "tester", ADMIN_POLICY)
+    server.nobody = make_user(iam, "nobody")
+    tester_arn = "arn:aws:iam::{}:user/tester".format(ACCOUNT)
+    for role in ("s3-credentials.AmazonS3FullAccess", "uploader"):
+        arn = iam.create_role(RoleName=role, AssumeRolePolicyDocument=trusting(tester_arn),
+                              MaxSessionDuration=43200)["Role"]["Arn"]
+        iam.put_role_policy(RoleName=role, PolicyName="s3", PolicyDocument=S3_POLICY)
+    server.uploader_arn = arn
+    # A role the tester may not assume: it trusts 'nobody' only.
+    server.stranger_arn = iam.create_role(
+        RoleName="stranger", AssumeRolePolicyDocument=trusting(
+            "arn:aws:iam::{}:user/nobody".format(ACCOUNT)))["Role"]["Arn"]
+    server.client("s3").create_bucket(Bucket=BUCKET)
+    server.set_auth(True)  # from here on every request's signature is verified
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def home(tmp_path):
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def tester_env(moto, home):
+    """Environment with the tester's keys and nothing else from the caller."""
+    def make(**extra):
+        values = {"AWS_ACCESS_KEY_ID": moto.tester["AccessKeyId"],
+                  "AWS_SECRET_ACCESS_KEY": moto.tester["SecretAccessKey"],
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+        values.update(extra)
+        return clean_env(home, **values)
+    return make
+
+
+@pytest.fixture
+def proxy(moto):
+    recorder = RecordingProxy(moto.url)
+    yield recorder
+    recorder.stop()
+
+
+@pytest.fixture
+def start(moto):
+    """Start the script; at teardown it must stop with exit code 0 on SIGTERM,
+    and its output must hold no traceback and no secret."""
+    started = []
+
+    def run(args, env, **kwargs):
+        process = ScriptProcess(list(args) + ["-p", "0", "--host", "127.0.0.1"], env,
+                                **kwargs)
+        started.append((process, env))
+        return process
+
+    yield run
+    for process, env in started:
+        assert process.finish(signal.SIGTERM) == 0, process.output
+        assert "Traceback" not in process.output
+        secrets = [moto.tester["SecretAccessKey"], moto.nobody["SecretAccessKey"],
+                   env.get("AWS_SECRET_ACCESS_KEY")] + process.secrets
+        for secret in filter(None, secrets):
+            assert secret not in process.output
+            assert secret not in process.stdout.decode("utf-8", "replace")

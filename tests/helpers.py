@@ -1,0 +1,331 @@
+"""Test helpers: a moto server, a recording/fault-injecting proxy, the script as a process.
+
+Everything listens on 127.0.0.1 only, on ports the OS picks.
+"""
+
+import http.client
+import http.server
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "s3_localserver.py")
+BIN = os.path.dirname(sys.executable)
+ACCOUNT = "123456789012"  # moto's default account
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(home, **extra):
+    """An environment with no AWS settings or proxies from the caller's."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+           "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    for name, value in extra.items():
+        if value is not None:
+            env[name] = str(value)
+    return env
+
+
+class MotoServer(object):
+    """moto_server in a subprocess on a free loopback port."""
+
+    def __init__(self, log_path):
+        self.port = free_port()
+        self.url = "http://127.0.0.1:{}".format(self.port)
+        env = dict(os.environ, MOTO_IAM_LOAD_MANAGED_POLICIES="true")
+        for name in list(env):
+            if name.startswith("AWS_") or name.lower().endswith("_proxy"):
+                del env[name]
+        self.log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/moto-api/", timeout=2).read()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.1)
+
+    def set_auth(self, enabled):
+        """Turn moto's IAM signature and permission checks on (0 free requests) or off."""
+        data = b"0" if enabled else b"inf"
+        request = urllib.request.Request(self.url + "/moto-api/reset-auth", data=data,
+                                         method="POST", headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=5).read()
+
+    def client(self, service, **keys):
+        import boto3
+        return boto3.client(
+            service, endpoint_url=self.url, region_name="us-east-1",
+            aws_access_key_id=keys.get("access_key", "AKIAIOSFODNN7EXAMPLE"),
+            aws_secret_access_key=keys.get("secret_key", "setup-secret"),
+            aws_session_token=keys.get("session_token"))
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+        self.log.close()
+
+
+class Fault(object):
+    """One scripted answer of the proxy instead of forwarding.
+
+    kind: 'status' (answer status/body), 'hang' (say nothing for `seconds`),
+    'reset' (close the connection), 'truncate' (forward, cut the body short),
+    'skew' (forward, but stamp a Date `seconds` off the real time).
+    """
+
+    def __init__(self, kind, status=200, body=b"", seconds=0, headers=None):
+        self.kind = kind
+        self.status = status
+        self.body = body
+        self.seconds = seconds
+        self.headers = headers or {}
+
+
+def aws_error(code, message="injected", status=400):
+    body = ("<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error>"
+            "<Type>Sender</Type><Code>{}</Code><Message>{}</Message></Error>"
+            "<RequestId>f00</RequestId></ErrorResponse>").format(code, message).encode()
+    return Fault("status", status, body, headers={"Content-Type": "text/xml"})
+
+
+class RecordingProxy(object):
+    """A reverse proxy in front of moto that records every request.
+
+    Requests are forwarded byte for byte (Host header included, so moto checks
+    the signature the script made).  ``faults`` holds Fault objects, consumed
+    one per matching request, to simulate a misbehaving AWS.
+    """
+
+    def __init__(self, target, match=None):
+        self.target = target.replace("http://", "")
+        self.requests = []  # (method, path, headers dict, body bytes, status)
+        self.faults = queue.Queue()
+        self.match = match or (lambda method, body: True)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle_any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                fault = None
+                if proxy.match(self.command, body):
+                    try:
+                        fault = proxy.faults.get_nowait()
+                    except queue.Empty:
+                        fault = None
+                record = {"method": self.command, "path": self.path,
+                          "headers": dict(self.headers.items()), "body": body,
+                          "fault": fault.kind if fault else None}
+                proxy.requests.append(record)
+                if fault is not None and fault.kind == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fault is not None and fault.kind == "hang":
+                    time.sleep(fault.seconds)
+                    self.close_connection = True
+                    return
+                if fault is not None and fault.kind == "status":
+                    status, headers, data = fault.status, fault.headers, fault.body
+                else:
+                    status, headers, data = proxy.forward(self.command, self.path,
+                                                          self.headers, body)
+                record["status"] = status
+                record["response"] = data
+                if fault is not None and fault.kind == "skew":
+                    headers["Date"] = time.strftime(
+                        "%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + fault.seconds))
+                    headers["Content-Type"] = "text/xml"
+                    status, data = 403, (
+                        b"<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code><Message>"
+                        b"Signature expired: is now earlier than</Message></Error>"
+                        b"</ErrorResponse>")
+                    record["status"] = status
+                declared = len(data)
+                if fault is not None and fault.kind == "truncate":
+                    data = data[: len(data) // 2]
+                self.send_response(status)
+                for name, value in headers.items():
+                    if name.lower() not in ("content-length", "transfer-encoding",
+                                            "connection", "date", "server"):
+                        self.send_header(name, value)
+                if "Date" in headers:
+                    self.send_header("Date", headers["Date"])
+                self.send_header("Content-Length", str(declared))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                self.close_connection = True
+
+            do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = handle_any
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:{}".format(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def forward(self, method, path, headers, body):
+        connection = http.client.HTTPConnection(self.target, timeout=30)
+        try:
+            connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+            for name, value in headers.items():
+                if name.lower() not in ("connection", "content-length"):
+                    connection.putheader(name, value)
+            connection.putheader("Content-Length", str(len(body)))
+            connection.endheaders(body)
+            response = connection.getresponse()
+            data = response.read()
+            return response.status, dict(response.getheaders()), data
+        finally:
+            connection.close()
+
+    def actions(self):
+        """The query-protocol Action of each recorded request (S3 calls as 'S3 METHOD')."""
+        found = []
+        for record in self.requests:
+            match = re.search(rb"(?:^|&)Action=([A-Za-z]+)", record["body"])
+            found.append(match.group(1).decode() if match else "S3 " + record["method"])
+        return found
+
+    def params(self, action):
+        """The form parameters of the last request with this Action."""
+        import urllib.parse
+        for record in reversed(self.requests):
+            params = dict(urllib.parse.parse_qsl(record["body"].decode()))
+            if params.get("Action") == action:
+                return params
+        raise AssertionError("no {} request was recorded".format(action))
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+SERVING_RE = re.compile(r"^Serving (\S+) credentials for bucket '(.*)' at (http://\S+/)$")
+
+
+class ScriptProcess(object):
+    """s3_localserver.py as a subprocess; stderr collected line by line."""
+
+    def __init__(self, args, env, python=sys.executable, wait=True, timeout=60):
+        self.args = args
+        self.process = subprocess.Popen(
+            [python, SCRIPT] + [str(arg) for arg in args], env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines = []
+        self.secrets = []  # every secret served, to check none is ever printed
+        self.ready = threading.Event()
+        self.url = None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self._stdout = []
+        self.stdout_reader = threading.Thread(
+            target=lambda: self._stdout.append(self.process.stdout.read()), daemon=True)
+        self.stdout_reader.start()
+        if wait:
+            self.wait_ready(timeout)
+
+    def _read(self):
+        for raw in iter(self.process.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            match = SERVING_RE.match(line)
+            if match:
+                self.url = match.group(3)
+            if line == "Press Ctrl+C to stop":
+                self.ready.set()
+        self.ready.set()
+
+    def wait_ready(self, timeout=60):
+        if not self.ready.wait(timeout):
+            raise AssertionError("server did not start: {}".format(self.lines))
+        if self.url is None:
+            raise AssertionError("server exited: rc={} {}".format(self.process.wait(10),
+                                                                   self.lines))
+
+    @property
+    def local_url(self):
+        """The served URL with the host as an IP literal."""
+        return re.sub(r"//[^:/]+:", "//127.0.0.1:", self.url)
+
+    def fetch(self, path="/", headers=None):
+        request = urllib.request.Request(self.local_url.rstrip("/") + path,
+                                         headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, headers, body = response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                status, headers, body = error.code, dict(error.headers), error.read()
+        for key in (b'"SecretAccessKey": "', b'"SessionToken": "'):
+            if key in body:
+                self.secrets.append(body.split(key)[1].split(b'"')[0].decode())
+        return status, headers, body
+
+    def fetch_json(self, path="/"):
+        status, headers, body = self.fetch(path)
+        assert status == 200, (status, body)
+        return json.loads(body.decode())
+
+    def finish(self, sig=signal.SIGTERM, timeout=20):
+        """Stop the process; return its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("server did not stop on {}".format(sig))
+        self.reader.join(10)
+        self.stdout_reader.join(10)
+        return self.process.returncode
+
+    @property
+    def stdout(self):
+        return b"".join(self._stdout)
+
+    @property
+    def output(self):
+        return "\n".join(self.lines)
+
+
+def run_script(args, env, python=sys.executable, timeout=60):
+    """Run the script to completion; return (exit code, stdout text, stderr text)."""
+    result = subprocess.run([python, SCRIPT] + [str(arg) for arg in args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, timeout=timeout)
+    return (result.returncode, result.stdout.decode("utf-8", "replace"),
+            result.stderr.decode("utf-8", "replace"))

@@ -1,0 +1,414 @@
+"""End to end: the script as a subprocess against moto with signature checking on,
+and real clients (the AWS CLI, boto3) using what it serves."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.parse
+
+import pytest
+from conftest import BUCKET
+from helpers import ACCOUNT, BIN, MotoServer, RecordingProxy, clean_env, run_script
+
+import s3_localserver
+
+ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def check_document(doc, duration):
+    """The served JSON: what credential_process and container clients need."""
+    assert set(doc) == {"Version", "AccessKeyId", "SecretAccessKey", "SessionToken", "Token",
+                        "Expiration"}
+    assert doc["Version"] == 1 and isinstance(doc["Version"], int)
+    assert doc["Token"] == doc["SessionToken"] and doc["SessionToken"]
+    assert ISO_Z.match(doc["Expiration"])
+    left = s3_localserver.parse_timestamp(doc["Expiration"]) - time.time()
+    assert duration - 120 < left <= duration + 5
+
+
+def served_policy(proxy):
+    return json.loads(proxy.params("AssumeRole")["Policy"])
+
+
+def test_default_role_lookup_with_auth_file(moto, start, home, proxy):
+    """Default mode: the existing role is looked up, assumed, served; -a JSON file."""
+    auth = home / "creds.json"
+    auth.write_text(json.dumps(moto.tester))
+    env = clean_env(home, AWS_DEFAULT_REGION="us-east-1")
+    server = start([BUCKET, "--duration", "1h", "-a", auth, "--endpoint-url", proxy.url], env)
+    assert server.lines[:1] == ["Generating initial credentials..."]
+    assert server.lines[-3:] == [
+        "Serving read-write credentials for bucket 'my-bucket' at {}".format(server.url),
+        "Duration: 3600 seconds", "Press Ctrl+C to stop"]
+    status, headers, body = server.fetch()
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "no-store"
+    assert int(headers["Content-Length"]) == len(body)
+    doc = json.loads(body.decode())
+    check_document(doc, 3600)
+    assert proxy.actions() == ["S3 HEAD", "GetRole", "AssumeRole"]
+    params = proxy.params("AssumeRole")
+    assert params["RoleArn"] == "arn:aws:iam::{}:role/s3-credentials.AmazonS3FullAccess".format(
+        ACCOUNT)
+    assert params["RoleSessionName"] == "s3.read-write.my-bucket"
+    assert params["DurationSeconds"] == "3600"
+    assert served_policy(proxy) == s3_localserver.build_policy("read-write", BUCKET)
+    assert params["Policy"] == json.dumps(served_policy(proxy), separators=(",", ":"))
+    # A second fetch is served from the cache: same keys, no new STS call.
+    assert server.fetch_json() == doc
+    assert proxy.actions().count("AssumeRole") == 1
+    # Every request the script sent was signed and accepted by moto's checks.
+    assert all(record["status"] == 200 for record in proxy.requests)
+
+
+def aws_cli(args, env):
+    result = subprocess.run([os.path.join(BIN, "aws")] + args, env=env, timeout=120,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def test_aws_cli_credential_process_puts_and_lists(moto, start, tester_env, home, tmp_path):
+    """The seed's example: a profile with credential_process = curl -s URL."""
+    server = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url], tester_env())
+    server.fetch_json()  # records the secrets, which must never be printed
+    config = tmp_path / "cli-config"
+    config.write_text("[profile localserver]\nregion = us-east-1\n"
+                      "credential_process = curl -s {}\n".format(server.local_url))
+    env = clean_env(home, AWS_CONFIG_FILE=config,
+                    AWS_SHARED_CREDENTIALS_FILE=tmp_path / "none")
+    upload = tmp_path / "hello.txt"
+    upload.write_text("hello from the AWS CLI\n")
+    code, out, err = aws_cli(["s3", "cp", str(upload), "s3://{}/cli/hello.txt".format(BUCKET),
+                              "--profile", "localserver", "--endpoint-url", moto.url], env)
+    assert code == 0, err
+    code, out, err = aws_cli(["s3", "ls", "s3://{}/cli/".format(BUCKET), "--profile",
+                              "localserver", "--endpoint-url", moto.url], env)
+    assert code == 0, err
+    assert "hello.txt" in out
+    # The object really is there, read back with the tester's own keys.
+    body = moto.client("s3", access_key=moto.tester["AccessKeyId"],
+                       secret_key=moto.tester["SecretAccessKey"]).get_object(
+        Bucket=BUCKET, Key="cli/hello.txt")["Body"].read()
+    assert body == b"hello from the AWS CLI\n"
+
+
+def test_boto3_uses_served_credentials(moto, start, tester_env):
+    server = start([BUCKET, "-d", "15m", "--endpoint-url", moto.url], tester_env())
+    doc = server.fetch_json()
+    check_document(doc, 900)
+    s3 = moto.client("s3", access_key=doc["AccessKeyId"], secret_key=doc["SecretAccessKey"],
+                     session_token=doc["SessionToken"])
+    s3.put_object(Bucket=BUCKET, Key="boto3/a.txt", Body=b"a")
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET, Prefix="boto3/")
+            ["Contents"]]
+    assert keys == ["boto3/a.txt"]
+
+
+def test_role_arn_read_only_prefix_statement(moto, start, tester_env, proxy):
+    statement = {"Effect": "Allow", "Action": "textract:*", "Resource": "*"}
+    server = start([BUCKET, "-d", "2h", "--role-arn", moto.uploader_arn, "--read-only",
+                    "--prefix", "uploads/", "--statement", json.dumps(statement),
+                    "--endpoint-url", proxy.url], tester_env())
+    assert "Serving read-only credentials" in server.output
+    check_document(server.fetch_json(), 7200)
+    # No IAM calls with --role-arn: just the bucket check and AssumeRole.
+    assert proxy.actions() == ["S3 HEAD", "AssumeRole"]
+    params = proxy.params("AssumeRole")
+    assert params["RoleArn"] == moto.uploader_arn
+    assert params["RoleSessionName"] == "s3.read-only.my-bucket"
+    assert served_policy(proxy) == {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["s3:GetBucketLocation"],
+         "Resource": ["arn:aws:s3:::my-bucket"]},
+        {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": ["arn:aws:s3:::my-bucket"],
+         "Condition": {"StringLike": {"s3:prefix": ["uploads/*"]}}},
+        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:GetObjectAcl",
+                                       "s3:GetObjectLegalHold", "s3:GetObjectRetention",
+                                       "s3:GetObjectTagging"],
+         "Resource": ["arn:aws:s3:::my-bucket/uploads/*"]},
+        statement]}
+
+
+def test_write_only(moto, start, tester_env, proxy):
+    server = start([BUCKET, "-d", "30m", "--write-only", "--endpoint-url", proxy.url],
+                   tester_env())
+    assert "Serving write-only credentials" in server.output
+    server.fetch_json()
+    assert served_policy(proxy)["Statement"] == [
+        {"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": ["arn:aws:s3:::my-bucket/*"]}]
+    assert proxy.params("AssumeRole")["RoleSessionName"] == "s3.write-only.my-bucket"
+
+
+def test_federation(moto, start, tester_env, proxy):
+    """moto's federation credentials are fixed and not accepted by its own S3 checks,
+    so this checks what STS received and that exactly what it returned is served."""
+    server = start([BUCKET, "-d", "45m", "--federation", "--endpoint-url", proxy.url],
+                   tester_env())
+    doc = server.fetch_json()
+    assert proxy.actions() == ["S3 HEAD", "GetFederationToken"]
+    params = proxy.params("GetFederationToken")
+    assert params["Name"] == "s3.read-write.my-bucket"
+    assert params["DurationSeconds"] == "2700"
+    assert json.loads(params["Policy"]) == s3_localserver.build_policy("read-write", BUCKET)
+    answer = proxy.requests[-1]["response"].decode()
+    for key in ("AccessKeyId", "SecretAccessKey", "SessionToken"):
+        assert "<{0}>{1}</{0}>".format(key, doc[key]) in answer
+    expiration = re.search(r"<Expiration>([^<]+)</Expiration>", answer).group(1)
+    assert s3_localserver.parse_timestamp(expiration) == s3_localserver.parse_timestamp(
+        doc["Expiration"])
+
+
+def test_creates_default_role_when_missing(tmp_path, home, start):
+    """The creation path, on a moto of its own with authentication off (moto cannot
+    assume a role that trusts the account root with authentication on)."""
+    moto = MotoServer(str(tmp_path / "moto.log"))
+    try:
+        moto.client("s3").create_bucket(Bucket="fresh")
+        env = clean_env(home, AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE",
+                        AWS_SECRET_ACCESS_KEY="anything", AWS_REGION="us-east-1")
+        proxy = RecordingProxy(moto.url)
+        try:
+            server = start(["fresh", "-d", "1h", "--endpoint-url", proxy.url], env)
+            server.fetch_json()
+            assert proxy.actions() == ["S3 HEAD", "GetRole", "GetCallerIdentity",
+                                       "CreateRole", "AttachRolePolicy", "AssumeRole"]
+        finally:
+            proxy.stop()
+        assert "Creating IAM role s3-credentials.AmazonS3FullAccess..." in server.lines
+        iam = moto.client("iam")
+        role = iam.get_role(RoleName="s3-credentials.AmazonS3FullAccess")["Role"]
+        assert role["MaxSessionDuration"] == 43200
+        trust = role["AssumeRolePolicyDocument"]
+        if isinstance(trust, str):
+            trust = json.loads(urllib.parse.unquote(trust))
+        assert trust["Statement"] == [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                                       "Principal": {"AWS": "arn:aws:iam::{}:root".format(
+                                           ACCOUNT)}}]
+        attached = iam.list_attached_role_policies(
+            RoleName="s3-credentials.AmazonS3FullAccess")["AttachedPolicies"]
+        assert [policy["PolicyArn"] for policy in attached] == [
+            "arn:aws:iam::aws:policy/AmazonS3FullAccess"]
+        assert server.finish() == 0
+    finally:
+        moto.stop()
+
+
+def write_profiles(tmp_path, moto, credentials_profile="tester", config_extra=""):
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[{}]\naws_access_key_id = {}\naws_secret_access_key = {}\n".format(
+        credentials_profile, moto.tester["AccessKeyId"], moto.tester["SecretAccessKey"]))
+    config = tmp_path / "config"
+    config.write_text("[profile {}]\nregion = us-east-1\n{}".format(credentials_profile,
+                                                                   config_extra))
+    return {"AWS_SHARED_CREDENTIALS_FILE": credentials, "AWS_CONFIG_FILE": config}
+
+
+def test_profile_from_config_dir(moto, start, home, tmp_path, proxy):
+    """--profile in temporary files; it wins over (bad) environment keys, as in the CLI."""
+    files = write_profiles(tmp_path, moto)
+    env = clean_env(home, AWS_ACCESS_KEY_ID="AKIABADBADBADBADBAD1",
+                    AWS_SECRET_ACCESS_KEY="bad-secret", **files)
+    server = start([BUCKET, "-d", "1h", "--profile", "tester", "--endpoint-url", proxy.url],
+                   env)
+    check_document(server.fetch_json(), 3600)
+    # The region came from the profile: the calls are signed for us-east-1.
+    assert "/us-east-1/sts/aws4_request" in proxy.requests[-1]["headers"]["Authorization"]
+    assert moto.tester["AccessKeyId"] in proxy.requests[-1]["headers"]["Authorization"]
+
+
+def test_aws_profile_does_not_beat_environment_keys(moto, start, home, tmp_path):
+    """AWS_PROFILE names a good profile, but environment keys come first: they are bad."""
+    files = write_profiles(tmp_path, moto)
+    env = clean_env(home, AWS_ACCESS_KEY_ID="AKIABADBADBADBADBAD1",
+                    AWS_SECRET_ACCESS_KEY="bad-secret", AWS_PROFILE="tester", **files)
+    code, out, err = run_script([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-p", "0"],
+                                env)
+    assert code == 1
+    assert err.splitlines() == [
+        "Error: access to bucket 'my-bucket' is denied to these credentials (it may exist, "
+        "but they cannot see it)"]
+    # With the bad keys gone, AWS_PROFILE's profile is used and works.
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    server = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url], env)
+    check_document(server.fetch_json(), 3600)
+
+
+def test_endpoint_variables(moto, start, tester_env, proxy):
+    """AWS_ENDPOINT_URL_STS beats AWS_ENDPOINT_URL: only STS goes through the proxy."""
+    env = tester_env(AWS_ENDPOINT_URL=moto.url, AWS_ENDPOINT_URL_STS=proxy.url)
+    server = start([BUCKET, "-d", "1h"], env)
+    server.fetch_json()
+    assert proxy.actions() == ["AssumeRole"]
+
+
+def test_endpoint_url_option_beats_variables(moto, start, tester_env, proxy):
+    env = tester_env(AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ENDPOINT_URL_STS=
+                     "http://127.0.0.1:9")
+    server = start([BUCKET, "-d", "1h", "--endpoint-url", proxy.url], env)
+    server.fetch_json()
+    assert proxy.actions() == ["S3 HEAD", "GetRole", "AssumeRole"]
+
+
+def test_keep_alive_and_malformed_requests(moto, start, tester_env):
+    server = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url], tester_env())
+    port = int(server.local_url.rsplit(":", 1)[1].strip("/"))
+    # Garbage, a truncated request line, a client that leaves mid-request.
+    for junk in (b"\x00\xff garbage\r\n\r\n", b"GET", b"GET / HTTP/1.1\r\nHost: x",
+                 b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(65536)
+    # Two requests on one connection.
+    import http.client
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    for _ in range(2):
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        assert response.status == 200
+        assert json.loads(response.read().decode())["Version"] == 1
+    connection.close()
+    assert server.fetch("/nope")[0] == 404
+    assert server.fetch_json()["Version"] == 1
+    assert not any("Traceback" in line or "Error" in line for line in server.lines)
+
+
+def test_access_log_and_quiet(moto, start, tester_env):
+    server = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url], tester_env())
+    server.fetch_json()
+    server.fetch("/missing")
+    server.finish()
+    log = [line for line in server.lines if " 127.0.0.1 " in line]
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.1 GET / 200$", log[0])
+    assert log[1].endswith(" GET /missing 404")
+    quiet = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-q"], tester_env())
+    quiet.fetch_json()
+    quiet.finish()
+    assert not any(" 127.0.0.1 " in line for line in quiet.lines)
+    assert quiet.lines[-1] == "Stopped."
+
+
+def test_sigint_stops_cleanly(moto, start, tester_env):
+    import signal
+    server = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url], tester_env())
+    server.fetch_json()
+    assert server.finish(signal.SIGINT) == 0
+
+
+# ---------------------------------------------------------------------------
+#  Bad input: one line, the right exit code, no traceback, no secret.
+# ---------------------------------------------------------------------------
+
+
+def bad(args, env, code=1):
+    exit_code, out, err = run_script(args, env)
+    lines = err.splitlines()
+    assert exit_code == code, err
+    # The error is one line, after at most the seed's own progress line.
+    assert lines and lines[-1].startswith("Error: "), err
+    assert lines[:-1] in ([], ["Generating initial credentials..."]), err
+    assert "Traceback" not in err and out == ""
+    return lines[-1]
+
+
+def test_bucket_missing(moto, tester_env):
+    line = bad(["no-such-bucket", "-d", "1h", "--endpoint-url", moto.url, "-p", "0"],
+               tester_env())
+    assert line == "Error: bucket 'no-such-bucket' does not exist"
+
+
+def test_bucket_access_denied_is_not_missing(moto, home):
+    env = clean_env(home, AWS_ACCESS_KEY_ID=moto.nobody["AccessKeyId"],
+                    AWS_SECRET_ACCESS_KEY=moto.nobody["SecretAccessKey"])
+    line = bad([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-p", "0"], env)
+    assert "denied" in line and "does not exist" not in line
+
+
+def test_assume_role_access_denied_carries_aws_message(moto, tester_env):
+    line = bad([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-p", "0", "--role-arn",
+                moto.stranger_arn], tester_env())
+    assert line.startswith("Error: AccessDenied: User: arn:aws:iam::{}:user/tester is not "
+                           "authorized to perform: sts:AssumeRole".format(ACCOUNT)), line
+
+
+def test_invalid_base_key(moto, home):
+    env = clean_env(home, AWS_ACCESS_KEY_ID="AKIAINVALIDINVALID12",
+                    AWS_SECRET_ACCESS_KEY="nope-nope")
+    line = bad([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-p", "0", "--federation"],
+               env)
+    assert "nope-nope" not in line
+
+
+def test_no_credentials_names_every_place(home):
+    line = bad([BUCKET, "-d", "1h", "-p", "0"], clean_env(home))
+    assert line.startswith("Error: no AWS credentials found; looked in ")
+    for place in ("--access-key", "-a/--auth", "AWS_ACCESS_KEY_ID", "profile 'default'",
+                  "~/.aws/credentials", "~/.aws/config"):
+        assert place in line
+
+
+def test_explicit_profile_missing(home, tmp_path):
+    env = clean_env(home, AWS_CONFIG_FILE=tmp_path / "c", AWS_SHARED_CREDENTIALS_FILE=tmp_path
+                    / "k")
+    line = bad([BUCKET, "-d", "1h", "--profile", "ghost"], env)
+    assert "profile 'ghost' was not found" in line
+
+
+def test_endpoint_unreachable(home):
+    env = clean_env(home, AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE", AWS_SECRET_ACCESS_KEY="x")
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    closed = port.getsockname()[1]
+    port.close()
+    line = bad([BUCKET, "-d", "1h", "-p", "0", "--endpoint-url",
+                "http://127.0.0.1:{}".format(closed)], env)
+    assert line.startswith("Error: ConnectionError: could not reach 127.0.0.1:")
+
+
+def test_port_in_use(moto, tester_env):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        line = bad([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "--host", "127.0.0.1",
+                    "-p", port], tester_env())
+    assert line.startswith("Error: cannot listen on 127.0.0.1:{}: ".format(port))
+
+
+@pytest.mark.parametrize("args, code, expected", [
+    (["-d", "10m"], 2, "between 15 minutes and 12 hours"),
+    (["-d", "13h"], 2, "between 15 minutes and 12 hours"),
+    (["-d", "soon"], 2, "duration must look like"),
+    ([], 2, "the following arguments are required: -d/--duration"),
+    (["-d", "1h", "--read-only", "--write-only"], 2, "not allowed with argument"),
+    (["-d", "1h", "--statement", "{not json"], 1, "--statement is not valid JSON"),
+    (["-d", "1h", "--statement", "[1]"], 1, "--statement must be a JSON object"),
+    (["-d", "1h", "--statement", '{"Effect": "Allow"}'], 1, "missing Action, Resource"),
+    (["-d", "1h", "--prefix", "/uploads"], 1, "--prefix must not start with '/'"),
+    (["-d", "1h", "-p", "70000"], 2, "port must be a number from 0 to 65535"),
+    (["-d", "1h", "--access-key", "AKIAIOSFODNN7EXAMPLE"], 1,
+     "--access-key and --secret-key must be given together"),
+    (["-d", "1h"] + ["--statement", json.dumps(
+        {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::" + "x" * 200})]
+     * 10, 1, "the session policy is"),
+])
+def test_bad_arguments(home, args, code, expected):
+    env = clean_env(home, AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE", AWS_SECRET_ACCESS_KEY="x")
+    line = bad([BUCKET] + args, env, code)
+    assert expected in line
+
+
+def test_version_and_help(home):
+    code, out, err = run_script(["--version"], clean_env(home))
+    assert (code, out.strip()) == (0, "s3_localserver.py " + s3_localserver.__version__)
+    code, out, err = run_script(["--help"], clean_env(home))
+    assert code == 0
+    for option in ("--duration", "--port", "--host", "--read-only", "--write-only", "--prefix",
+                   "--statement", "--role-arn", "--federation", "--access-key", "--secret-key",
+                   "--session-token", "--auth", "--profile", "--region", "--endpoint-url",
+                   "--quiet", "--version"):
+        assert option in out
+    assert "curl http://localhost:8094/" in out
