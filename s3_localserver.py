@@ -22,10 +22,12 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import ipaddress
 import json
 import os
 import random
 import re
+import secrets
 import signal
 import socket
 import socketserver
@@ -989,6 +991,11 @@ class CredentialCache(object):
                                   explain(last_error)))
         raise Unavailable("NotReady", "no valid credentials yet")
 
+    @property
+    def last_refresh(self):
+        with self._lock:
+            return self._last_refresh
+
     def status(self):
         """A summary for /healthz, without secrets."""
         with self._lock:
@@ -1080,32 +1087,179 @@ class CredentialCache(object):
 
 
 ######################################################################
+#  Who may fetch credentials
+######################################################################
+
+# Headers that only browsers send: a page the user visits must never read us.
+BROWSER_HEADERS = ("Origin", "Sec-Fetch-Site", "Sec-Fetch-Mode", "Sec-Fetch-Dest")
+# Headers a proxy adds: like real instance metadata, answer no relayed request.
+PROXY_HEADERS = ("X-Forwarded-For", "Forwarded")
+
+
+def _ip(host):
+    """The address if ``host`` is an IP literal (IPv6 with or without brackets), else None."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def is_loopback(host):
+    """True for localhost and loopback addresses: only this machine can connect."""
+    address = _ip(host)
+    return host.lower() == "localhost" if address is None else address.is_loopback
+
+
+def split_host(value):
+    """The host part of a Host header: 'localhost:8094' -> 'localhost', '[::1]:80' -> '[::1]'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[:value.find("]") + 1] if "]" in value else value
+    return value.partition(":")[0] if value.count(":") == 1 else value
+
+
+class AccessRules(object):
+    """Decides, from a request's headers alone, whether it may be answered.
+
+    ``allowed_hosts`` are the Host names accepted besides localhost and IP
+    literals (which a DNS-rebinding page cannot send); ``token`` is the
+    Authorization value required, or None.
+    """
+
+    def __init__(self, allowed_hosts=(), token=None):
+        self.allowed_hosts = frozenset(["localhost"] + [h.lower().strip("[]") for h in
+                                                        allowed_hosts])
+        self.token = token
+
+    def host_allowed(self, host_header):
+        host = split_host(host_header or "")
+        return bool(host) and (_ip(host) is not None or host.strip("[]") in self.allowed_hosts)
+
+    def refusal(self, headers, needs_token=True):
+        """None if the request may proceed, else (status, code, reason)."""
+        for name in PROXY_HEADERS:
+            if name in headers:
+                return 403, "Forbidden", "proxied request ({} header)".format(name)
+        for name in BROWSER_HEADERS:
+            if name in headers:
+                return 403, "Forbidden", "browser request ({} header)".format(name)
+        if not self.host_allowed(headers.get("Host")):
+            return 403, "Forbidden", "Host {!r} is not allowed (see --allow-host)".format(
+                (headers.get("Host") or "")[:100])
+        if needs_token and self.token is not None:
+            sent = (headers.get("Authorization") or "").encode("latin-1", "replace")
+            if not hmac.compare_digest(sent, self.token.encode("utf-8")):
+                return 401, "Unauthorized", "missing or wrong Authorization token"
+        return None
+
+
+class MetadataTokens(object):
+    """IMDSv2 session tokens: PUT /latest/api/token hands one out for a TTL.
+
+    The tokens are the IMDS paths' only guard (they cannot carry the
+    Authorization token), so only clients that can PUT get credentials.
+    """
+
+    max_tokens = 10000  # bounded: expired ones are dropped, the oldest if need be
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._lock = threading.Lock()  # guards _expiry
+        self._expiry = {}
+
+    def issue(self, ttl):
+        token = secrets.token_urlsafe(32)
+        now = self.clock()
+        with self._lock:
+            if len(self._expiry) >= self.max_tokens:
+                for old in [t for t, end in self._expiry.items() if end <= now]:
+                    del self._expiry[old]
+                while len(self._expiry) >= self.max_tokens:
+                    del self._expiry[min(self._expiry, key=self._expiry.get)]
+            self._expiry[token] = now + ttl
+        return token
+
+    def valid(self, token):
+        with self._lock:
+            end = self._expiry.get(token or "")
+        return end is not None and self.clock() < end
+
+
+def metadata_document(credentials, updated):
+    """The EC2 instance metadata form of the credentials."""
+    return json.dumps({
+        "Code": "Success",
+        "LastUpdated": format_timestamp(updated),
+        "Type": "AWS-HMAC",
+        "AccessKeyId": credentials.access_key_id,
+        "SecretAccessKey": credentials.secret_access_key,
+        "Token": credentials.session_token,
+        "Expiration": format_timestamp(credentials.expiration),
+    }, indent=2).encode("utf-8")
+
+
+######################################################################
 #  HTTP handler and server
 ######################################################################
 
 
 class CredentialHandler(http.server.BaseHTTPRequestHandler):
-    """Answers GET / with the cached credentials.
+    """Answers GET / with the cached credentials, after AccessRules agree.
 
     Settings come from the server object, never from module globals.
     """
 
     protocol_version = "HTTP/1.1"  # keep-alive for SDKs that reuse connections
     server_version = "s3_localserver/" + __version__
-    # Seconds a connection may sit idle or take over one request before it is dropped.
-    timeout = 30
     # Buffer the whole answer and send it in one write: separate header and body
     # writes meet Nagle and delayed ACK and stall keep-alive clients 40 ms.
     wbufsize = 64 * 1024
     disable_nagle_algorithm = True
     CREDENTIAL_PATHS = ("/",)
 
+    def setup(self):
+        self.timeout = self.server.idle_timeout  # each socket read and write
+        http.server.BaseHTTPRequestHandler.setup(self)
+
     def version_string(self):
         return self.server_version
 
+    def parse_request(self):
+        if not http.server.BaseHTTPRequestHandler.parse_request(self):
+            return False
+        # The request is in: the connection's deadline is lifted while we answer.
+        self.server.touch(self.connection, None)
+        # Bodies are never read, so a request with one cannot be followed by another.
+        if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+        return True
+
+    def handle_one_request(self):
+        http.server.BaseHTTPRequestHandler.handle_one_request(self)
+        # A keep-alive client must send its next request within the idle timeout.
+        self.server.touch(self.connection, self.server.idle_timeout)
+
+    IMDS_ROLE = "s3-localserver"
+    IMDS_CREDENTIALS = "/latest/meta-data/iam/security-credentials/"
+    IMDS_TOKEN = "/latest/api/token"
+    IMDS_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
+
     def do_GET(self):
         path = self.path.partition("?")[0]
-        if path in self.CREDENTIAL_PATHS:
+        refused = self.server.rules.refusal(self.headers,
+                                            needs_token=path in self.CREDENTIAL_PATHS)
+        if refused:
+            status, code, reason = refused
+            self.reason = reason
+            self.send_json(status, {"code": code, "message": reason})
+        elif path.startswith("/latest/") and self.server.metadata_tokens is not None:
+            self.answer_metadata(path)
+        elif self.command not in ("GET", "HEAD"):
+            self.send_json(405, {"code": "MethodNotAllowed", "message": "use GET or HEAD"},
+                           {"Allow": "GET, HEAD"})
+        elif path in self.CREDENTIAL_PATHS:
             try:
                 _, body = self.server.cache.current()
             except Unavailable as error:
@@ -1118,24 +1272,56 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_json(404, {"code": "NotFound", "message": "no such path; try GET /"})
 
-    do_HEAD = do_GET
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_GET
 
-    def refuse_method(self):
-        self.send_json(405, {"code": "MethodNotAllowed", "message": "use GET or HEAD"},
-                       {"Allow": "GET, HEAD"})
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse_method
+    def answer_metadata(self, path):
+        """The IMDSv2 subset SDKs use for credentials; v1 (no token) is refused."""
+        tokens = self.server.metadata_tokens
+        if path == self.IMDS_TOKEN:
+            if self.command != "PUT":
+                self.send_json(405, {"code": "MethodNotAllowed", "message": "use PUT"},
+                               {"Allow": "PUT"})
+                return
+            ttl = (self.headers.get(self.IMDS_TTL) or "").strip()
+            if not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
+                self.reason = "IMDS token TTL missing or out of range"
+                self.send_json(400, {"code": "BadRequest", "message": self.reason})
+                return
+            # The Go SDK insists on seeing the TTL echoed.
+            self.send_body(200, tokens.issue(int(ttl)).encode("ascii"), {self.IMDS_TTL: ttl},
+                           "text/plain")
+        elif self.command not in ("GET", "HEAD"):
+            self.send_json(405, {"code": "MethodNotAllowed", "message": "use GET or HEAD"},
+                           {"Allow": "GET, HEAD"})
+        elif not tokens.valid(self.headers.get("X-aws-ec2-metadata-token")):
+            self.reason = "IMDS request without a valid session token (only IMDSv2 is served)"
+            self.send_json(401, {"code": "Unauthorized", "message": self.reason})
+        elif path == self.IMDS_CREDENTIALS:
+            self.send_body(200, self.IMDS_ROLE.encode("ascii"), content_type="text/plain")
+        elif path == self.IMDS_CREDENTIALS + self.IMDS_ROLE:
+            try:
+                credentials, _ = self.server.cache.current()
+            except Unavailable as error:
+                self.send_json(503, {"code": error.code, "message": error.message},
+                               {"Retry-After": "5"})
+                return
+            self.send_body(200, metadata_document(credentials, self.server.cache.last_refresh))
+        else:
+            # Including .../security-credentials-extended/: SDKs then fall back.
+            self.send_json(404, {"code": "NotFound", "message": "not served here"})
 
     def send_json(self, status, data, headers=None):
         self.send_body(status, json.dumps(data).encode("utf-8") + b"\n", headers)
 
-    def send_body(self, status, body, headers=None):
+    def send_body(self, status, body, headers=None, content_type="application/json"):
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -1143,16 +1329,18 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         # http.server's own errors (bad request line, oversized headers...) as JSON.
         self.close_connection = True
+        self.reason = message
         try:
             self.send_json(code, {"code": "HTTP{}".format(code),
-                                  "message": message or self.responses.get(code, ("",))[0]},
-                           {"Connection": "close"})
+                                  "message": message or self.responses.get(code, ("",))[0]})
         except OSError:
             pass
 
     def log_request(self, code="-", size="-"):
         self.server.log_access(self.client_address[0], getattr(self, "command", None) or "-",
-                               (getattr(self, "path", None) or "-").partition("?")[0], code)
+                               (getattr(self, "path", None) or "-").partition("?")[0], code,
+                               getattr(self, "reason", None))
+        self.reason = None
 
     def log_message(self, format, *args):
         # http.server reports protocol errors here; the request is logged by log_request.
@@ -1160,21 +1348,42 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
 
 
 class CredentialServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """A threaded HTTP server: one slow client never holds up another."""
+    """A threaded HTTP server with a bounded number of connections.
+
+    One slow client never holds up another.  Beyond ``max_connections`` a new
+    connection gets a 503 and is closed at once.  A connection must deliver
+    each request within ``idle_timeout`` seconds of connecting or of its last
+    answer, however slowly it drips bytes (slowloris), or it is closed.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    _BUSY_BODY = b'{"code": "TooManyConnections", "message": "too many connections"}\n'
+    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+            % (len(_BUSY_BODY), _BUSY_BODY))
 
-    def __init__(self, address, cache, quiet=False, stream=None, listen=True):
+    def __init__(self, address, cache, rules=None, quiet=False, stream=None, listen=True,
+                 max_connections=256, idle_timeout=30.0, metadata=None):
         """Bind ``address``; listen at once unless ``listen`` is False.
 
         main() binds first (a port in use fails before any AWS call) and
         listens once the first credentials are in the cache.
         """
         self.cache = cache
+        self.rules = rules or AccessRules()
+        # IMDS emulation: served only without an Authorization token, which the
+        # metadata paths cannot carry (by default, whenever there is no token).
+        if metadata is None:
+            metadata = self.rules.token is None
+        self.metadata_tokens = MetadataTokens() if metadata else None
         self.quiet = quiet
         self.stream = stream or sys.stderr
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self._deadlines = {}  # open connection -> time it must have sent a request by
+        self._deadlines_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         http.server.HTTPServer.__init__(self, address, CredentialHandler, bind_and_activate=False)
@@ -1191,6 +1400,56 @@ class CredentialServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    # -- connection accounting --------------------------------------------
+
+    def touch(self, connection, seconds):
+        """Give a connection until now + seconds to send a request (None: no limit)."""
+        with self._deadlines_lock:
+            if connection in self._deadlines:
+                self._deadlines[connection] = None if seconds is None else (
+                    time.monotonic() + seconds)
+
+    def process_request(self, request, client_address):
+        with self._deadlines_lock:
+            busy = len(self._deadlines) >= self.max_connections
+            if not busy:
+                self._deadlines[request] = time.monotonic() + self.idle_timeout
+        if busy:
+            self.log_access(client_address[0], "-", "-", 503, "too many connections")
+            try:
+                request.setblocking(False)
+                request.send(self.BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        socketserver.ThreadingMixIn.process_request(self, request, client_address)
+
+    def shutdown_request(self, request):
+        with self._deadlines_lock:
+            self._deadlines.pop(request, None)
+        http.server.HTTPServer.shutdown_request(self, request)
+
+    def service_actions(self):
+        # Called by serve_forever about twice a second: drop connections that
+        # have not sent a whole request in time, waking their blocked thread.
+        now = time.monotonic()
+        with self._deadlines_lock:
+            late = [sock for sock, deadline in self._deadlines.items()
+                    if deadline is not None and deadline < now]
+        for sock in late:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @property
+    def open_connections(self):
+        with self._deadlines_lock:
+            return len(self._deadlines)
+
+    # -- logging ---------------------------------------------------------------
+
     def log(self, message):
         try:
             self.stream.write(message + "\n")
@@ -1198,10 +1457,14 @@ class CredentialServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         except (OSError, ValueError):
             pass
 
-    def log_access(self, client, method, path, status):
-        if not self.quiet:
-            self.log("{} {} {} {} {}".format(
-                format_timestamp(time.time()), client, method, path, status))
+    def log_access(self, client, method, path, status, reason=None):
+        # Rejections are always logged; -q silences only the ordinary lines.
+        if reason or not self.quiet:
+            line = "{} {} {} {} {}".format(format_timestamp(time.time()), client,
+                                           method[:16], path[:200], status)
+            if reason:
+                line += " " + reason
+            self.log(line.encode("ascii", "backslashreplace").decode("ascii"))
 
     def handle_error(self, request, client_address):
         # A client that hangs up mid-request is normal; anything else gets one
@@ -1225,11 +1488,22 @@ EPILOG = """examples:
   %(prog)s my-bucket -d 1h --role-arn arn:aws:iam::123456789012:role/uploader
   %(prog)s my-bucket -d 1h --federation --profile admin
   %(prog)s my-bucket -d 1h --endpoint-url http://127.0.0.1:5000 -a creds.json
+  %(prog)s my-bucket -d 1h --host 0.0.0.0 --auth-token generate --allow-host build-box
+  %(prog)s my-bucket -d 1h -- aws s3 ls s3://my-bucket/     run one command with them
 
 then: curl http://localhost:8094/
   or, in ~/.aws/config: credential_process = curl -s http://localhost:8094/
   or: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:8094/ any-aws-sdk-program
+  or: AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:8094/ an-older-aws-tool
 """
+
+# Variables that outrank the container provider in every SDK's chain, or
+# redirect it: a command run with the served credentials must not see them.
+OUTRANKING_VARIABLES = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1245,33 +1519,57 @@ def _duration_arg(text):
         raise argparse.ArgumentTypeError(str(error))
 
 
-def _port_arg(text):
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError("port must be a number from 0 to 65535")
-    return port
+def _bounded_int(low, high, what):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError("{} must be a number from {} to {}".format(
+                what, low, high))
+        return value
+    return parse
 
 
 def build_parser():
     parser = _Parser(
         prog="s3_localserver.py",
+        usage="%(prog)s BUCKET -d DURATION [options] [-- COMMAND [ARGS...]]",
         description="Serve temporary AWS credentials scoped to one S3 bucket on a local "
-                    "HTTP endpoint, refreshed before they expire.",
+                    "HTTP endpoint, refreshed before they expire. With '-- COMMAND', run "
+                    "that command with the served credentials and stop when it exits.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bucket", help="the S3 bucket the credentials are limited to")
     parser.add_argument("-d", "--duration", required=True, type=_duration_arg,
                         help="lifetime of each set of credentials: 900, 900s, 15m, 1h, 1h30m, "
                              "12h (15 minutes to 12 hours)")
     serving = parser.add_argument_group("serving")
-    serving.add_argument("-p", "--port", type=_port_arg, default=DEFAULT_PORT,
-                         help="port to listen on (default %(default)s; 0 picks a free one)")
-    serving.add_argument("--host", default="localhost",
-                         help="address to bind (default %(default)s)")
+    serving.add_argument("-p", "--port", type=_bounded_int(0, 65535, "port"),
+                         help="port to listen on (default {}; 0 picks a free one, as does "
+                              "exec mode)".format(DEFAULT_PORT))
+    serving.add_argument("--host", help="address to bind (default localhost; 127.0.0.1 in "
+                                        "exec mode)")
     serving.add_argument("-q", "--quiet", action="store_true",
-                         help="no access log (errors are still printed)")
+                         help="no access log (errors and refusals are still printed)")
+    guard = parser.add_argument_group("who may fetch credentials")
+    guard.add_argument("--auth-token", metavar="TOKEN",
+                       help="require 'Authorization: TOKEN' on GET / ('generate' makes a "
+                            "random one; also S3_LOCALSERVER_AUTH_TOKEN)")
+    guard.add_argument("--auth-token-file", metavar="FILE",
+                       help="read the required token from FILE")
+    guard.add_argument("--require-token", action="store_true",
+                       help="refuse to serve on a non-loopback address without a token")
+    guard.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="also answer requests whose Host is NAME (repeatable); localhost "
+                            "and IP addresses are always answered")
+    guard.add_argument("--max-connections", type=_bounded_int(1, 10000, "--max-connections"),
+                       default=256, help="open connections at most (default %(default)s); "
+                                         "more get 503")
+    guard.add_argument("--idle-timeout", type=_bounded_int(1, 3600, "--idle-timeout"),
+                       default=30, metavar="SECONDS",
+                       help="close a connection that sends no whole request for this long "
+                            "(default %(default)s)")
     access = parser.add_argument_group("what the credentials may do")
     mode = access.add_mutually_exclusive_group()
     mode.add_argument("--read-only", action="store_true", help="only read from the bucket")
@@ -1305,8 +1603,29 @@ def build_parser():
     return parser
 
 
+def split_command(argv):
+    """Split 'BUCKET ... -- COMMAND ARGS' at the first '--' (argparse's REMAINDER
+    handling of '--' differs between Python versions)."""
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1:]
+    return argv, []
+
+
+def parse_args(argv):
+    argv, command = split_command(list(argv))
+    args = build_parser().parse_args(argv)
+    args.command = command
+    exec_mode = bool(command)
+    if args.port is None:
+        args.port = 0 if exec_mode else DEFAULT_PORT
+    if args.host is None:
+        args.host = "127.0.0.1" if exec_mode else "localhost"
+    return args
+
+
 def validate(args):
-    """Checks argparse cannot express; returns (permission, policy JSON)."""
+    """Checks argparse cannot express; returns (permission, extra statements)."""
     if args.prefix.startswith("/"):
         raise LocalServerError("--prefix must not start with '/' (S3 keys do not): {!r}".format(
             args.prefix))
@@ -1323,6 +1642,61 @@ def validate(args):
     return permission, statements
 
 
+def resolve_auth_token(args, environ):
+    """The required Authorization token, or None: --auth-token, --auth-token-file,
+    S3_LOCALSERVER_AUTH_TOKEN; exec mode generates one when none is given."""
+    token = args.auth_token
+    if token is None and args.auth_token_file:
+        try:
+            with open(_expand(args.auth_token_file), encoding="utf-8") as handle:
+                token = handle.read().rstrip("\r\n")
+        except OSError as error:
+            raise LocalServerError("cannot read --auth-token-file {}: {}".format(
+                args.auth_token_file, error.strerror))
+    if token is None:
+        token = environ.get("S3_LOCALSERVER_AUTH_TOKEN")
+    if token == "generate" or (token is None and args.command):
+        token = secrets.token_urlsafe(32)
+    if token is not None and (not token or token != token.strip() or "\n" in token):
+        raise LocalServerError("the auth token must be non-empty, on one line, without "
+                               "leading or trailing spaces")
+    return token
+
+
+def child_environment(environ, url, token, region):
+    """The environment of an exec-mode command: only the served credentials reach it."""
+    env = {name: value for name, value in environ.items() if name not in OUTRANKING_VARIABLES}
+    env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = url
+    env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
+    if region:
+        env["AWS_REGION"] = region
+        env.setdefault("AWS_DEFAULT_REGION", region)
+    return env
+
+
+def run_command(command, env):
+    """Run the exec-mode command, passing SIGINT and SIGTERM on; return its exit code."""
+    import subprocess  # only exec mode needs it
+    try:
+        child = subprocess.Popen(command, env=env)
+    except OSError as error:
+        raise LocalServerError("cannot run {}: {}".format(command[0], error.strerror or error))
+
+    def forward(signum, frame):
+        try:
+            child.send_signal(signum)
+        except OSError:
+            pass
+    previous = {signum: signal.signal(signum, forward)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as shells say
+
+
 def wait_for_signal(stop):
     """Block the main thread until Ctrl+C or SIGTERM sets ``stop``."""
     def on_signal(signum, frame):
@@ -1337,63 +1711,101 @@ def wait_for_signal(stop):
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(argv=None, environ=None, stderr=None):
-    """Run the server; return the exit code."""
-    environ = os.environ if environ is None else environ
-    stderr = stderr or sys.stderr
+def start_server(args, environ, say):
+    """Everything before serving: checks, the first credentials, the bound socket.
 
-    def say(message):
-        stderr.write(message + "\n")
-        stderr.flush()
-
-    args = build_parser().parse_args(argv)
-    server = None
+    Returns (server, cache, permission, region); raises LocalServerError or AWSError.
+    """
+    permission, statements = validate(args)
+    token = resolve_auth_token(args, environ)
+    if not is_loopback(args.host) and token is None:
+        if args.require_token:
+            raise LocalServerError("refusing to serve on {} without an auth token "
+                                   "(--require-token); set --auth-token".format(args.host))
+        say("Warning: serving on {} without --auth-token: anyone who can reach this port "
+            "gets the credentials".format(args.host))
+    credentials, _source = resolve_credentials(args, environ)
+    region = resolve_region(args, environ)
+    client = AWSClient(credentials, region, args.endpoint_url, environ, log=say)
+    policy = policy_json(build_policy(permission, args.bucket, args.prefix, statements,
+                                      client.partition))
+    mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
+    maker = CredentialMaker(client, mode, policy, args.duration, permission, args.bucket,
+                            role_arn=args.role_arn, log=say)
+    cache = CredentialCache(maker, args.duration, log=say)
+    rules = AccessRules([args.host] + args.allow_host, token)
     try:
-        permission, statements = validate(args)
-        credentials, _source = resolve_credentials(args, environ)
-        region = resolve_region(args, environ)
-        client = AWSClient(credentials, region, args.endpoint_url, environ, log=say)
-        policy = policy_json(build_policy(permission, args.bucket, args.prefix, statements,
-                                          client.partition))
-        mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
-        maker = CredentialMaker(client, mode, policy, args.duration, permission, args.bucket,
-                                role_arn=args.role_arn, log=say)
-        cache = CredentialCache(maker, args.duration, log=say)
-        try:
-            server = CredentialServer((args.host, args.port), cache, quiet=args.quiet,
-                                      stream=stderr, listen=False)
-        except (OSError, OverflowError) as error:
-            raise LocalServerError("cannot listen on {}:{}: {}".format(
-                args.host, args.port, getattr(error, "strerror", None) or error))
+        server = CredentialServer((args.host, args.port), cache, rules,
+                                  quiet=args.quiet or bool(args.command), listen=False,
+                                  max_connections=args.max_connections,
+                                  idle_timeout=args.idle_timeout)
+    except (OSError, OverflowError) as error:
+        raise LocalServerError("cannot listen on {}:{}: {}".format(
+            args.host, args.port, getattr(error, "strerror", None) or error))
+    try:
         client.head_bucket(args.bucket)
         say("Generating initial credentials...")
         maker.prepare()
         cache.refresh()
         server.server_activate()
+    except BaseException:
+        server.server_close()
+        raise
+    return server, cache, permission, region
+
+
+def main(argv=None, environ=None):
+    """Run the server (and the exec-mode command); return the exit code."""
+    environ = os.environ if environ is None else environ
+
+    def say(message):
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        server, cache, permission, region = start_server(args, environ, say)
     except (AWSError, LocalServerError) as error:
-        if server is not None:
-            server.server_close()
         say("Error: {}".format(explain(error)))
         return 1
     except KeyboardInterrupt:
-        if server is not None:
-            server.server_close()
         return 130
 
-    host = args.host if ":" not in args.host else "[{}]".format(args.host)
+    host = server.server_address[0]
+    url_host = args.host if ":" not in args.host else "[{}]".format(args.host)
     say("Serving {} credentials for bucket '{}' at http://{}:{}/".format(
-        permission, args.bucket, host, server.server_port))
+        permission, args.bucket, url_host, server.server_port))
     say("Duration: {} seconds".format(args.duration))
-    say("Press Ctrl+C to stop")
     cache.start()
-    serving = threading.Thread(target=server.serve_forever, name="server", daemon=True)
-    serving.start()
-    wait_for_signal(threading.Event())
-    cache.stop()
-    server.shutdown()
-    server.server_close()
-    say("Stopped.")
-    return 0
+    threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
+    # The URL SDKs accept: loopback must be literal or 'localhost' for plain http.
+    full_uri = "http://{}:{}/".format(
+        "[{}]".format(host) if ":" in host else host, server.server_port)
+    code = 0
+    try:
+        if args.command:
+            env = child_environment(environ, full_uri, server.rules.token, region)
+            code = run_command(args.command, env)
+        else:
+            if args.auth_token == "generate":
+                say("Clients must send the generated token (printed on stdout) as the "
+                    "Authorization header")
+                sys.stdout.write("export AWS_CONTAINER_CREDENTIALS_FULL_URI={}\n"
+                                 "export AWS_CONTAINER_AUTHORIZATION_TOKEN={}\n".format(
+                                     full_uri, server.rules.token))
+                sys.stdout.flush()
+            say("Press Ctrl+C to stop")
+            wait_for_signal(threading.Event())
+    except LocalServerError as error:
+        say("Error: {}".format(error))
+        code = 1
+    finally:
+        cache.stop()
+        server.shutdown()
+        server.server_close()
+    if not args.command:
+        say("Stopped.")
+    return code
 
 
 if __name__ == "__main__":
