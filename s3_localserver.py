@@ -424,7 +424,8 @@ def service_endpoint(service, region, endpoint_url=None, environ=os.environ):
         return "https://iam.amazonaws.com", "us-east-1"
     if service == "sts" and not region:
         return "https://sts.amazonaws.com", "us-east-1"
-    return "https://{}.{}.{}".format(service, signing_region, _dns_suffix(partition)), signing_region
+    url = "https://{}.{}.{}".format(service, signing_region, _dns_suffix(partition))
+    return url, signing_region
 
 
 ######################################################################
@@ -1112,12 +1113,17 @@ def is_loopback(host):
     return host.lower() == "localhost" if address is None else address.is_loopback
 
 
+_HOST_RE = re.compile(r"^(?:\[([0-9a-f:.]+)\]|([^\[\]:\s]+))(?::\d{1,5})?$")
+
+
 def split_host(value):
-    """The host part of a Host header: 'localhost:8094' -> 'localhost', '[::1]:80' -> '[::1]'."""
+    """The host part of a Host header ('localhost:8094' -> 'localhost', '[::1]:80' -> '::1'),
+    or '' if the header is not a well-formed host[:port]."""
     value = value.strip().lower()
-    if value.startswith("["):
-        return value[:value.find("]") + 1] if "]" in value else value
-    return value.partition(":")[0] if value.count(":") == 1 else value
+    match = _HOST_RE.match(value)
+    if match:
+        return match.group(1) or match.group(2)
+    return value if _ip(value) else ""  # bare IPv6, which has no room for a port
 
 
 class AccessRules(object):
@@ -1135,7 +1141,7 @@ class AccessRules(object):
 
     def host_allowed(self, host_header):
         host = split_host(host_header or "")
-        return bool(host) and (_ip(host) is not None or host.strip("[]") in self.allowed_hosts)
+        return bool(host) and (_ip(host) is not None or host in self.allowed_hosts)
 
     def refusal(self, headers, needs_token=True):
         """None if the request may proceed, else (status, code, reason)."""
@@ -1484,7 +1490,8 @@ EPILOG = """examples:
   %(prog)s my-bucket --duration 1h                  read-write, http://localhost:8094/
   %(prog)s my-bucket -d 15m --read-only --prefix uploads/
   %(prog)s my-bucket -d 12h --write-only -p 9000
-  %(prog)s my-bucket -d 1h --statement '{"Effect": "Allow", "Action": "textract:*", "Resource": "*"}'
+  %(prog)s my-bucket -d 1h --statement \\
+      '{"Effect": "Allow", "Action": "textract:*", "Resource": "*"}'
   %(prog)s my-bucket -d 1h --role-arn arn:aws:iam::123456789012:role/uploader
   %(prog)s my-bucket -d 1h --federation --profile admin
   %(prog)s my-bucket -d 1h --endpoint-url http://127.0.0.1:5000 -a creds.json

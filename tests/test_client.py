@@ -6,9 +6,9 @@ import socket
 import urllib.error
 
 import pytest
+from test_units import ASSUME_ROLE
 
 import s3_localserver as s
-from test_units import ASSUME_ROLE
 
 ERROR = ("<ErrorResponse><Error><Code>{}</Code><Message>{}</Message></Error>"
          "</ErrorResponse>")

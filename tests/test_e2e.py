@@ -10,10 +10,10 @@ import time
 import urllib.parse
 
 import pytest
-from conftest import BUCKET
-from helpers import ACCOUNT, BIN, MotoServer, RecordingProxy, clean_env, run_script
 
 import s3_localserver
+from conftest import BUCKET
+from helpers import ACCOUNT, BIN, MotoServer, RecordingProxy, clean_env, run_script
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 

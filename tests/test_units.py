@@ -9,7 +9,6 @@ from s3_credentials import policies as reference
 
 import s3_localserver as s
 
-
 # --- durations ----------------------------------------------------------------
 
 @pytest.mark.parametrize("text, seconds", [
