@@ -971,6 +971,7 @@ class CredentialCache(object):
         self._next_attempt = 0.0
         self.refresh_count = 0
         self._last_logged = None  # the failure last reported, so each is logged once
+        self._forced = False  # a refresh was asked for (SIGHUP)
         self._wake = threading.Event()
         self._stopping = False
 
@@ -1050,6 +1051,8 @@ class CredentialCache(object):
         """Refresh if due; return seconds until the refresher should look again."""
         now = self.clock()
         due = max(self.refresh_due_at(), self._next_attempt)
+        if self._forced:
+            due, self._forced = now, False
         if now < due:
             return due - now
         try:
@@ -1076,6 +1079,11 @@ class CredentialCache(object):
             delay = self.step()
             self._wake.wait(min(delay, 60.0))  # re-check the clock at least each minute
             self._wake.clear()
+
+    def request_refresh(self):
+        """Have the refresher replace the credentials now (safe from a signal handler)."""
+        self._forced = True
+        self._wake.set()
 
     def start(self):
         thread = threading.Thread(target=self.run, name="refresher", daemon=True)
@@ -1784,6 +1792,8 @@ def main(argv=None, environ=None):
         permission, args.bucket, url_host, server.server_port))
     say("Duration: {} seconds".format(args.duration))
     cache.start()
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, lambda signum, frame: cache.request_refresh())
     threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
     # The URL SDKs accept: loopback must be literal or 'localhost' for plain http.
     full_uri = "http://{}:{}/".format(

@@ -184,3 +184,13 @@ def test_wakes_refresher_when_late():
     clock.now += 1600  # past the refresh point, the refresher has not run
     cache.current()
     assert cache._wake.is_set()
+
+
+def test_requested_refresh_happens_at_once():
+    cache, sts, clock, _ = make(3600)
+    cache.step()
+    cache.request_refresh()
+    assert cache._wake.is_set()
+    cache.step()
+    assert sts.calls == 2
+    assert cache.step() == pytest.approx(3600 - 1800 - 300)  # back on schedule
