@@ -1050,9 +1050,8 @@ class CredentialCache(object):
     def step(self):
         """Refresh if due; return seconds until the refresher should look again."""
         now = self.clock()
-        due = max(self.refresh_due_at(), self._next_attempt)
-        if self._forced:
-            due, self._forced = now, False
+        # A requested refresh stays due until one succeeds, but backoff still applies.
+        due = max(now if self._forced else self.refresh_due_at(), self._next_attempt)
         if now < due:
             return due - now
         try:
@@ -1070,6 +1069,7 @@ class CredentialCache(object):
         if self._last_logged is not None:
             self.log("Credentials refreshed; serving again normally")
             self._last_logged = None
+        self._forced = False
         self._next_attempt = 0.0
         return max(0.0, self.refresh_due_at() - self.clock())
 

@@ -172,13 +172,12 @@ class RecordingProxy(object):
                 declared = len(data)
                 if fault is not None and fault.kind == "truncate":
                     data = data[: len(data) // 2]
-                self.send_response(status)
+                self.send_response_only(status)  # no automatic Date: we set our own
                 for name, value in headers.items():
                     if name.lower() not in ("content-length", "transfer-encoding",
                                             "connection", "date", "server"):
                         self.send_header(name, value)
-                if "Date" in headers:
-                    self.send_header("Date", headers["Date"])
+                self.send_header("Date", headers.get("Date") or self.date_time_string())
                 self.send_header("Content-Length", str(declared))
                 self.send_header("Connection", "close")
                 self.end_headers()

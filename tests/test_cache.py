@@ -194,3 +194,17 @@ def test_requested_refresh_happens_at_once():
     cache.step()
     assert sts.calls == 2
     assert cache.step() == pytest.approx(3600 - 1800 - 300)  # back on schedule
+
+
+def test_failed_requested_refresh_keeps_trying():
+    cache, sts, clock, _ = make(3600)
+    cache.step()
+    sts.failing = s.AWSError("Throttling", "slow down", 400)
+    cache.request_refresh()
+    delay = cache.step()
+    assert sts.calls == 2 and 2.5 <= delay <= 5
+    sts.failing = None
+    clock.now += delay
+    cache.step()
+    assert sts.calls == 3 and cache.current()[0].access_key_id == "ASIA000003"
+    assert cache.step() == pytest.approx(3600 - 1800 - 300)

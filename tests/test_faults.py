@@ -1,0 +1,222 @@
+"""Faults between us and AWS: a fault-injecting proxy in front of moto answers STS
+calls with errors, hangs, resets, truncated or non-XML bodies and a skewed clock."""
+
+import json
+import re
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+
+import s3_localserver as s
+from conftest import BUCKET
+from helpers import Fault, RecordingProxy, aws_error
+
+
+@pytest.fixture
+def sts_proxy(moto):
+    """Faults apply to AssumeRole requests only; everything else is forwarded."""
+    proxy = RecordingProxy(moto.url, match=lambda method, body: b"Action=AssumeRole" in body)
+    yield proxy
+    proxy.stop()
+
+
+def assume_attempts(proxy):
+    return [r for r in proxy.requests if b"Action=AssumeRole" in r["body"]]
+
+
+FAULTS = {
+    "500": lambda: Fault("status", 500, b"oops"),
+    "503": lambda: Fault("status", 503, b"<html>Service Unavailable</html>"),
+    "throttling": lambda: aws_error("Throttling", "Rate exceeded", 400),
+    "timeout": lambda: Fault("hang", seconds=2),
+    "reset": lambda: Fault("reset"),
+    "truncated": lambda: Fault("truncate"),
+    "not-xml": lambda: Fault("status", 200, b"<html><body>Captive portal login</body></html>",
+                             headers={"Content-Type": "text/html"}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FAULTS))
+def test_transient_fault_retried_then_recovers(moto, sts_proxy, kind):
+    """Two faults, then a real answer: three attempts, and the third one's credentials."""
+    for _ in range(2):
+        sts_proxy.faults.put(FAULTS[kind]())
+    sleeps = []
+    client = s.AWSClient(s.Credentials(moto.tester["AccessKeyId"],
+                                       moto.tester["SecretAccessKey"]),
+                         "us-east-1", sts_proxy.url, environ={}, sleep=sleeps.append,
+                         timeout=0.5)
+    credentials = client.assume_role(moto.uploader_arn, "s3.read-write.b", None, 900)
+    attempts = assume_attempts(sts_proxy)
+    assert [r["fault"] for r in attempts] == [FAULTS[kind]().kind] * 2 + [None]
+    assert attempts[-1]["status"] == 200
+    assert credentials.access_key_id in attempts[-1]["response"].decode()
+    assert len(sleeps) == 2
+
+
+@pytest.mark.parametrize("code", ["AccessDenied", "ExpiredToken", "ValidationError",
+                                  "MalformedPolicyDocument"])
+def test_permanent_fault_not_retried(moto, sts_proxy, code):
+    sts_proxy.faults.put(aws_error(code, "injected permanent error", 403))
+    client = s.AWSClient(s.Credentials(moto.tester["AccessKeyId"],
+                                       moto.tester["SecretAccessKey"]),
+                         "us-east-1", sts_proxy.url, environ={}, sleep=lambda _: None)
+    with pytest.raises(s.AWSError) as caught:
+        client.assume_role(moto.uploader_arn, "s3.read-write.b", None, 900)
+    assert caught.value.code == code
+    assert len(assume_attempts(sts_proxy)) == 1
+
+
+def test_skewed_clock_corrected(moto, sts_proxy):
+    sts_proxy.faults.put(Fault("skew", seconds=7200))
+    logged = []
+    client = s.AWSClient(s.Credentials(moto.tester["AccessKeyId"],
+                                       moto.tester["SecretAccessKey"]),
+                         "us-east-1", sts_proxy.url, environ={}, sleep=lambda _: None,
+                         log=logged.append)
+    client.assume_role(moto.uploader_arn, "s3.read-write.b", None, 900)
+    first, second = assume_attempts(sts_proxy)
+    shift = (time.mktime(time.strptime(second["headers"]["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
+             - time.mktime(time.strptime(first["headers"]["X-Amz-Date"], "%Y%m%dT%H%M%SZ")))
+    assert 7190 <= shift <= 7210
+    assert second["status"] == 200
+    assert re.match(r"^the local clock is -7\d\d\ds off AWS's; signing with AWS's time$",
+                    logged[0])
+
+
+# --- the running server -----------------------------------------------------------------
+
+@pytest.fixture
+def server_behind(moto, start, tester_env, sts_proxy):
+    def run(*extra):
+        return start([BUCKET, "-d", "1h", "--role-arn", moto.uploader_arn] + list(extra),
+                     tester_env(AWS_ENDPOINT_URL=moto.url, AWS_ENDPOINT_URL_STS=sts_proxy.url))
+    return run
+
+
+def health(server):
+    return json.loads(server.fetch("/healthz")[2].decode())
+
+
+def wait_for(predicate, seconds=20):
+    deadline = time.time() + seconds
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_first_credentials_survive_a_passing_fault(server_behind, sts_proxy):
+    sts_proxy.faults.put(FAULTS["503"]())
+    sts_proxy.faults.put(FAULTS["throttling"]())
+    server = server_behind()
+    assert [r["fault"] for r in assume_attempts(sts_proxy)] == ["status", "status", None]
+    assert server.fetch_json()["Version"] == 1
+
+
+def test_failed_refresh_serves_old_credentials_and_recovers(server_behind, sts_proxy):
+    server = server_behind()
+    old = server.fetch_json()
+    for _ in range(3):  # one refresh's worth of attempts, all refused
+        sts_proxy.faults.put(aws_error("Throttling", "Rate exceeded", 400))
+    server.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: health(server)["consecutive_failures"] == 1)
+    # Meanwhile: the old credentials, still valid, in full.
+    assert server.fetch_json() == old
+    state = health(server)
+    assert state["status"] == "degraded"
+    assert state["last_error"] == "Throttling: Rate exceeded (after 3 attempts)"
+    # The refresher tries again by itself after its backoff, and succeeds.
+    wait_for(lambda: health(server)["refreshes"] == 2)
+    new = server.fetch_json()
+    assert new["AccessKeyId"] != old["AccessKeyId"]
+    assert health(server)["status"] == "ok"
+    assert len(assume_attempts(sts_proxy)) == 1 + 3 + 1
+    failures = [line for line in server.lines if "Refreshing credentials failed" in line]
+    assert failures == ["Refreshing credentials failed (will retry): Throttling: Rate "
+                        "exceeded (after 3 attempts)"]
+    assert "Credentials refreshed; serving again normally" in server.lines
+
+
+def test_expired_base_credentials_reported(moto, home, sts_proxy):
+    from helpers import clean_env, run_script
+    sts_proxy.faults.put(aws_error("ExpiredToken", "The security token included in the "
+                                   "request is expired", 400))
+    env = clean_env(home, AWS_ACCESS_KEY_ID=moto.tester["AccessKeyId"],
+                    AWS_SECRET_ACCESS_KEY=moto.tester["SecretAccessKey"],
+                    AWS_ENDPOINT_URL=moto.url, AWS_ENDPOINT_URL_STS=sts_proxy.url)
+    code, out, err = run_script([BUCKET, "-d", "1h", "-p", "0", "--role-arn",
+                                 moto.uploader_arn], env)
+    assert code == 1
+    assert err.splitlines()[-1] == (
+        "Error: ExpiredToken: The security token included in the request is expired (the base "
+        "credentials have expired; renew them (for example 'aws sso login') and start the "
+        "server again)")
+    assert len(assume_attempts(sts_proxy)) == 1
+
+
+def test_sigterm_during_a_hung_refresh(server_behind, sts_proxy):
+    server = server_behind()
+    server.fetch_json()
+    sts_proxy.faults.put(Fault("hang", seconds=8))
+    server.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(assume_attempts(sts_proxy)) == 2)
+    # Clients are not held up by the refresh in progress...
+    assert server.fetch_json()["Version"] == 1
+    started = time.time()
+    assert server.finish(signal.SIGTERM) == 0
+    assert time.time() - started < 5  # ...and neither is shutting down
+
+
+def test_200_clients_across_a_forced_refresh(server_behind, sts_proxy):
+    """200 concurrent clients, a new connection per request, keep fetching until they
+    have seen two answers after a forced refresh."""
+    server = server_behind("-q")
+    url = server.local_url
+    before = server.fetch()[2]
+    bodies, statuses = [], []
+    lock = threading.Lock()
+    go, refreshed = threading.Event(), threading.Event()
+
+    def client():
+        go.wait()
+        after_refresh = 0
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(url, timeout=30) as response:
+                    status, body = response.status, response.read()
+            except Exception as error:  # any failure is a non-200 answer
+                status, body = repr(error), b""
+            with lock:
+                statuses.append(status)
+                bodies.append(body)
+            if refreshed.is_set():
+                after_refresh += 1
+                if after_refresh == 2:
+                    break
+
+    threads = [threading.Thread(target=client) for _ in range(200)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    wait_for(lambda: len(statuses) >= 300)
+    server.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: health(server)["refreshes"] == 2)
+    refreshed.set()
+    for thread in threads:
+        thread.join(120)
+    assert len(statuses) >= 700
+    assert [status for status in statuses if status != 200] == []
+    # Exactly one STS call for the forced refresh (plus the first one at start).
+    assert len(assume_attempts(sts_proxy)) == 2
+    # Every answer is one of the two documents, whole: never a mix of fields.
+    after = server.fetch()[2]
+    assert before != after
+    assert set(bodies) == {before, after}
+    assert bodies.count(after) >= 400
+    for body in (before, after):
+        doc = json.loads(body.decode())
+        assert doc["Token"] == doc["SessionToken"]
+        server.secrets.extend([doc["SecretAccessKey"], doc["SessionToken"]])
