@@ -25,6 +25,7 @@ import http.server
 import ipaddress
 import json
 import os
+import queue
 import random
 import re
 import secrets
@@ -1103,6 +1104,9 @@ class CredentialCache(object):
 BROWSER_HEADERS = ("Origin", "Sec-Fetch-Site", "Sec-Fetch-Mode", "Sec-Fetch-Dest")
 # Headers a proxy adds: like real instance metadata, answer no relayed request.
 PROXY_HEADERS = ("X-Forwarded-For", "Forwarded")
+REFUSED_HEADERS = dict(
+    [(name.lower(), "browser request ({} header)".format(name)) for name in BROWSER_HEADERS]
+    + [(name.lower(), "proxied request ({} header)".format(name)) for name in PROXY_HEADERS])
 
 
 def _ip(host):
@@ -1146,19 +1150,24 @@ class AccessRules(object):
         self.allowed_hosts = frozenset(["localhost"] + [h.lower().strip("[]") for h in
                                                         allowed_hosts])
         self.token = token
+        self._verdicts = {}  # Host header value -> allowed; clients send few distinct ones
 
     def host_allowed(self, host_header):
-        host = split_host(host_header or "")
-        return bool(host) and (_ip(host) is not None or host in self.allowed_hosts)
+        host_header = host_header or ""
+        allowed = self._verdicts.get(host_header)
+        if allowed is None:
+            host = split_host(host_header)
+            allowed = bool(host) and (_ip(host) is not None or host in self.allowed_hosts)
+            if len(self._verdicts) < 1024:  # bounded: arbitrary Hosts cannot grow it
+                self._verdicts[host_header] = allowed
+        return allowed
 
     def refusal(self, headers, needs_token=True):
         """None if the request may proceed, else (status, code, reason)."""
-        for name in PROXY_HEADERS:
-            if name in headers:
-                return 403, "Forbidden", "proxied request ({} header)".format(name)
-        for name in BROWSER_HEADERS:
-            if name in headers:
-                return 403, "Forbidden", "browser request ({} header)".format(name)
+        for name in headers.keys():
+            reason = REFUSED_HEADERS.get(name.lower())
+            if reason:
+                return 403, "Forbidden", reason
         if not self.host_allowed(headers.get("Host")):
             return 403, "Forbidden", "Host {!r} is not allowed (see --allow-host)".format(
                 (headers.get("Host") or "")[:100])
@@ -1239,6 +1248,17 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
 
     def version_string(self):
         return self.server_version
+
+    def date_time_string(self, timestamp=None):
+        # The Date header changes once a second: format it once a second.
+        if timestamp is not None:
+            return http.server.BaseHTTPRequestHandler.date_time_string(self, timestamp)
+        second = int(time.time())
+        cached = self.server.date_header
+        if cached[0] != second:
+            cached = self.server.date_header = (
+                second, http.server.BaseHTTPRequestHandler.date_time_string(self, second))
+        return cached[1]
 
     def parse_request(self):
         if not http.server.BaseHTTPRequestHandler.parse_request(self):
@@ -1361,17 +1381,19 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class CredentialServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """A threaded HTTP server with a bounded number of connections.
+class CredentialServer(http.server.HTTPServer):
+    """An HTTP server with a pool of worker threads and a bounded number of connections.
 
-    One slow client never holds up another.  Beyond ``max_connections`` a new
+    Each connection has a thread to itself, so one slow client never holds up
+    another; threads are reused rather than started per connection, which
+    halves the cost of a short connection.  Beyond ``max_connections`` a new
     connection gets a 503 and is closed at once.  A connection must deliver
     each request within ``idle_timeout`` seconds of connecting or of its last
     answer, however slowly it drips bytes (slowloris), or it is closed.
     """
 
-    daemon_threads = True
     allow_reuse_address = True
+    worker_idle_exit = 60.0  # seconds a spare worker thread waits before it ends
     request_queue_size = 128
     _BUSY_BODY = b'{"code": "TooManyConnections", "message": "too many connections"}\n'
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -1397,7 +1419,12 @@ class CredentialServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self._deadlines = {}  # open connection -> time it must have sent a request by
-        self._deadlines_lock = threading.Lock()
+        self._deadlines_lock = threading.Lock()  # guards _deadlines and _spare_workers
+        self._spare_workers = 0  # workers that are, or are about to be, waiting for work
+        self.date_header = (0, "")  # (second, formatted Date) shared by the handlers
+        self._work = queue.Queue()
+        self._refusals = queue.Queue(maxsize=32)  # connections waiting for their 503
+        self._refuser = None
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         http.server.HTTPServer.__init__(self, address, CredentialHandler, bind_and_activate=False)
@@ -1430,14 +1457,107 @@ class CredentialServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self._deadlines[request] = time.monotonic() + self.idle_timeout
         if busy:
             self.log_access(client_address[0], "-", "-", 503, "too many connections")
+            self._refuse(request)
+        elif self._answer_now(request):
+            # A whole one-shot request is already here: answering it on this thread
+            # cannot block, and costs no hand-over between threads.
+            self._serve(request, client_address)
+        else:
+            with self._deadlines_lock:
+                hire = self._spare_workers == 0
+                if not hire:
+                    self._spare_workers -= 1
+            # Each queued connection is owed a worker: a spare one, or a new one.
+            self._work.put((request, client_address))
+            if hire:
+                threading.Thread(target=self._worker, name="worker", daemon=True).start()
+
+    def _serve(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+    def _refuse(self, request):
+        """Answer 503 from one small thread that reads the request first (closing on
+        unread data would reset the connection and lose the answer); past a short
+        queue of them, just close."""
+        try:
+            self._refusals.put_nowait(request)
+        except queue.Full:
+            self.shutdown_request(request)
+            return
+        if self._refuser is None:
+            self._refuser = threading.Thread(target=self._refuse_queued, name="refuser",
+                                             daemon=True)
+            self._refuser.start()
+
+    def _refuse_queued(self):
+        while True:
+            request = self._refusals.get()
+            if request is None:
+                return
             try:
-                request.setblocking(False)
-                request.send(self.BUSY)
+                request.settimeout(0.5)
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    chunk = request.recv(65536)
+                    if not chunk:
+                        break
+                    head += chunk
+            except OSError:
+                pass
+            try:
+                request.sendall(self.BUSY)
             except OSError:
                 pass
             self.shutdown_request(request)
-            return
-        socketserver.ThreadingMixIn.process_request(self, request, client_address)
+
+    @staticmethod
+    def _answer_now(request):
+        """True if the connection holds one complete request that asks to close after
+        its answer (curl, credential_process): no keep-alive, nothing left to wait for."""
+        try:
+            head = request.recv(8192, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (OSError, AttributeError):  # nothing yet, or no MSG_DONTWAIT (Windows)
+            return False
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = head[:end].lower()
+        if head.find(b"\r\n") > 0 and head[:head.find(b"\r\n")].endswith(b"http/1.0"):
+            return b"\r\nconnection: keep-alive" not in head
+        return b"\r\nconnection: close" in head
+
+    def _worker(self):
+        while True:
+            try:
+                item = self._work.get(timeout=self.worker_idle_exit)
+            except queue.Empty:
+                with self._deadlines_lock:
+                    if self._spare_workers > 0 and self._work.empty():
+                        self._spare_workers -= 1
+                        return  # idle too long: one spare fewer
+                continue
+            if item is None:
+                return
+            self._serve(*item)
+            with self._deadlines_lock:
+                self._spare_workers += 1
+
+    def server_close(self):
+        http.server.HTTPServer.server_close(self)
+        with self._deadlines_lock:
+            workers = self._spare_workers + len(self._deadlines)
+        for _ in range(workers):
+            self._work.put(None)  # let idle workers end
+        if self._refuser is not None:
+            try:
+                self._refusals.put_nowait(None)
+            except queue.Full:
+                pass  # a daemon thread; it ends with the process
 
     def shutdown_request(self, request):
         with self._deadlines_lock:

@@ -1,0 +1,389 @@
+#!/usr/bin/env python3
+"""`make bench`: s3_localserver side by side with s3-credentials 0.17's localserver.
+
+Both serve the same moto server (behind a recording proxy that counts STS
+calls), in the same run, alternating which goes first.  Prints a markdown table
+of medians with their spread and the ratio ours/reference, and writes it to
+bench/RESULTS.md.  Everything listens on 127.0.0.1.  The benchmark never fails
+on its targets; the table is the result.
+"""
+
+import argparse
+import datetime
+import http.client
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from helpers import MotoServer, RecordingProxy, free_port  # noqa: E402
+
+BUCKET = "bench-bucket"
+BIN = os.path.dirname(sys.executable)
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+# --- the two servers ---------------------------------------------------------------
+
+class Target(object):
+    def __init__(self, name, argv):
+        self.name = name
+        self.argv = argv  # with {port} and {endpoint} to fill in
+
+    def start(self, endpoint, env):
+        """Start on a free port; return (process, port, seconds to the first 200)."""
+        port = free_port()
+        argv = [arg.format(port=port, endpoint=endpoint) for arg in self.argv]
+        started = time.perf_counter()
+        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                if fetch(port, timeout=1) == 200:
+                    return process, port, time.perf_counter() - started
+            except OSError:
+                pass
+            if process.poll() is not None:
+                raise RuntimeError("{} exited with {}".format(self.name, process.returncode))
+            if time.perf_counter() - started > 60:
+                raise RuntimeError("{} did not start".format(self.name))
+            time.sleep(0.002)
+
+
+OURS = Target("s3_localserver", [sys.executable, os.path.join(ROOT, "s3_localserver.py"),
+                                 BUCKET, "-d", "1h", "-p", "{port}", "--host", "127.0.0.1",
+                                 "--endpoint-url", "{endpoint}"])
+REFERENCE = Target("s3-credentials 0.17", [os.path.join(BIN, "s3-credentials"), "localserver",
+                                           BUCKET, "--duration", "1h", "--port", "{port}",
+                                           "--host", "127.0.0.1", "--endpoint-url",
+                                           "{endpoint}"])
+
+
+def stop(process):
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# --- clients ------------------------------------------------------------------------
+
+def fetch(port, timeout=10):
+    """One GET / on a new connection; the status."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(REQUEST)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def new_connection_worker(port, count):
+    failures = 0
+    for _ in range(count):
+        try:
+            failures += fetch(port) != 200
+        except OSError:
+            failures += 1
+    return failures
+
+
+def keep_alive_worker(port, count):
+    """Sequential GETs on one persistent connection (http.client reconnects by itself
+    when a server closes, as the reference does); per-request latencies in seconds."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        response.read()
+        latencies.append(time.perf_counter() - started)
+        if response.getheader("Connection", "").lower() == "close" or response.version == 10:
+            connection.close()
+    connection.close()
+    return latencies
+
+
+def wrk_throughput(port, seconds):
+    out = subprocess.run(["wrk", "-t2", "-c8", "-d{}s".format(seconds), "-H",
+                          "Connection: close", "http://127.0.0.1:{}/".format(port)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=seconds + 30)
+    text = out.stdout.decode()
+    match = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return float(match.group(1)) if match else 0.0, int(errors.group(1)) if errors else 0
+
+
+def new_connection_throughput(port, pool, per_client=300):
+    if shutil.which("wrk"):
+        return wrk_throughput(port, 5)
+    started = time.perf_counter()
+    failures = sum(pool.map(new_connection_worker, [port] * 8, [per_client] * 8))
+    return 8 * per_client / (time.perf_counter() - started), failures
+
+
+def keep_alive(port, pool, per_client=500):
+    started = time.perf_counter()
+    latencies = [x for part in pool.map(keep_alive_worker, [port] * 8, [per_client] * 8)
+                 for x in part]
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return (len(latencies) / wall, latencies[len(latencies) // 2],
+            latencies[int(len(latencies) * 0.99)])
+
+
+def availability(port, idle=50, fetches=200):
+    """Share of fetches answered within 1 s while `idle` connections sit open."""
+    held = []
+    for _ in range(idle):
+        try:  # a small listen backlog may refuse some: hold what we can
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+        except OSError:
+            pass
+    try:
+        def one(_):
+            try:
+                return fetch(port, timeout=1) == 200
+            except OSError:
+                return False
+        with ThreadPoolExecutor(50) as threads:
+            answered = sum(threads.map(one, range(fetches)))
+    finally:
+        for sock in held:
+            sock.close()
+    return answered / fetches
+
+
+def rss_after(process, port, requests=1000):
+    for _ in range(requests):
+        fetch(port)
+    with open("/proc/{}/status".format(process.pid)) as status:
+        kb = int(re.search(r"VmRSS:\s+(\d+) kB", status.read()).group(1))
+    return kb / 1024.0
+
+
+def sts_calls_during_burst(port, proxy, clients=200):
+    before = count_sts(proxy)
+    barrier = threading.Barrier(clients)
+
+    def one(_):
+        barrier.wait()
+        try:
+            return fetch(port, timeout=30) == 200
+        except OSError:
+            return False
+    with ThreadPoolExecutor(clients) as threads:
+        ok = sum(threads.map(one, range(clients)))
+    return count_sts(proxy) - before, ok
+
+
+def count_sts(proxy):
+    return sum(1 for action in proxy.actions() if action in ("AssumeRole",
+                                                              "GetFederationToken"))
+
+
+def import_time(module, runs):
+    code = ("import time; t = time.perf_counter(); import {}; "
+            "print(time.perf_counter() - t)").format(module)
+    times = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                             check=True)
+        times.append(float(out.stdout))
+    return times
+
+
+# --- nginx as a limit -------------------------------------------------------------------
+
+def start_nginx(body, workdir):
+    port = free_port()
+    path = os.path.join(workdir, "credentials.json")
+    with open(path, "wb") as handle:
+        handle.write(body)
+    conf = os.path.join(workdir, "nginx.conf")
+    with open(conf, "w") as handle:
+        handle.write("daemon off; worker_processes 1; pid {0}/nginx.pid; error_log {0}/error.log;"
+                     " events {{}} http {{ access_log off; client_body_temp_path {0};"
+                     " proxy_temp_path {0}; fastcgi_temp_path {0}; uwsgi_temp_path {0};"
+                     " scgi_temp_path {0}; server {{ listen 127.0.0.1:{1};"
+                     " location = / {{ default_type application/json; alias {2}; }} }} }}\n"
+                     .format(workdir, port, path))
+    process = subprocess.Popen([shutil.which("nginx"), "-c", conf, "-p", workdir],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            if fetch(port, timeout=1) == 200:
+                return process, port
+        except OSError:
+            time.sleep(0.02)
+    stop(process)
+    return None, None
+
+
+# --- the run ----------------------------------------------------------------------------
+
+def summary(values, fmt):
+    values = sorted(values)
+    median = statistics.median(values)
+    if len(values) == 1:
+        return median, fmt.format(median)
+    return median, "{} ({}–{})".format(fmt.format(median), fmt.format(values[0]),
+                                      fmt.format(values[-1]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--starts", type=int, default=11, help="cold starts of each")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the other figures")
+    options = parser.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="s3ls-bench-")
+    moto = MotoServer(os.path.join(tmp, "moto.log"))
+    proxy = RecordingProxy(moto.url)
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp, "LANG": "C.UTF-8",
+           "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_CONFIG_FILE": os.path.join(tmp, "none"),
+           "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "none")}
+    moto.client("s3").create_bucket(Bucket=BUCKET)
+    results = {target.name: {} for target in (OURS, REFERENCE)}
+    generator = "wrk -t2 -c8 (Connection: close)" if shutil.which("wrk") else \
+        "built-in, 8 processes"
+
+    def record(target, key, value):
+        results[target.name].setdefault(key, []).append(value)
+
+    def pair(index):
+        return (OURS, REFERENCE) if index % 2 == 0 else (REFERENCE, OURS)
+
+    print("cold starts...", file=sys.stderr)
+    for index in range(options.starts):
+        for target in pair(index):
+            process, port, seconds = target.start(proxy.url, env)
+            record(target, "cold", seconds)
+            stop(process)
+
+    with ProcessPoolExecutor(8) as pool:
+        for index in range(options.rounds):
+            for target in pair(index):
+                print("round {} {}...".format(index + 1, target.name), file=sys.stderr)
+                process, port, _ = target.start(proxy.url, env)
+                try:
+                    record(target, "rss", rss_after(process, port))
+                    rate, failures = new_connection_throughput(port, pool)
+                    record(target, "newconn", rate)
+                    record(target, "newconn_fail", failures)
+                    rate, p50, p99 = keep_alive(port, pool)
+                    record(target, "ka_rate", rate)
+                    record(target, "ka_p50", p50 * 1000)
+                    record(target, "ka_p99", p99 * 1000)
+                    record(target, "avail", availability(port) * 100)
+                    calls, ok = sts_calls_during_burst(port, proxy)
+                    record(target, "sts", calls)
+                    record(target, "burst_ok", ok)
+                finally:
+                    stop(process)
+        for target, module in ((OURS, "s3_localserver"), (REFERENCE, "s3_credentials.cli")):
+            for seconds in import_time(module, options.starts):
+                record(target, "import", seconds * 1000)
+
+        nginx = None
+        if shutil.which("nginx"):
+            process, port, _ = OURS.start(proxy.url, env)
+            with urllib.request.urlopen("http://127.0.0.1:{}/".format(port)) as response:
+                body = response.read()
+            stop(process)
+            workdir = tempfile.mkdtemp(prefix="nginx-", dir=tmp)
+            process, port = start_nginx(body, workdir)
+            if process is not None:
+                try:
+                    nginx = {"newconn": new_connection_throughput(port, pool)[0],
+                             "ka": keep_alive(port, pool)}
+                finally:
+                    stop(process)
+
+    proxy.stop()
+    moto.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    rows = [
+        ("cold start: process start to first 200 on GET /, s", "cold", "{:.3f}", "lower"),
+        ("resident memory after 1,000 requests, MiB", "rss", "{:.1f}", "lower"),
+        ("new connection per request, 8 clients, req/s", "newconn", "{:.0f}", "higher"),
+        ("keep-alive, 8 clients, req/s", "ka_rate", "{:.0f}", "higher"),
+        ("keep-alive latency p50, ms", "ka_p50", "{:.3f}", "lower"),
+        ("keep-alive latency p99, ms", "ka_p99", "{:.3f}", "lower"),
+        ("answered within 1 s with 50 idle connections held, %", "avail", "{:.0f}", "higher"),
+        ("STS calls during a 200-client burst", "sts", "{:.0f}", "lower"),
+        ("import time of the module, ms", "import", "{:.1f}", "lower"),
+    ]
+    ours, ref = results[OURS.name], results[REFERENCE.name]
+    lines = [
+        "| figure | s3_localserver | s3-credentials 0.17 | ours/reference |",
+        "|---|---|---|---|",
+    ]
+    for label, key, fmt, _better in rows:
+        mine, mine_text = summary(ours[key], fmt)
+        theirs, theirs_text = summary(ref[key], fmt)
+        ratio = "{:.2f}x".format(mine / theirs) if theirs else ("=" if mine == theirs else "n/a")
+        lines.append("| {} | {} | {} | {} |".format(label, mine_text, theirs_text, ratio))
+    if nginx:
+        lines.append("| limit: nginx static file, new connection req/s; keep-alive req/s, p50 "
+                     "ms | {:.0f}; {:.0f}, {:.3f} | | |".format(
+                         nginx["newconn"], nginx["ka"][0], nginx["ka"][1] * 1000))
+    else:
+        lines.append("| limit: nginx static file | not installed: skipped | | |")
+    notes = [
+        "",
+        "Medians, with (min–max) over {} cold starts and {} rounds, each round alternating "
+        "which server goes first. Load generator for new connections: {}; keep-alive: 8 "
+        "processes with http.client, 500 requests each.".format(
+            options.starts, options.rounds, generator),
+        "The reference speaks HTTP/1.0 and closes every connection, so its keep-alive rows "
+        "measure a client reconnecting each time; it serves one connection at a time, so "
+        "an idle connection blocks it.",
+        "Failed requests during throughput runs: ours {}, reference {}. Burst answers "
+        "with 200: ours {}, reference {} (of 200 each round).".format(
+            sum(ours["newconn_fail"]), sum(ref["newconn_fail"]), ours["burst_ok"],
+            ref["burst_ok"]),
+    ]
+    table = "\n".join(lines + notes)
+    print(table)
+    header = ("# Benchmark results\n\n`make bench`, {} UTC, on {} ({} cores, {}), "
+              "CPython {}, moto {} behind a recording proxy, all on 127.0.0.1.\n\n".format(
+                  datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M"), platform.node() or
+                  "this machine", os.cpu_count(), platform.platform(),
+                  platform.python_version(), _version("moto")))
+    with open(os.path.join(HERE, "RESULTS.md"), "w") as handle:
+        handle.write(header + table + "\n")
+
+
+def _version(package):
+    try:
+        from importlib.metadata import version
+        return version(package)
+    except Exception:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()
