@@ -45,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AWSClient",
     "AWSError",
+    "BaseCredentials",
     "CredentialCache",
     "CredentialServer",
     "Credentials",
@@ -515,7 +516,9 @@ class AWSClient(object):
     def __init__(self, credentials, region=None, endpoint_url=None, environ=None,
                  opener=None, clock=time.time, sleep=time.sleep, timeout=REQUEST_TIMEOUT,
                  log=None):
-        self.credentials = credentials
+        # Credentials, or BaseCredentials that reload themselves before they expire.
+        self.base = credentials if hasattr(credentials, "get") else BaseCredentials.fixed(
+            credentials)
         self.region = region
         self.endpoint_url = endpoint_url
         self.environ = os.environ if environ is None else environ
@@ -564,7 +567,7 @@ class AWSClient(object):
         skew_fixed = False
         while True:
             attempt += 1
-            signed = sign_request(method, url, headers or {}, body, self.credentials, region,
+            signed = sign_request(method, url, headers or {}, body, self.base.get(), region,
                                   service, self.clock() + self.clock_offset)
             signed["User-Agent"] = USER_AGENT  # unsigned: proxies may rewrite it
             answer_headers = None
@@ -621,9 +624,9 @@ class AWSClient(object):
         return {name: xml_find(root, "GetCallerIdentityResult", name)
                 for name in ("Account", "Arn", "UserId")}
 
-    def assume_role(self, role_arn, name, policy, duration):
+    def assume_role(self, role_arn, name, policy, duration, extra=()):
         params = [("RoleArn", role_arn), ("RoleSessionName", name),
-                  ("DurationSeconds", str(duration))]
+                  ("DurationSeconds", str(duration))] + list(extra)
         if policy:
             params.append(("Policy", policy))
         return parse_credentials(self.query("sts", "AssumeRole", params, STS_VERSION),
@@ -735,6 +738,49 @@ def explain(error):
 ######################################################################
 #  Where the script's own (base) credentials come from
 ######################################################################
+# The AWS CLI's order: command line, -a file, environment keys (unless --profile
+# is given), the profile (assume-role, SSO, credentials file, credential_process,
+# config file), then the container endpoint and EC2 instance metadata.
+
+CONTAINER_HOST = "http://169.254.170.2"  # where AWS_CONTAINER_CREDENTIALS_RELATIVE_URI points
+IMDS_DEFAULT = "http://169.254.169.254/"
+
+
+class BaseCredentials(object):
+    """The script's own credentials, reloaded before they expire.
+
+    ``load()`` returns Credentials (expiration None for long-term keys).
+    Temporary ones are reloaded once less than ``refresh_margin`` is left, so
+    STS is never called with credentials about to expire.  If a reload fails,
+    the ones in hand are used while they remain valid.
+    """
+
+    refresh_margin = 15 * 60.0
+    expiry_floor = 60.0
+
+    def __init__(self, load, source, clock=time.time):
+        self.load = load
+        self.source = source  # where they come from, for messages
+        self.clock = clock
+        self._lock = threading.Lock()  # one reload at a time
+        self._current = None
+
+    @classmethod
+    def fixed(cls, credentials, source="given"):
+        return cls(lambda: credentials, source)
+
+    def get(self):
+        with self._lock:
+            current = self._current
+            left = None if current is None or current.expiration is None else (
+                current.expiration - self.clock())
+            if current is None or (left is not None and left < self.refresh_margin):
+                try:
+                    current = self._current = self.load()
+                except (AWSError, LocalServerError):
+                    if left is None or left <= self.expiry_floor:
+                        raise
+            return current
 
 
 def _read_ini(path):
@@ -750,27 +796,37 @@ def _expand(path):
     return os.path.expandvars(os.path.expanduser(path))
 
 
-def read_profile(profile, environ):
-    """Merge a profile's keys from the config and credentials files.
+class AWSFiles(object):
+    """The shared config and credentials files, read once."""
 
-    Keys in the credentials file win over the config file.  Returns None if
-    the profile appears in neither.
-    """
-    config_path = _expand(environ.get("AWS_CONFIG_FILE", "~/.aws/config"))
-    credentials_path = _expand(environ.get("AWS_SHARED_CREDENTIALS_FILE",
-                                           "~/.aws/credentials"))
-    found = False
-    merged = {}
-    config = _read_ini(config_path)
-    section = "default" if profile == "default" else "profile " + profile
-    if config.has_section(section):
-        found = True
-        merged.update(config.items(section))
-    credentials = _read_ini(credentials_path)
-    if credentials.has_section(profile):
-        found = True
-        merged.update(credentials.items(profile))
-    return merged if found else None
+    def __init__(self, environ):
+        self.config_path = environ.get("AWS_CONFIG_FILE", "~/.aws/config")
+        self.credentials_path = environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
+        self.config = _read_ini(_expand(self.config_path))
+        self.credentials = _read_ini(_expand(self.credentials_path))
+
+    def section(self, kind, name):
+        """[profile NAME] (or [default]), [sso-session NAME] of the config file, as a dict."""
+        title = "default" if (kind, name) == ("profile", "default") else "{} {}".format(
+            kind, name)
+        return dict(self.config.items(title)) if self.config.has_section(title) else None
+
+    def profile(self, name):
+        """(config settings, credentials-file settings) of a profile; None where absent.
+        A bare [name] in the config file is not a profile there, as in the CLI."""
+        credentials = (dict(self.credentials.items(name))
+                       if self.credentials.has_section(name) else None)
+        return self.section("profile", name), credentials
+
+    def where(self):
+        return "{} and {}".format(self.credentials_path, self.config_path)
+
+
+def _static(settings):
+    if settings and settings.get("aws_access_key_id") and settings.get("aws_secret_access_key"):
+        return Credentials(settings["aws_access_key_id"], settings["aws_secret_access_key"],
+                           settings.get("aws_session_token"))
+    return None
 
 
 def read_auth_file(path):
@@ -802,45 +858,329 @@ def read_auth_file(path):
     return Credentials(*keys)
 
 
+def _environment_keys(environ):
+    if environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY"):
+        return Credentials(environ["AWS_ACCESS_KEY_ID"], environ["AWS_SECRET_ACCESS_KEY"],
+                           environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN"))
+    return None
+
+
+def _get_json(url, headers, what, timeout=2.0, method="GET", opener=None):
+    """GET (or PUT) a small local credential endpoint; (status, parsed JSON or text)."""
+    request = urllib.request.Request(url, headers=headers, method=method,
+                                     data=b"" if method == "PUT" else None)
+    try:
+        with (opener or urllib.request.urlopen)(request, timeout=timeout) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            status, body = error.code, b""
+    except (OSError, http.client.HTTPException) as error:
+        raise LocalServerError("{} at {} did not answer: {}".format(
+            what, host_header(url), getattr(error, "reason", None) or error))
+    return status, body
+
+
+def _credentials_from_json(body, what, keys=("AccessKeyId", "SecretAccessKey", "Token",
+                                               "Expiration")):
+    try:
+        data = json.loads(body.decode("utf-8"))
+        values = [data[key] for key in keys]
+        expiration = values[3]
+        if isinstance(expiration, (int, float)):
+            expiration = expiration / 1000.0  # the SSO portal says epoch milliseconds
+        elif expiration:
+            expiration = parse_timestamp(expiration.replace("UTC", "Z"))
+        return Credentials(values[0], values[1], values[2], expiration or None)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise LocalServerError("{} answered without usable credentials".format(what))
+
+
+def container_source(environ):
+    """The ECS/EKS container endpoint, if AWS_CONTAINER_CREDENTIALS_* say where it is."""
+    full = environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    if not (full or relative):
+        return None
+    url = CONTAINER_HOST + relative if relative else full  # botocore prefers RELATIVE
+
+    def load():
+        headers = {}
+        token_file = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
+        if token_file:
+            try:
+                with open(_expand(token_file), encoding="utf-8") as handle:
+                    headers["Authorization"] = handle.read().strip()
+            except OSError as error:
+                raise LocalServerError("cannot read {}: {}".format(token_file, error.strerror))
+        elif environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN"):
+            headers["Authorization"] = environ["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
+        status, body = _get_json(url, headers, "the container credentials endpoint")
+        if status != 200:
+            raise LocalServerError("the container credentials endpoint answered {}".format(
+                status))
+        return _credentials_from_json(body, "the container credentials endpoint")
+    return BaseCredentials(load, "container endpoint")
+
+
+def instance_metadata_source(environ):
+    """EC2 instance metadata (IMDSv2 only), unless AWS_EC2_METADATA_DISABLED is true."""
+    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        return None
+    base = (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_DEFAULT).rstrip("/")
+    what = "instance metadata"
+
+    def load():
+        # One quick try, as botocore: off EC2 nothing answers at the link-local address.
+        status, token = _get_json(base + "/latest/api/token",
+                                  {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, what,
+                                  timeout=1.0, method="PUT")
+        if status != 200:
+            raise LocalServerError("{} refused a session token ({})".format(what, status))
+        headers = {"X-aws-ec2-metadata-token": token.decode("ascii", "replace").strip()}
+        path = base + "/latest/meta-data/iam/security-credentials/"
+        status, role = _get_json(path, headers, what, timeout=1.0)
+        role = role.decode("utf-8", "replace").strip().splitlines()
+        if status != 200 or not role:
+            raise LocalServerError("{} has no IAM role for this instance".format(what))
+        status, body = _get_json(path + role[0], headers, what, timeout=1.0)
+        if status != 200:
+            raise LocalServerError("{} answered {} for role {}".format(what, status, role[0]))
+        return _credentials_from_json(body, what)
+    return BaseCredentials(load, "instance metadata")
+
+
+def process_source(command, profile):
+    """A profile's credential_process: run it (no shell) and read its JSON."""
+    import shlex
+    import subprocess  # only needed for credential_process profiles
+    argv = shlex.split(command, posix=os.name != "nt")
+    what = "credential_process of profile '{}'".format(profile)
+
+    def load():
+        try:
+            result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, timeout=60)
+        except (OSError, subprocess.SubprocessError) as error:
+            raise LocalServerError("{} could not run: {}".format(what, error))
+        if result.returncode != 0:
+            # Its stderr is its own message to the user; stdout may hold secrets.
+            detail = result.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise LocalServerError("{} exited with {}{}".format(
+                what, result.returncode, ": " + detail[-1][:200] if detail else ""))
+        try:
+            version = json.loads(result.stdout.decode("utf-8")).get("Version")
+        except (ValueError, AttributeError):
+            version = None
+        if version != 1:
+            raise LocalServerError("{} must print JSON with \"Version\": 1".format(what))
+        return _credentials_from_json(result.stdout, what, ("AccessKeyId", "SecretAccessKey",
+                                                            "SessionToken", "Expiration"))
+    return BaseCredentials(load, "credential_process (profile {})".format(profile))
+
+
+def sso_source(files, name, settings, environ):
+    """An IAM Identity Center profile: the token `aws sso login` cached, exchanged at
+    the SSO portal for the role's credentials."""
+    session = settings.get("sso_session")
+    if session:
+        session_settings = files.section("sso-session", session)
+        if session_settings is None:
+            raise LocalServerError("profile '{}' names sso_session '{}', which {} lacks".format(
+                name, session, files.config_path))
+        sso_region = session_settings.get("sso_region")
+        cache_key = session
+    else:
+        sso_region = settings.get("sso_region")
+        cache_key = settings.get("sso_start_url", "")
+    account, role = settings.get("sso_account_id"), settings.get("sso_role_name")
+    if not (sso_region and account and role):
+        raise LocalServerError("SSO profile '{}' needs sso_region, sso_account_id and "
+                               "sso_role_name".format(name))
+    cache_file = os.path.join(_expand("~/.aws/sso/cache"),
+                              hashlib.sha1(cache_key.encode("utf-8")).hexdigest() + ".json")
+    portal = (environ.get("AWS_ENDPOINT_URL_SSO")
+              or "https://portal.sso.{}.{}".format(
+                  sso_region, _dns_suffix(partition_for_region(sso_region)))).rstrip("/")
+    login = "run 'aws sso login --profile {}'".format(name)
+
+    def load():
+        try:
+            with open(cache_file, encoding="utf-8") as handle:
+                cached = json.load(handle)
+            token, expires = cached["accessToken"], cached["expiresAt"]
+        except (OSError, ValueError, KeyError):
+            raise LocalServerError("no SSO login found for profile '{}': {}".format(name, login))
+        try:
+            expired = parse_timestamp(expires.replace("UTC", "Z")) <= time.time()
+        except (ValueError, AttributeError):
+            expired = True
+        if expired:
+            raise LocalServerError("the SSO login for profile '{}' has expired: {}".format(
+                name, login))
+        url = "{}/federation/credentials?{}".format(portal, urllib.parse.urlencode(
+            [("role_name", role), ("account_id", account)]))
+        status, body = _get_json(url, {"x-amz-sso_bearer_token": token}, "the SSO portal",
+                                 timeout=REQUEST_TIMEOUT)
+        if status in (401, 403):
+            raise LocalServerError("the SSO portal refused the login of profile '{}': "
+                                   "{}".format(name, login))
+        if status != 200:
+            raise LocalServerError("the SSO portal answered {}".format(status))
+        try:
+            role_credentials = json.dumps(json.loads(body.decode("utf-8"))["roleCredentials"])
+        except (ValueError, KeyError, TypeError):
+            raise LocalServerError("the SSO portal answered without roleCredentials")
+        return _credentials_from_json(role_credentials.encode("utf-8"), "the SSO portal",
+                                      ("accessKeyId", "secretAccessKey", "sessionToken",
+                                       "expiration"))
+    return BaseCredentials(load, "SSO profile {}".format(name))
+
+
+class ProfileResolver(object):
+    """Turns a profile into BaseCredentials, following source_profile chains."""
+
+    def __init__(self, files, environ, region, endpoint_url, mfa_code=None, ask=None):
+        self.files = files
+        self.environ = environ
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.mfa_code = mfa_code
+        self.ask = ask  # asks the user for an MFA code, or None when nobody can answer
+
+    def resolve(self, name, chain=()):
+        """BaseCredentials for the profile, None if it has none, or LocalServerError."""
+        config, credentials = self.files.profile(name)
+        if config is None and credentials is None:
+            return None
+        settings = dict(config or {})
+        settings.update(credentials or {})
+        if settings.get("role_arn"):
+            return self.assume_role_source(name, settings, chain + (name,))
+        if settings.get("sso_session") or settings.get("sso_start_url"):
+            return sso_source(self.files, name, settings, self.environ)
+        if _static(credentials):
+            return BaseCredentials.fixed(_static(credentials), "profile " + name)
+        if settings.get("credential_process"):
+            return process_source(settings["credential_process"], name)
+        if _static(config):
+            return BaseCredentials.fixed(_static(config), "profile " + name)
+        return None
+
+    def assume_role_source(self, name, settings, chain):
+        source_name = settings.get("source_profile")
+        credential_source = settings.get("credential_source")
+        if source_name:
+            if source_name in chain:
+                raise LocalServerError("profiles refer to each other in a loop: {}".format(
+                    " -> ".join(chain + (source_name,))))
+            config, credentials = self.files.profile(source_name)
+            if source_name == name and _static(credentials):
+                source = BaseCredentials.fixed(_static(credentials), "profile " + name)
+            else:
+                source = self.resolve(source_name, chain)
+            if source is None:
+                raise LocalServerError("source_profile '{}' of profile '{}' has no "
+                                       "credentials".format(source_name, name))
+        elif credential_source:
+            source = {
+                "Environment": lambda: _environment_keys(self.environ) and BaseCredentials.fixed(
+                    _environment_keys(self.environ), "environment"),
+                "Ec2InstanceMetadata": lambda: instance_metadata_source(self.environ),
+                "EcsContainer": lambda: container_source(self.environ),
+            }.get(credential_source, lambda: None)()
+            if source is None:
+                raise LocalServerError("credential_source {} of profile '{}' gives no "
+                                       "credentials".format(credential_source, name))
+        else:
+            raise LocalServerError("profile '{}' has role_arn but neither source_profile nor "
+                                   "credential_source".format(name))
+        client = AWSClient(source, self.region, self.endpoint_url, self.environ)
+        role_arn = settings["role_arn"]
+        session = settings.get("role_session_name") or "s3_localserver-{}".format(
+            int(time.time()))
+        try:
+            duration = int(settings.get("duration_seconds") or 3600)
+        except ValueError:
+            raise LocalServerError("duration_seconds of profile '{}' is not a number".format(name))
+        extra = []
+        if settings.get("external_id"):
+            extra.append(("ExternalId", settings["external_id"]))
+        serial = settings.get("mfa_serial")
+        used = []
+
+        def load():
+            params = list(extra)
+            if serial:
+                # A code works once: the first load uses it, a later one needs a new one.
+                code = self.mfa_code if not used else None
+                if code is None and self.ask is not None:
+                    code = self.ask("MFA code for {}: ".format(serial))
+                if not code:
+                    raise LocalServerError(
+                        "profile '{}' needs an MFA code for {}: give --mfa-code{}".format(
+                            name, serial, " and restart" if used else ""))
+                used.append(True)
+                params += [("SerialNumber", serial), ("TokenCode", code.strip())]
+            return client.assume_role(role_arn, session, None, duration, params)
+        return BaseCredentials(load, "assume-role profile {}".format(name))
+
+
 def selected_profile(args, environ):
     """--profile, else AWS_DEFAULT_PROFILE or AWS_PROFILE (botocore's order), else default."""
     return (args.profile or environ.get("AWS_DEFAULT_PROFILE") or environ.get("AWS_PROFILE")
             or "default")
 
 
-def resolve_credentials(args, environ):
-    """Find the base credentials the way the AWS CLI does; return (credentials, source).
+def _ask_on_terminal(prompt):
+    import getpass  # only for MFA prompts
+    if not sys.stdin or not sys.stdin.isatty():
+        return None
+    return getpass.getpass(prompt)
 
-    First match wins: --access-key/--secret-key, -a/--auth, an explicit
-    --profile, the environment keys, then the AWS_PROFILE (or default) profile.
+
+def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal):
+    """Find the base credentials the way the AWS CLI does: BaseCredentials.
+
+    First match wins: --access-key/--secret-key, -a/--auth, the environment
+    keys (unless --profile is given), the profile, the container endpoint,
+    then EC2 instance metadata.
     """
-    looked = ["--access-key/--secret-key"]
     if args.access_key or args.secret_key:
         if not (args.access_key and args.secret_key):
             raise LocalServerError("--access-key and --secret-key must be given together")
-        return Credentials(args.access_key, args.secret_key, args.session_token), "command line"
-    looked.append("-a/--auth")
+        return BaseCredentials.fixed(Credentials(args.access_key, args.secret_key,
+                                                 args.session_token), "command line")
     if args.auth:
-        return read_auth_file(args.auth), "--auth file"
-    profile = selected_profile(args, environ)
+        return BaseCredentials.fixed(read_auth_file(args.auth), "--auth file")
+    looked = ["--access-key/--secret-key", "-a/--auth"]
     if not args.profile:
         looked.append("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
-        if environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY"):
-            token = environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN")
-            return Credentials(environ["AWS_ACCESS_KEY_ID"], environ["AWS_SECRET_ACCESS_KEY"],
-                               token), "environment"
-    settings = read_profile(profile, environ)
-    if settings is None and args.profile:
-        raise LocalServerError("the profile '{}' was not found in {} or {}".format(
-            profile, environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
-            environ.get("AWS_CONFIG_FILE", "~/.aws/config")))
-    settings = settings or {}
-    if settings.get("aws_access_key_id") and settings.get("aws_secret_access_key"):
-        return Credentials(settings["aws_access_key_id"], settings["aws_secret_access_key"],
-                           settings.get("aws_session_token")), "profile " + profile
-    looked.append("profile '{}' in {} and {}".format(
-        profile, environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
-        environ.get("AWS_CONFIG_FILE", "~/.aws/config")))
+        if _environment_keys(environ):
+            return BaseCredentials.fixed(_environment_keys(environ), "environment")
+    files = AWSFiles(environ)
+    profile = selected_profile(args, environ)
+    resolver = ProfileResolver(files, environ, region, args.endpoint_url,
+                               getattr(args, "mfa_code", None), ask)
+    source = resolver.resolve(profile)
+    if source is not None:
+        return source
+    named = args.profile or environ.get("AWS_DEFAULT_PROFILE") or environ.get("AWS_PROFILE")
+    if named and files.profile(profile) == (None, None):
+        raise LocalServerError("the profile '{}' was not found in {}".format(
+            profile, files.where()))
+    looked.append("profile '{}' in {}".format(profile, files.where()))
+    for make, place in ((container_source, "container endpoint"),
+                        (instance_metadata_source, "EC2 instance metadata")):
+        source = make(environ)
+        if source is None:
+            looked.append(place + " (not configured)")
+            continue
+        try:
+            source.get()
+            return source
+        except LocalServerError as error:
+            looked.append("{} ({})".format(place, error))
     raise LocalServerError("no AWS credentials found; looked in " + ", ".join(looked))
 
 
@@ -849,7 +1189,8 @@ def resolve_region(args, environ):
     region = args.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
     if region:
         return region
-    return (read_profile(selected_profile(args, environ), environ) or {}).get("region")
+    config, _ = AWSFiles(environ).profile(selected_profile(args, environ))
+    return (config or {}).get("region")
 
 
 ######################################################################
@@ -1241,6 +1582,11 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     wbufsize = 64 * 1024
     disable_nagle_algorithm = True
     CREDENTIAL_PATHS = ("/",)
+    IMDS_ROLE = "s3-localserver"
+    IMDS_CREDENTIALS = "/latest/meta-data/iam/security-credentials/"
+    IMDS_TOKEN = "/latest/api/token"
+    IMDS_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
+    reason = None  # why the current request was refused, for the log line
 
     def setup(self):
         self.timeout = self.server.idle_timeout  # each socket read and write
@@ -1275,12 +1621,8 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         # A keep-alive client must send its next request within the idle timeout.
         self.server.touch(self.connection, self.server.idle_timeout)
 
-    IMDS_ROLE = "s3-localserver"
-    IMDS_CREDENTIALS = "/latest/meta-data/iam/security-credentials/"
-    IMDS_TOKEN = "/latest/api/token"
-    IMDS_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
-
-    def do_GET(self):
+    def answer(self):
+        """Every method comes here: checks first, then the path decides."""
         path = self.path.partition("?")[0]
         refused = self.server.rules.refusal(self.headers,
                                             needs_token=path in self.CREDENTIAL_PATHS)
@@ -1297,8 +1639,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             try:
                 _, body = self.server.cache.current()
             except Unavailable as error:
-                self.send_json(503, {"code": error.code, "message": error.message},
-                               {"Retry-After": "5"})
+                self.send_unavailable(error)
                 return
             self.send_body(200, body)
         elif path == "/healthz":
@@ -1306,7 +1647,8 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_json(404, {"code": "NotFound", "message": "no such path; try GET /"})
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_GET
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = answer
+    do_CONNECT = answer
 
     def answer_metadata(self, path):
         """The IMDSv2 subset SDKs use for credentials; v1 (no token) is refused."""
@@ -1336,13 +1678,16 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             try:
                 credentials, _ = self.server.cache.current()
             except Unavailable as error:
-                self.send_json(503, {"code": error.code, "message": error.message},
-                               {"Retry-After": "5"})
+                self.send_unavailable(error)
                 return
             self.send_body(200, metadata_document(credentials, self.server.cache.last_refresh))
         else:
             # Including .../security-credentials-extended/: SDKs then fall back.
             self.send_json(404, {"code": "NotFound", "message": "not served here"})
+
+    def send_unavailable(self, error):
+        # The container-credentials error shape; Retry-After because it recovers by itself.
+        self.send_json(503, {"code": error.code, "message": error.message}, {"Retry-After": "5"})
 
     def send_json(self, status, data, headers=None):
         self.send_body(status, json.dumps(data).encode("utf-8") + b"\n", headers)
@@ -1373,7 +1718,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         self.server.log_access(self.client_address[0], getattr(self, "command", None) or "-",
                                (getattr(self, "path", None) or "-").partition("?")[0], code,
-                               getattr(self, "reason", None))
+                               self.reason)
         self.reason = None
 
     def log_message(self, format, *args):
@@ -1675,8 +2020,9 @@ def build_parser():
                     "HTTP endpoint, refreshed before they expire. With '-- COMMAND', run "
                     "that command with the served credentials and stop when it exits.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bucket", help="the S3 bucket the credentials are limited to")
-    parser.add_argument("-d", "--duration", required=True, type=_duration_arg,
+    # Both required, except with --print-identity (checked in parse_args).
+    parser.add_argument("bucket", nargs="?", help="the S3 bucket the credentials are limited to")
+    parser.add_argument("-d", "--duration", type=_duration_arg,
                         help="lifetime of each set of credentials: 900, 900s, 15m, 1h, 1h30m, "
                              "12h (15 minutes to 12 hours)")
     serving = parser.add_argument_group("serving")
@@ -1729,7 +2075,14 @@ def build_parser():
     base.add_argument("-a", "--auth", metavar="FILE",
                       help="file with credentials: JSON with AccessKeyId, SecretAccessKey, "
                            "SessionToken, or an INI credentials file")
-    base.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config")
+    base.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config "
+                                        "(static keys, assume-role, SSO, credential_process)")
+    base.add_argument("--mfa-code", metavar="CODE",
+                      help="MFA code for an assume-role profile with mfa_serial (else asked "
+                           "for on the terminal)")
+    base.add_argument("--print-identity", action="store_true",
+                      help="print where the script's own credentials come from and whose "
+                           "they are (GetCallerIdentity), then exit")
     base.add_argument("--region", help="AWS region (else AWS_REGION, AWS_DEFAULT_REGION, "
                                        "the profile's region)")
     base.add_argument("--endpoint-url", metavar="URL",
@@ -1749,7 +2102,12 @@ def split_command(argv):
 
 def parse_args(argv):
     argv, command = split_command(list(argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [name for name, value in (("bucket", args.bucket), ("-d/--duration", args.duration))
+               if value is None]
+    if missing and not args.print_identity:
+        parser.error("the following arguments are required: " + ", ".join(missing))
     args.command = command
     exec_mode = bool(command)
     if args.port is None:
@@ -1846,6 +2204,16 @@ def wait_for_signal(stop):
         signal.signal(signal.SIGTERM, previous)
 
 
+def print_identity(args, environ):
+    """--print-identity: which credentials the script would use, and whose they are."""
+    region = resolve_region(args, environ)
+    base = resolve_credentials(args, environ, region)
+    identity = AWSClient(base, region, args.endpoint_url, environ).get_caller_identity()
+    sys.stdout.write("{} (account {}, credentials from {})\n".format(
+        identity["Arn"], identity["Account"], base.source))
+    return 0
+
+
 def start_server(args, environ, say):
     """Everything before serving: checks, the first credentials, the bound socket.
 
@@ -1859,9 +2227,9 @@ def start_server(args, environ, say):
                                    "(--require-token); set --auth-token".format(args.host))
         say("Warning: serving on {} without --auth-token: anyone who can reach this port "
             "gets the credentials".format(args.host))
-    credentials, _source = resolve_credentials(args, environ)
     region = resolve_region(args, environ)
-    client = AWSClient(credentials, region, args.endpoint_url, environ, log=say)
+    client = AWSClient(resolve_credentials(args, environ, region), region, args.endpoint_url,
+                       environ, log=say)
     policy = policy_json(build_policy(permission, args.bucket, args.prefix, statements,
                                       client.partition))
     mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
@@ -1899,6 +2267,8 @@ def main(argv=None, environ=None):
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.print_identity:
+            return print_identity(args, environ)
         server, cache, permission, region = start_server(args, environ, say)
     except (AWSError, LocalServerError) as error:
         say("Error: {}".format(explain(error)))

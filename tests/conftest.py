@@ -100,3 +100,18 @@ def start(moto):
         for secret in filter(None, secrets):
             assert secret not in process.output
             assert secret not in process.stdout.decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="session")
+def chain_roles(moto):
+    """chain1 trusts the tester; chain2 trusts chain1's session 's1': a two-hop chain."""
+    iam = moto.client("iam", access_key=moto.tester["AccessKeyId"],
+                      secret_key=moto.tester["SecretAccessKey"])
+    arns = {}
+    for name, principal in (
+            ("chain1", "arn:aws:iam::{}:user/tester".format(ACCOUNT)),
+            ("chain2", "arn:aws:sts::{}:assumed-role/chain1/s1".format(ACCOUNT))):
+        arns[name] = iam.create_role(RoleName=name,
+                                     AssumeRolePolicyDocument=trusting(principal))["Role"]["Arn"]
+        iam.put_role_policy(RoleName=name, PolicyName="all", PolicyDocument=ADMIN_POLICY)
+    return arns

@@ -34,7 +34,9 @@ def free_port():
 def clean_env(home, **extra):
     """An environment with no AWS settings or proxies from the caller's."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
-           "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+           "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+           # Never let a test reach for the real instance metadata address.
+           "AWS_EC2_METADATA_DISABLED": "true"}
     for name, value in extra.items():
         if value is not None:
             env[name] = str(value)
@@ -226,6 +228,38 @@ class RecordingProxy(object):
             if params.get("Action") == action:
                 return params
         raise AssertionError("no {} request was recorded".format(action))
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class StandIn(object):
+    """A tiny local HTTP service answering by (method, path) and recording each request:
+    a stand-in for the SSO portal, a container endpoint or instance metadata."""
+
+    def __init__(self, routes):
+        self.routes = routes  # (method, path with query) -> (status, body bytes)
+        self.requests = []  # (method, path, headers dict)
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def answer(self):
+                stand_in.requests.append((self.command, self.path, dict(self.headers.items())))
+                status, body = stand_in.routes.get((self.command, self.path), (404, b""))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = answer
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:{}".format(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self):
         self.server.shutdown()

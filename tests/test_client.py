@@ -141,7 +141,7 @@ def test_signature_error_without_skew_is_final():
 
 def test_session_token_is_sent_and_user_agent_unsigned():
     made, opener, _, _ = client(Answer(200, ASSUME_ROLE))
-    made.credentials = s.Credentials("ASIABASE", "secret", "base-token")
+    made.base = s.BaseCredentials.fixed(s.Credentials("ASIABASE", "secret", "base-token"))
     assume(made)
     headers = opener.requests[0].headers
     assert headers["X-amz-security-token"] == "base-token"
