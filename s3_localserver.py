@@ -885,7 +885,8 @@ def _credentials_from_json(body, what, keys=("AccessKeyId", "SecretAccessKey", "
                                                "Expiration")):
     try:
         data = json.loads(body.decode("utf-8"))
-        values = [data[key] for key in keys]
+        # Key and secret are required; a token and an expiry only for temporary ones.
+        values = [data[keys[0]], data[keys[1]], data.get(keys[2]), data.get(keys[3])]
         expiration = values[3]
         if isinstance(expiration, (int, float)):
             expiration = expiration / 1000.0  # the SSO portal says epoch milliseconds

@@ -240,7 +240,7 @@ class StandIn(object):
 
     def __init__(self, routes):
         self.routes = routes  # (method, path with query) -> (status, body bytes)
-        self.requests = []  # (method, path, headers dict)
+        self.requests = []  # (method, path, headers with lower-case names)
         stand_in = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -248,7 +248,8 @@ class StandIn(object):
                 pass
 
             def answer(self):
-                stand_in.requests.append((self.command, self.path, dict(self.headers.items())))
+                stand_in.requests.append((self.command, self.path, {
+                    name.lower(): value for name, value in self.headers.items()}))
                 status, body = stand_in.routes.get((self.command, self.path), (404, b""))
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))

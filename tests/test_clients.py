@@ -178,6 +178,7 @@ def test_aws_cli_and_boto3_through_imds(moto, start, tester_env, home, tmp_path,
                     NO_PROXY="127.0.0.1", AWS_REGION="us-east-1",
                     AWS_CONFIG_FILE=tmp_path / "none", AWS_SHARED_CREDENTIALS_FILE=tmp_path /
                     "none")
+    del env["AWS_EC2_METADATA_DISABLED"]  # pointed at our server instead
     upload = tmp_path / "imds.txt"
     upload.write_text("via instance metadata\n")
     result = subprocess.run([os.path.join(BIN, "aws"), "s3", "cp", str(upload),
