@@ -116,27 +116,39 @@ def test_first_credentials_survive_a_passing_fault(server_behind, sts_proxy):
     assert server.fetch_json()["Version"] == 1
 
 
-def test_failed_refresh_serves_old_credentials_and_recovers(server_behind, sts_proxy):
+REFRESH_FAULTS = {
+    "throttling": (FAULTS["throttling"], "Throttling: Rate exceeded"),
+    "503": (FAULTS["503"], "HTTP503: Service Unavailable"),
+    "reset": (FAULTS["reset"], "ConnectionError: could not reach 127.0.0.1:"),
+    "not-xml": (FAULTS["not-xml"], "MalformedResponse: the AssumeRole answer is incomplete"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFRESH_FAULTS))
+def test_failed_refresh_serves_old_credentials_and_recovers(server_behind, sts_proxy, kind):
+    make_fault, error = REFRESH_FAULTS[kind]
     server = server_behind()
     old = server.fetch_json()
-    for _ in range(3):  # one refresh's worth of attempts, all refused
-        sts_proxy.faults.put(aws_error("Throttling", "Rate exceeded", 400))
+    for _ in range(3):  # one refresh's worth of attempts, all failing
+        sts_proxy.faults.put(make_fault())
     server.process.send_signal(signal.SIGHUP)
     wait_for(lambda: health(server)["consecutive_failures"] == 1)
     # Meanwhile: the old credentials, still valid, in full.
     assert server.fetch_json() == old
     state = health(server)
     assert state["status"] == "degraded"
-    assert state["last_error"] == "Throttling: Rate exceeded (after 3 attempts)"
+    assert state["last_error"].startswith(error)
+    assert state["last_error"].endswith(" (after 3 attempts)")
     # The refresher tries again by itself after its backoff, and succeeds.
     wait_for(lambda: health(server)["refreshes"] == 2)
     new = server.fetch_json()
     assert new["AccessKeyId"] != old["AccessKeyId"]
     assert health(server)["status"] == "ok"
-    assert len(assume_attempts(sts_proxy)) == 1 + 3 + 1
+    assert [r["fault"] for r in assume_attempts(sts_proxy)] == [None] + [
+        make_fault().kind] * 3 + [None]
     failures = [line for line in server.lines if "Refreshing credentials failed" in line]
-    assert failures == ["Refreshing credentials failed (will retry): Throttling: Rate "
-                        "exceeded (after 3 attempts)"]
+    assert len(failures) == 1  # logged once, not once per attempt
+    assert failures[0].startswith("Refreshing credentials failed (will retry): " + error)
     assert "Credentials refreshed; serving again normally" in server.lines
 
 
@@ -207,6 +219,9 @@ def test_200_clients_across_a_forced_refresh(server_behind, sts_proxy):
     refreshed.set()
     for thread in threads:
         thread.join(120)
+    print("load: {} answers from 200 clients, {} non-200, {} STS calls, {} with the new "
+          "credentials".format(len(statuses), sum(1 for x in statuses if x != 200),
+                               len(assume_attempts(sts_proxy)), bodies.count(server.fetch()[2])))
     assert len(statuses) >= 700
     assert [status for status in statuses if status != 200] == []
     # Exactly one STS call for the forced refresh (plus the first one at start).
