@@ -517,8 +517,8 @@ class AWSClient(object):
                  opener=None, clock=time.time, sleep=time.sleep, timeout=REQUEST_TIMEOUT,
                  log=None):
         # Credentials, or BaseCredentials that reload themselves before they expire.
-        self.base = credentials if hasattr(credentials, "get") else BaseCredentials.fixed(
-            credentials)
+        self.base = BaseCredentials.fixed(credentials) if isinstance(
+            credentials, Credentials) else credentials
         self.region = region
         self.endpoint_url = endpoint_url
         self.environ = os.environ if environ is None else environ
