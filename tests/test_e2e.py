@@ -311,6 +311,8 @@ def bad(args, env, code=1):
     assert lines and lines[-1].startswith("Error: "), err
     assert lines[:-1] in ([], ["Generating initial credentials..."]), err
     assert "Traceback" not in err and out == ""
+    secret = env.get("AWS_SECRET_ACCESS_KEY") or ""
+    assert len(secret) < 8 or secret not in err
     return lines[-1]
 
 
@@ -358,7 +360,8 @@ def test_explicit_profile_missing(home, tmp_path):
 
 
 def test_endpoint_unreachable(home):
-    env = clean_env(home, AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE", AWS_SECRET_ACCESS_KEY="x")
+    env = clean_env(home, AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE",
+                    AWS_SECRET_ACCESS_KEY="unreachable-secret")
     port = socket.socket()
     port.bind(("127.0.0.1", 0))
     closed = port.getsockname()[1]
@@ -396,7 +399,8 @@ def test_port_in_use(moto, tester_env):
      * 10, 1, "the session policy is"),
 ])
 def test_bad_arguments(home, args, code, expected):
-    env = clean_env(home, AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE", AWS_SECRET_ACCESS_KEY="x")
+    env = clean_env(home, AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE",
+                    AWS_SECRET_ACCESS_KEY="bad-arguments-secret")
     line = bad([BUCKET] + args, env, code)
     assert expected in line
 
