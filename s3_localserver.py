@@ -858,19 +858,28 @@ def read_auth_file(path):
     return Credentials(*keys)
 
 
-def _environment_keys(environ):
+def environment_source(environ):
+    """AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with a session token), if set."""
     if environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY"):
-        return Credentials(environ["AWS_ACCESS_KEY_ID"], environ["AWS_SECRET_ACCESS_KEY"],
-                           environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN"))
+        return BaseCredentials.fixed(Credentials(
+            environ["AWS_ACCESS_KEY_ID"], environ["AWS_SECRET_ACCESS_KEY"],
+            environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN")),
+            "environment")
     return None
 
 
-def _get_json(url, headers, what, timeout=2.0, method="GET", opener=None):
-    """GET (or PUT) a small local credential endpoint; (status, parsed JSON or text)."""
+def _fetch_local(url, headers, what, timeout=2.0, method="GET", direct=True):
+    """GET (or PUT) a credential endpoint; (status, body bytes).
+
+    ``direct``: bypass any HTTP proxy, as the link-local container and instance
+    metadata addresses must be reached from this host itself.
+    """
     request = urllib.request.Request(url, headers=headers, method=method,
                                      data=b"" if method == "PUT" else None)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if direct else \
+        urllib.request.build_opener()
     try:
-        with (opener or urllib.request.urlopen)(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             status, body = response.status, response.read()
     except urllib.error.HTTPError as error:
         with error:
@@ -916,7 +925,7 @@ def container_source(environ):
                 raise LocalServerError("cannot read {}: {}".format(token_file, error.strerror))
         elif environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN"):
             headers["Authorization"] = environ["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
-        status, body = _get_json(url, headers, "the container credentials endpoint")
+        status, body = _fetch_local(url, headers, "the container credentials endpoint")
         if status != 200:
             raise LocalServerError("the container credentials endpoint answered {}".format(
                 status))
@@ -933,18 +942,18 @@ def instance_metadata_source(environ):
 
     def load():
         # One quick try, as botocore: off EC2 nothing answers at the link-local address.
-        status, token = _get_json(base + "/latest/api/token",
+        status, token = _fetch_local(base + "/latest/api/token",
                                   {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, what,
                                   timeout=1.0, method="PUT")
         if status != 200:
             raise LocalServerError("{} refused a session token ({})".format(what, status))
         headers = {"X-aws-ec2-metadata-token": token.decode("ascii", "replace").strip()}
         path = base + "/latest/meta-data/iam/security-credentials/"
-        status, role = _get_json(path, headers, what, timeout=1.0)
+        status, role = _fetch_local(path, headers, what, timeout=1.0)
         role = role.decode("utf-8", "replace").strip().splitlines()
         if status != 200 or not role:
             raise LocalServerError("{} has no IAM role for this instance".format(what))
-        status, body = _get_json(path + role[0], headers, what, timeout=1.0)
+        status, body = _fetch_local(path + role[0], headers, what, timeout=1.0)
         if status != 200:
             raise LocalServerError("{} answered {} for role {}".format(what, status, role[0]))
         return _credentials_from_json(body, what)
@@ -1021,8 +1030,8 @@ def sso_source(files, name, settings, environ):
                 name, login))
         url = "{}/federation/credentials?{}".format(portal, urllib.parse.urlencode(
             [("role_name", role), ("account_id", account)]))
-        status, body = _get_json(url, {"x-amz-sso_bearer_token": token}, "the SSO portal",
-                                 timeout=REQUEST_TIMEOUT)
+        status, body = _fetch_local(url, {"x-amz-sso_bearer_token": token}, "the SSO portal",
+                                    timeout=REQUEST_TIMEOUT, direct=False)
         if status in (401, 403):
             raise LocalServerError("the SSO portal refused the login of profile '{}': "
                                    "{}".format(name, login))
@@ -1084,12 +1093,10 @@ class ProfileResolver(object):
                 raise LocalServerError("source_profile '{}' of profile '{}' has no "
                                        "credentials".format(source_name, name))
         elif credential_source:
-            source = {
-                "Environment": lambda: _environment_keys(self.environ) and BaseCredentials.fixed(
-                    _environment_keys(self.environ), "environment"),
-                "Ec2InstanceMetadata": lambda: instance_metadata_source(self.environ),
-                "EcsContainer": lambda: container_source(self.environ),
-            }.get(credential_source, lambda: None)()
+            make = {"Environment": environment_source,
+                    "Ec2InstanceMetadata": instance_metadata_source,
+                    "EcsContainer": container_source}.get(credential_source)
+            source = make(self.environ) if make else None
             if source is None:
                 raise LocalServerError("credential_source {} of profile '{}' gives no "
                                        "credentials".format(credential_source, name))
@@ -1157,8 +1164,9 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal):
     looked = ["--access-key/--secret-key", "-a/--auth"]
     if not args.profile:
         looked.append("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
-        if _environment_keys(environ):
-            return BaseCredentials.fixed(_environment_keys(environ), "environment")
+        source = environment_source(environ)
+        if source is not None:
+            return source
     files = AWSFiles(environ)
     profile = selected_profile(args, environ)
     resolver = ProfileResolver(files, environ, region, args.endpoint_url,
