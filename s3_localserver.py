@@ -1333,11 +1333,15 @@ class CredentialCache(object):
         with self._lock:
             current, last_error = self._current, self._last_error
         now = self.clock()
+        # A refresher that is late (not merely backing off) gets a nudge: a safety
+        # net for clocks that jump, as after a laptop's sleep.
+        late = now >= self._next_attempt
         if current is not None and current[0].expiration - now > self.expiry_floor:
-            if current[0].expiration - now < self.min_lifetime + self.lead:
-                self._wake.set()  # the refresher is late; nudge it
+            if late and current[0].expiration - now < self.min_lifetime + self.lead:
+                self._wake.set()
             return current
-        self._wake.set()
+        if late:
+            self._wake.set()
         if last_error is not None:
             raise Unavailable(getattr(last_error, "code", "RefreshFailed"),
                               "no valid credentials: the last refresh failed: {}".format(

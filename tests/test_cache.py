@@ -208,3 +208,20 @@ def test_failed_requested_refresh_keeps_trying():
     cache.step()
     assert sts.calls == 3 and cache.current()[0].access_key_id == "ASIA000003"
     assert cache.step() == pytest.approx(3600 - 1800 - 300)
+
+
+def test_no_nudge_while_backing_off():
+    """Requests during an outage must not spin the refresher: it waits out its backoff."""
+    cache, sts, clock, _ = make(3600)
+    cache.step()
+    clock.now += 1600  # refresh due
+    sts.failing = s.AWSError("Throttling", "slow down", 400)
+    delay = cache.step()
+    assert delay > 0 and sts.calls == 2
+    cache._wake.clear()
+    for _ in range(10):
+        cache.current()
+    assert not cache._wake.is_set()
+    clock.now += delay
+    cache.current()
+    assert cache._wake.is_set()  # backoff over and still late: nudged
