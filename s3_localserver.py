@@ -12,6 +12,12 @@ One file, standard library only, CPython 3.6 or newer: copy it anywhere.
 It signs its own requests (SigV4), sends them with urllib, parses the XML with
 ElementTree, caches the credentials behind a lock and refreshes them in a
 background thread well before they expire.
+
+Sections, top to bottom: errors; durations and validation; policies;
+timestamps; credentials; SigV4; endpoints; XML answers; the AWS client; where
+the script's own credentials come from; minting the served credentials; the
+credential cache; who may fetch credentials; the HTTP handler and server; the
+command line.  The pure functions come first and the I/O last.
 """
 
 import argparse
@@ -64,7 +70,6 @@ DEFAULT_ROLE_NAME = "s3-credentials.AmazonS3FullAccess"
 S3_FULL_ACCESS_POLICY = "policy/AmazonS3FullAccess"
 STS_VERSION = "2011-06-15"
 IAM_VERSION = "2010-05-08"
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 USER_AGENT = "s3_localserver/" + __version__
 REQUEST_TIMEOUT = 10.0  # seconds, connect and each read of every AWS call
 
@@ -2298,7 +2303,9 @@ def main(argv=None, environ=None):
     if hasattr(signal, "SIGHUP"):  # not on Windows
         signal.signal(signal.SIGHUP, lambda signum, frame: cache.request_refresh())
     threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
-    # The URL SDKs accept: loopback must be literal or 'localhost' for plain http.
+    # The URL SDKs accept over plain http names a loopback address: for a server
+    # bound to every address (0.0.0.0, ::), that is the loopback one.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     full_uri = "http://{}:{}/".format(
         "[{}]".format(host) if ":" in host else host, server.server_port)
     code = 0
