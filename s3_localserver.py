@@ -613,8 +613,7 @@ class AWSClient(object):
         content_type = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
 
         def check(status, headers, data):
-            if not 200 <= status < 300:
-                raise parse_error(status, data)
+            _check_status(status, headers, data)
             root = parse_xml(data)
             if _local(root.tag) != action + "Response":
                 raise AWSError("MalformedResponse",
@@ -1089,7 +1088,7 @@ class ProfileResolver(object):
             if source_name in chain:
                 raise LocalServerError("profiles refer to each other in a loop: {}".format(
                     " -> ".join(chain + (source_name,))))
-            config, credentials = self.files.profile(source_name)
+            _, credentials = self.files.profile(source_name)
             if source_name == name and _static(credentials):
                 source = BaseCredentials.fixed(_static(credentials), "profile " + name)
             else:
