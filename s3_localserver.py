@@ -685,11 +685,17 @@ class AWSClient(object):
 
         A bucket in another region is looked for there, as S3 says where it is.
         """
+        def check(status, headers, data):
+            # Retried like any call when S3 is busy; every other answer is judged here.
+            if status in AWSError.RETRY_STATUSES:
+                raise AWSError("HTTP{}".format(status), "HeadBucket on '{}' failed".format(
+                    bucket), status)
+            return status, headers
+
         region = self.region or "us-east-1"
         for _ in range(2):
             url, signing_region = self.bucket_url(bucket, region)
-            status, headers = self.request("HEAD", url, "s3", signing_region,
-                                           check=lambda s, h, d: (s, h))
+            status, headers = self.request("HEAD", url, "s3", signing_region, check=check)
             if 200 <= status < 300:
                 return region
             elsewhere = headers.get("x-amz-bucket-region")
@@ -702,11 +708,7 @@ class AWSClient(object):
                 raise LocalServerError(
                     "access to bucket '{}' is denied to these credentials (it may exist, "
                     "but they cannot see it)".format(bucket))
-            error = AWSError("HTTP{}".format(status), "HeadBucket on '{}' failed".format(bucket),
-                             status)
-            if error.transient:
-                raise error
-            raise LocalServerError(str(error))
+            raise LocalServerError("HeadBucket on '{}' failed with HTTP {}".format(bucket, status))
         raise LocalServerError("bucket '{}' could not be found in region {}".format(
             bucket, region))
 

@@ -210,3 +210,9 @@ def test_expired_base_token_explained():
     text = s.explain(s.AWSError("ExpiredToken", "The security token included in the request "
                                 "is expired", 400))
     assert "base credentials have expired" in text
+
+
+def test_head_bucket_retries_transient_answers():
+    made, opener, sleeps, _ = client(Answer(503), Answer(500), Answer(200))
+    assert made.head_bucket("b") == "eu-west-1"
+    assert len(opener.requests) == 3 and len(sleeps) == 2
