@@ -261,6 +261,72 @@ def format_timestamp(epoch):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+class Clock(object):
+    """AWS's time and a monotonic clock, in the one place that compares times.
+
+    ``aws_now()`` is the local wall clock plus ``offset`` (AWS's time minus
+    ours), learnt from AWS's answers, so expiry is judged as AWS judges it even
+    on a machine whose clock is off.  ``monotonic()`` measures delays: it is
+    never stepped, and stands still while the machine sleeps.
+
+    The wall clock moving against the monotonic one is a jump.  Forward, it is
+    usually a suspend and resume, and AWS's time moved on too: the offset
+    stays.  Backward it can only be a step of the local clock, and AWS's time
+    never goes back: the offset absorbs it.  Either way the next AWS answer
+    sets the offset right again.
+
+    Calling a Clock gives the local wall time, so it stands in for time.time.
+    """
+
+    resolution = 2.0  # seconds; AWS's Date header has whole seconds
+
+    def __init__(self, wall=time.time, monotonic=time.monotonic):
+        self.wall = wall
+        self.monotonic = monotonic
+        self.offset = 0.0
+        self._lock = threading.Lock()  # guards offset and _gap
+        self._gap = wall() - monotonic()  # wall minus monotonic, as last seen
+
+    @classmethod
+    def of(cls, clock=None):
+        """A Clock; None for the system's; a time function serves as both clocks (tests)."""
+        if clock is None:
+            return cls()
+        return clock if isinstance(clock, Clock) else cls(clock, clock)
+
+    def __call__(self):
+        return self.wall()
+
+    def aws_now(self):
+        """AWS's time now (epoch seconds), as far as we know it."""
+        with self._lock:
+            wall = self.wall()
+            gap = wall - self.monotonic()
+            if gap < self._gap - self.resolution:
+                self.offset += self._gap - gap
+            self._gap = gap
+            return wall + self.offset
+
+    def learn(self, aws_time):
+        """AWS said it is ``aws_time`` now; return how far the offset moved."""
+        with self._lock:
+            offset = aws_time - self.wall()
+            shift = offset - self.offset
+            if abs(shift) < self.resolution:
+                return 0.0
+            self.offset = offset
+            return shift
+
+    def bound(self, earliest, latest):
+        """AWS's time now is known to lie within these; return how far the offset moved."""
+        now = self.aws_now()
+        if now < earliest - self.resolution:
+            return self.learn(earliest)
+        if now > latest + self.resolution:
+            return self.learn(latest)
+        return 0.0
+
+
 ######################################################################
 #  Credentials
 ######################################################################
@@ -519,7 +585,7 @@ class AWSClient(object):
     max_backoff = 20.0
 
     def __init__(self, credentials, region=None, endpoint_url=None, environ=None,
-                 opener=None, clock=time.time, sleep=time.sleep, timeout=REQUEST_TIMEOUT,
+                 opener=None, clock=None, sleep=time.sleep, timeout=REQUEST_TIMEOUT,
                  log=None):
         # Credentials, or BaseCredentials that reload themselves before they expire.
         self.base = BaseCredentials.fixed(credentials) if isinstance(
@@ -528,15 +594,18 @@ class AWSClient(object):
         self.endpoint_url = endpoint_url
         self.environ = os.environ if environ is None else environ
         self.opener = opener or default_opener()
-        self.clock = clock
+        self.clock = Clock.of(clock)  # shared with the credential cache: AWS's time
         self.sleep = sleep
         self.timeout = timeout
         self.log = log or (lambda message: None)
-        self.clock_offset = 0.0  # AWS's time minus ours, learnt from skew errors
 
     @property
     def partition(self):
         return partition_for_region(self.region)
+
+    @property
+    def clock_offset(self):
+        return self.clock.offset
 
     def endpoint(self, service):
         return service_endpoint(service, self.region, self.endpoint_url, self.environ)
@@ -573,14 +642,16 @@ class AWSClient(object):
         while True:
             attempt += 1
             signed = sign_request(method, url, headers or {}, body, self.base.get(), region,
-                                  service, self.clock() + self.clock_offset)
+                                  service, self.clock.aws_now())
             signed["User-Agent"] = USER_AGENT  # unsigned: proxies may rewrite it
-            answer_headers = None
+            shift = 0.0
             try:
                 status, answer_headers, data = self._send_once(method, url, signed, body)
+                shift = self._fix_clock_skew(answer_headers)
                 return check(status, answer_headers, data)
             except AWSError as error:
-                if not skew_fixed and self._fix_clock_skew(error, answer_headers):
+                # Refused for its time: worth one retry signed with AWS's time.
+                if not skew_fixed and error.code in AWSError.SKEW_CODES and abs(shift) >= 60:
                     skew_fixed = True
                     attempt -= 1
                     continue
@@ -589,21 +660,21 @@ class AWSClient(object):
                     raise
                 self.sleep(random.uniform(0, min(self.max_backoff, 2.0 ** attempt / 2)))
 
-    def _fix_clock_skew(self, error, headers):
-        """After a skew error, adopt AWS's clock from its Date header; True to retry."""
-        if error.code not in AWSError.SKEW_CODES or headers is None:
-            return False
+    def _fix_clock_skew(self, headers):
+        """Learn AWS's time from the Date header of every answer; return the offset's move.
+
+        The credential cache judges expiry by the same clock, so a local clock
+        that is off never makes fresh credentials look expired, or expired ones
+        fresh.
+        """
         parsed = email.utils.parsedate_tz(headers.get("Date") or "")
         if parsed is None:
-            return False
-        server_time = email.utils.mktime_tz(parsed)
-        offset = server_time - self.clock()
-        if abs(offset - self.clock_offset) < 60:
-            return False  # our clock is not the problem
-        self.clock_offset = offset
-        self.log("the local clock is {:+.0f}s off AWS's; signing with AWS's time".format(
-            -offset))
-        return True
+            return 0.0
+        shift = self.clock.learn(email.utils.mktime_tz(parsed))
+        if abs(shift) >= 60:
+            self.log("the local clock is {:+.0f}s off AWS's; signing with AWS's time".format(
+                -self.clock.offset))
+        return shift
 
     def query(self, service, action, params, version):
         """A query-protocol call (STS, IAM): POST form data, parse the XML."""
@@ -1287,11 +1358,12 @@ def credential_document(credentials):
 
 
 class Unavailable(LocalServerError):
-    """No valid credentials to serve right now."""
+    """No valid credentials to serve right now; ``retry_after``: seconds until it may change."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, retry_after=5):
         self.code = code
         self.message = message
+        self.retry_after = retry_after
         super().__init__("{}: {}".format(code, message))
 
 
@@ -1300,59 +1372,112 @@ class CredentialCache(object):
 
     Only the refresher (one thread) calls STS, so any number of concurrent
     requests cause one STS call per refresh.  Readers take the lock just long
-    enough to copy a reference; they never wait for STS.
+    enough to copy a reference.  Only when nothing valid is left do they wait
+    for STS: at most ``request_wait`` seconds, for a refresh that is under way
+    or may start now, so a laptop that wakes from sleep serves fresh
+    credentials rather than an error.
 
     Clients are handed credentials with at least ``min_lifetime`` left: half
     the duration or 30 minutes, whichever is smaller.  botocore refreshes on
     every use below 15 minutes, so serving less would make clients hammer us.
     The refresh starts ``lead`` seconds before that point so retries have time.
     If every retry fails, the old credentials are still served until
-    ``expiry_floor`` seconds before they expire, and never after.
+    ``expiry_floor`` seconds before they expire, and never after; from then
+    on STS is tried every ``outage_retry`` seconds, so serving resumes as soon
+    as STS answers again.
+
+    Expiry is judged on AWS's clock, delays on the monotonic one (see Clock).
+    Successful refreshes are at least ``min_interval`` apart, so credentials
+    that arrive already due (a clock that is off) cannot start a storm of STS
+    calls.
     """
 
     expiry_floor = 60.0
     max_retry_delay = 300.0
+    outage_retry = 5.0  # seconds between attempts while nothing valid is left
+    min_interval = 60.0  # seconds between successful refreshes, at least
+    request_wait = 5.0  # seconds a request with nothing valid to serve waits for a refresh
+    # A wait on the monotonic clock does not count the time the machine slept:
+    # the refresher looks at AWS's time this often to notice a resume promptly.
+    watch_interval = 5.0
+    shortest_grant = 900  # STS's minimum DurationSeconds: it never grants less
 
-    def __init__(self, fetch, duration, clock=time.time, log=None):
+    def __init__(self, fetch, duration, clock=None, log=None):
         self.fetch = fetch
         self.duration = duration
-        self.clock = clock
+        self.clock = Clock.of(clock)
         self.log = log or (lambda message: None)
         self.min_lifetime = min(duration / 2.0, 30 * 60.0)
         self.lead = min(300.0, duration / 10.0)
-        self._lock = threading.Lock()  # guards _current, _last_error and counters
+        # _lock guards _current, _last_error, the counters and the attempt times;
+        # _changed tells waiting requests that an attempt has ended.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._current = None  # (Credentials, served body bytes)
         self._last_error = None
         self._last_refresh = None
         self._failures = 0
-        self._next_attempt = 0.0
+        self._refreshing = False
+        self._last_attempt = None  # monotonic time the last attempt ended
+        self._next_attempt = None  # monotonic time of the next one: backoff, min_interval
         self.refresh_count = 0
         self._last_logged = None  # the failure last reported, so each is logged once
-        self._forced = False  # a refresh was asked for (SIGHUP)
+        self._early_logged = False  # credentials arrived inside the refresh window
+        self._forced = False  # a refresh was asked for (SIGHUP): due until one succeeds
+        self._hurry = False  # ... and its first attempt starts at once, backoff or not
         self._wake = threading.Event()
+        self._running = False
         self._stopping = False
+
+    def _valid(self, current, now):
+        return current is not None and current[0].expiration - now > self.expiry_floor
+
+    def _due_at(self, current):
+        return current[0].expiration - self.min_lifetime - self.lead
+
+    def _attempt_at(self, mono, valid):
+        """Monotonic time the next attempt may start; with nothing valid, soon."""
+        if self._last_attempt is None:
+            return mono
+        if valid:
+            return self._next_attempt
+        return min(self._next_attempt, self._last_attempt + self.outage_retry)
 
     # -- readers -----------------------------------------------------------
 
     def current(self):
         """(Credentials, body) to serve now; raises Unavailable if none is valid."""
+        now, mono = self.clock.aws_now(), self.clock.monotonic()
         with self._lock:
-            current, last_error = self._current, self._last_error
-        now = self.clock()
-        # A refresher that is late (not merely backing off) gets a nudge: a safety
-        # net for clocks that jump, as after a laptop's sleep.
-        late = now >= self._next_attempt
-        if current is not None and current[0].expiration - now > self.expiry_floor:
-            if late and current[0].expiration - now < self.min_lifetime + self.lead:
+            current = self._current
+            can_start = self._attempt_at(mono, True) <= mono
+        if self._valid(current, now):
+            # A refresher that is late (not merely backing off) gets a nudge: a safety
+            # net for clocks that jump, as after a laptop's sleep.
+            if can_start and now >= self._due_at(current):
                 self._wake.set()
             return current
-        if late:
-            self._wake.set()
+        deadline = mono + self.request_wait
+        with self._lock:
+            while True:
+                current = self._current
+                now, mono = self.clock.aws_now(), self.clock.monotonic()
+                if self._valid(current, now):
+                    return current
+                starting = (self._refreshing or self._hurry
+                            or self._attempt_at(mono, False) <= mono)
+                if not (self._running and starting and mono < deadline):
+                    break
+                self._wake.set()
+                self._changed.wait(deadline - mono)
+            last_error = self._last_error
+            retry_after = 1.0 if self._refreshing else self._attempt_at(mono, False) - mono
+        retry_after = max(1, int(retry_after + 0.999))
         if last_error is not None:
             raise Unavailable(getattr(last_error, "code", "RefreshFailed"),
                               "no valid credentials: the last refresh failed: {}".format(
-                                  explain(last_error)))
-        raise Unavailable("NotReady", "no valid credentials yet")
+                                  explain(last_error)), retry_after)
+        raise Unavailable("NotReady", "no valid credentials yet", retry_after)
 
     @property
     def last_refresh(self):
@@ -1365,8 +1490,8 @@ class CredentialCache(object):
             current, error = self._current, self._last_error
             last_refresh, failures, refreshes = (
                 self._last_refresh, self._failures, self.refresh_count)
-        now = self.clock()
-        valid = current is not None and current[0].expiration - now > self.expiry_floor
+        now = self.clock.aws_now()
+        valid = self._valid(current, now)
         return {
             "status": "ok" if valid and not failures else ("degraded" if valid else "unavailable"),
             "expiration": format_timestamp(current[0].expiration) if current else None,
@@ -1375,46 +1500,104 @@ class CredentialCache(object):
             "refreshes": refreshes,
             "consecutive_failures": failures,
             "last_error": explain(error) if error else None,
+            "clock_offset": int(round(self.clock.offset)),
         }
 
     # -- refresher ---------------------------------------------------------
 
     def refresh_due_at(self):
-        """When the current credentials should be replaced (epoch seconds)."""
+        """When the current credentials should be replaced (AWS's epoch seconds)."""
         with self._lock:
             current = self._current
         if current is None:
-            return self.clock()
-        return current[0].expiration - self.min_lifetime - self.lead
+            return self.clock.aws_now()
+        return self._due_at(current)
 
     def refresh(self):
         """Fetch new credentials now (raises on failure, and records it)."""
+        with self._lock:
+            self._refreshing = True
+        started = self.clock.monotonic()
         try:
             credentials = self.fetch()
             if credentials.expiration is None:
                 raise AWSError("MalformedResponse", "credentials without Expiration",
                                transient=True)
         except Exception as error:
+            now = self.clock.aws_now()
             with self._lock:
                 self._last_error = error
                 self._failures += 1
+                # Back off while the old credentials last; without them, try again soon.
+                delay = self.outage_retry
+                if self._valid(self._current, now):
+                    delay = min(self.max_retry_delay, 5.0 * 2 ** min(self._failures - 1, 10))
+                    delay *= random.uniform(0.5, 1.0)
+                self._ended(self.clock.monotonic(), delay)
             raise
+        ended = self.clock.monotonic()
+        self._check_clock(credentials.expiration, ended - started)
         body = credential_document(credentials)
+        now = self.clock.aws_now()
         with self._lock:
             self._current = (credentials, body)
             self._last_error = None
             self._failures = 0
-            self._last_refresh = self.clock()
+            self._last_refresh = now
             self.refresh_count += 1
+            self._ended(ended, self.min_interval)
+        self._check_lifetime(credentials.expiration - now)
         return credentials
+
+    def _ended(self, mono, delay):
+        # With _lock held: an attempt is over; the next waits ``delay`` seconds.
+        self._refreshing = False
+        self._last_attempt = mono
+        self._next_attempt = mono + delay
+        self._changed.notify_all()
+
+    def _check_clock(self, expiration, elapsed):
+        """Correct AWS's time by what the credentials' Expiration proves.
+
+        STS grants between its minimum and the duration asked for, so when the
+        answer came AWS's time lay between ``expiration - duration`` and
+        ``expiration - shortest_grant`` plus the call's own time.  This holds
+        even where no Date header taught the offset.
+        """
+        shift = self.clock.bound(expiration - self.duration,
+                                 expiration - self.shortest_grant + elapsed)
+        if abs(shift) >= 60:
+            self.log("the local clock is {:+.0f}s off AWS's, judging by the credentials' "
+                     "Expiration; using AWS's time".format(-self.clock.offset))
+
+    def _check_lifetime(self, left):
+        # Fresh credentials already due mean a clock that is off or a duration too
+        # short for the refresh policy: say so once, refresh every min_interval.
+        window = self.min_lifetime + self.lead
+        if left >= window:
+            self._early_logged = False
+        elif not self._early_logged:
+            self._early_logged = True
+            self.log("New credentials arrived with {:.0f}s left, already inside the refresh "
+                     "window ({:.0f}s): the clock is off or the duration is too short; "
+                     "refreshing at most every {:.0f}s".format(left, window, self.min_interval))
 
     def step(self):
         """Refresh if due; return seconds until the refresher should look again."""
-        now = self.clock()
-        # A requested refresh stays due until one succeeds, but backoff still applies.
-        due = max(now if self._forced else self.refresh_due_at(), self._next_attempt)
-        if now < due:
-            return due - now
+        now, mono = self.clock.aws_now(), self.clock.monotonic()
+        with self._lock:
+            current = self._current
+        valid = self._valid(current, now)
+        if self._hurry:
+            self._hurry = False
+            self.log("Refresh requested: fetching new credentials now")
+        else:
+            if current is not None and not self._forced and now < self._due_at(current):
+                return self._due_at(current) - now
+            with self._lock:
+                wait = self._attempt_at(mono, valid) - mono
+            if wait > 0:
+                return wait
         try:
             self.refresh()
         except Exception as error:
@@ -1423,31 +1606,37 @@ class CredentialCache(object):
                 self.log("Refreshing credentials failed (will retry): {}".format(
                     explain(error)))
                 self._last_logged = getattr(error, "code", repr(error))
-            delay = min(self.max_retry_delay, 5.0 * 2 ** (self._failures - 1))
-            delay *= random.uniform(0.5, 1.0)
-            self._next_attempt = self.clock() + delay
-            return delay
+            mono = self.clock.monotonic()
+            with self._lock:
+                return self._attempt_at(mono, valid) - mono
         if self._last_logged is not None:
             self.log("Credentials refreshed; serving again normally")
             self._last_logged = None
         self._forced = False
-        self._next_attempt = 0.0
-        return max(0.0, self.refresh_due_at() - self.clock())
+        return max(0.0, self.refresh_due_at() - self.clock.aws_now())
 
     def run(self):
         """The refresher thread's loop; returns after stop()."""
-        while not self._stopping:
-            delay = self.step()
-            self._wake.wait(min(delay, 60.0))  # re-check the clock at least each minute
-            self._wake.clear()
+        self._running = True
+        try:
+            while not self._stopping:
+                self._wake.clear()  # before step(): a nudge during it is not lost
+                delay = self.step()
+                self._wake.wait(min(delay, self.watch_interval))
+        finally:
+            with self._lock:
+                self._running = False
+                self._changed.notify_all()
 
     def request_refresh(self):
         """Have the refresher replace the credentials now (safe from a signal handler)."""
         self._forced = True
+        self._hurry = True
         self._wake.set()
 
     def start(self):
         thread = threading.Thread(target=self.run, name="refresher", daemon=True)
+        self._running = True  # requests may wait for it from now on
         thread.start()
         return thread
 
@@ -1705,8 +1894,9 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(404, {"code": "NotFound", "message": "not served here"})
 
     def send_unavailable(self, error):
-        # The container-credentials error shape; Retry-After because it recovers by itself.
-        self.send_json(503, {"code": error.code, "message": error.message}, {"Retry-After": "5"})
+        # The container-credentials error shape; Retry-After: when the next refresh is tried.
+        self.send_json(503, {"code": error.code, "message": error.message},
+                       {"Retry-After": str(error.retry_after)})
 
     def send_json(self, status, data, headers=None):
         self.send_body(status, json.dumps(data).encode("utf-8") + b"\n", headers)
@@ -2247,14 +2437,15 @@ def start_server(args, environ, say):
         say("Warning: serving on {} without --auth-token: anyone who can reach this port "
             "gets the credentials".format(args.host))
     region = resolve_region(args, environ)
+    clock = Clock()  # AWS's time, learnt by the client, used by the cache
     client = AWSClient(resolve_credentials(args, environ, region), region, args.endpoint_url,
-                       environ, log=say)
+                       environ, clock=clock, log=say)
     policy = policy_json(build_policy(permission, args.bucket, args.prefix, statements,
                                       client.partition))
     mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
     maker = CredentialMaker(client, mode, policy, args.duration, permission, args.bucket,
                             role_arn=args.role_arn, log=say)
-    cache = CredentialCache(maker, args.duration, log=say)
+    cache = CredentialCache(maker, args.duration, clock=clock, log=say)
     rules = AccessRules([args.host] + args.allow_host, token)
     try:
         server = CredentialServer((args.host, args.port), cache, rules,

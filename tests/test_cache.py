@@ -110,8 +110,10 @@ def test_failed_refresh_keeps_serving_then_503_then_recovers():
             assert error.code == "ServiceUnavailable"
             assert "ServiceUnavailable: down" in error.message
         clock.now += min(delays[-1], 60)
-    # Backoff grows to the cap, never beyond.
-    assert max(delays) <= cache.max_retry_delay and delays[1] < delays[-1]
+    # Backoff grows while the old credentials last, never beyond the cap; once nothing
+    # valid is left, STS is tried again every few seconds.
+    assert max(delays) <= cache.max_retry_delay and delays[1] < max(delays)
+    assert delays[-1] == pytest.approx(cache.outage_retry)
     # The failure was logged once, not once per retry.
     assert logged == ["Refreshing credentials failed (will retry): ServiceUnavailable: down"]
     assert cache.status()["status"] == "unavailable"
