@@ -1446,32 +1446,39 @@ class CredentialCache(object):
     # -- readers -----------------------------------------------------------
 
     def current(self):
-        """(Credentials, body) to serve now; raises Unavailable if none is valid."""
-        now, mono = self.clock.aws_now(), self.clock.monotonic()
-        with self._lock:
-            current = self._current
-            can_start = self._attempt_at(mono, True) <= mono
-        if self._valid(current, now):
-            # A refresher that is late (not merely backing off) gets a nudge: a safety
-            # net for clocks that jump, as after a laptop's sleep.
-            if can_start and now >= self._due_at(current):
-                self._wake.set()
-            return current
-        deadline = mono + self.request_wait
+        """(Credentials, body) to serve now; raises Unavailable if none is valid.
+
+        With less than ``min_lifetime`` left (as after a suspend) or nothing
+        valid at all, waits up to ``request_wait`` for a refresh that is under
+        way or may start now; while STS fails, still-valid credentials are
+        served at once.
+        """
+        deadline = None
         with self._lock:
             while True:
                 current = self._current
                 now, mono = self.clock.aws_now(), self.clock.monotonic()
-                if self._valid(current, now):
+                valid = self._valid(current, now)
+                can_start = self._attempt_at(mono, valid) <= mono
+                if valid and current[0].expiration - now >= self.min_lifetime:
+                    # A refresher that is late (not merely backing off) gets a nudge:
+                    # a safety net should its wait outlast a jump of the clock.
+                    if can_start and now >= self._due_at(current):
+                        self._wake.set()
                     return current
-                starting = (self._refreshing or self._hurry
-                            or self._attempt_at(mono, False) <= mono)
-                if not (self._running and starting and mono < deadline):
+                starting = self._refreshing or self._hurry or can_start
+                if starting:
+                    self._wake.set()
+                if deadline is None:
+                    deadline = mono + self.request_wait
+                if not (self._running and starting and mono < deadline
+                        and not (valid and self._failures)):
                     break
-                self._wake.set()
                 self._changed.wait(deadline - mono)
             last_error = self._last_error
-            retry_after = 1.0 if self._refreshing else self._attempt_at(mono, False) - mono
+            retry_after = 1.0 if self._refreshing else self._attempt_at(mono, valid) - mono
+        if valid:
+            return current
         retry_after = max(1, int(retry_after + 0.999))
         if last_error is not None:
             raise Unavailable(getattr(last_error, "code", "RefreshFailed"),
