@@ -1449,9 +1449,9 @@ class CredentialCache(object):
         """(Credentials, body) to serve now; raises Unavailable if none is valid.
 
         With less than ``min_lifetime`` left (as after a suspend) or nothing
-        valid at all, waits up to ``request_wait`` for a refresh that is under
-        way or may start now; while STS fails, still-valid credentials are
-        served at once.
+        valid at all, waits up to ``request_wait`` for the refresh.  While STS
+        fails, still-valid credentials are served at once, and with nothing
+        valid only an attempt under way or starting now is waited for.
         """
         deadline = None
         with self._lock:
@@ -1459,24 +1459,27 @@ class CredentialCache(object):
                 current = self._current
                 now, mono = self.clock.aws_now(), self.clock.monotonic()
                 valid = self._valid(current, now)
-                can_start = self._attempt_at(mono, valid) <= mono
+                next_at = self._attempt_at(mono, valid)
                 if valid and current[0].expiration - now >= self.min_lifetime:
                     # A refresher that is late (not merely backing off) gets a nudge:
                     # a safety net should its wait outlast a jump of the clock.
-                    if can_start and now >= self._due_at(current):
+                    if next_at <= mono and now >= self._due_at(current):
                         self._wake.set()
                     return current
-                starting = self._refreshing or self._hurry or can_start
-                if starting:
-                    self._wake.set()
                 if deadline is None:
                     deadline = mono + self.request_wait
-                if not (self._running and starting and mono < deadline
-                        and not (valid and self._failures)):
+                busy = self._refreshing or self._hurry
+                if self._failures:
+                    worth_waiting = not valid and (busy or next_at <= mono)
+                else:
+                    worth_waiting = busy or next_at < deadline
+                if worth_waiting:
+                    self._wake.set()
+                if not (self._running and worth_waiting and mono < deadline):
                     break
                 self._changed.wait(deadline - mono)
             last_error = self._last_error
-            retry_after = 1.0 if self._refreshing else self._attempt_at(mono, valid) - mono
+            retry_after = 1.0 if self._refreshing else next_at - mono
         if valid:
             return current
         retry_after = max(1, int(retry_after + 0.999))

@@ -1,0 +1,82 @@
+"""The script under a shifted clock (libfaketime) against moto: issue 12 end to end.
+
+Only the script's wall clock is shifted; its monotonic clock, moto's and ours are
+real.  libfaketime re-reads the timestamp file at every call, so the shift can
+change while the script runs, as a laptop's clock does when it wakes.
+"""
+
+import glob
+import json
+import signal
+import time
+
+import pytest
+from test_faults import wait_for
+
+import s3_localserver as s
+from conftest import BUCKET
+
+LIBRARIES = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
+
+
+@pytest.fixture
+def shifted(moto, start, tester_env, proxy, tmp_path):
+    """Start the script with its wall clock shifted by what the timestamp file says."""
+    if not LIBRARIES:
+        pytest.skip("libfaketime is not installed (apt-get install faketime)")
+    shift = tmp_path / "faketime"
+
+    def run(offset):
+        shift.write_text(offset)
+        env = tester_env(AWS_ENDPOINT_URL=moto.url, AWS_ENDPOINT_URL_STS=proxy.url,
+                         LD_PRELOAD=LIBRARIES[0], FAKETIME_TIMESTAMP_FILE=str(shift),
+                         FAKETIME_NO_CACHE="1", FAKETIME_DONT_FAKE_MONOTONIC="1")
+        return start([BUCKET, "-d", "1h", "--role-arn", moto.uploader_arn], env)
+    run.shift = shift
+    return run
+
+
+def assume_calls(proxy):
+    return sum(1 for record in proxy.requests if b"Action=AssumeRole" in record["body"])
+
+
+def health(server):
+    status, _, body = server.fetch("/healthz")
+    assert status == 200
+    return json.loads(body.decode())
+
+
+def left(document):
+    """Seconds the served credentials have left by the real clock (moto's, AWS's)."""
+    return s.parse_timestamp(document["Expiration"]) - time.time()
+
+
+def test_clock_2h_fast_serves_valid_credentials_without_a_storm(shifted, proxy):
+    server = shifted("+2h")
+    document = server.fetch_json()
+    assert 3500 < left(document) <= 3600
+    state = health(server)
+    assert state["status"] == "ok" and 3500 < state["seconds_left"] <= 3600
+    assert -7210 < state["clock_offset"] < -7190
+    # A refresh on demand: exactly one more AssumeRole, however long it took.
+    server.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: health(server)["refreshes"] == 2)
+    assert assume_calls(proxy) == 2
+    assert 3500 < left(server.fetch_json()) <= 3600
+    assert "Refresh requested: fetching new credentials now" in server.lines
+
+
+def test_jump_2h_forward_while_running_serves_fresh_credentials(shifted, proxy):
+    server = shifted("+0")
+    first = server.fetch_json()
+    assert assume_calls(proxy) == 1
+    shifted.shift.write_text("+2h")  # the script's clock jumps as after a 2-hour sleep
+    status, _, body = server.fetch()
+    assert status == 200, body
+    document = json.loads(body.decode())
+    assert document["AccessKeyId"] != first["AccessKeyId"]
+    assert 3500 < left(document) <= 3600
+    assert assume_calls(proxy) == 2
+    state = health(server)
+    assert state["status"] == "ok" and 3500 < state["seconds_left"] <= 3600
+    assert -7210 < state["clock_offset"] < -7190
