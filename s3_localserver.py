@@ -129,15 +129,19 @@ PERMANENT_CODES = frozenset([
 #  Durations and validation
 ######################################################################
 
-_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?$")
+_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
 def parse_duration(text):
     """Turn '900', '900s', '15m', '1h' or '1h30m' into seconds (15 min to 12 h)."""
-    match = _DURATION_RE.match(text.strip().lower())
-    if not text.strip() or not match or not any(match.groups()):
+    text = text.strip().lower()
+    match = _DURATION_RE.match(text + ("s" if text.isdigit() else ""))
+    if not text or not match or not any(match.groups()):
+        hint = ""
+        if re.match(r"^\d+h\d+$", text):  # '1h30': minutes or seconds? Say which we want.
+            hint = " (did you mean {}m?)".format(text)
         raise ValueError(
-            "duration must look like 900, 900s, 15m, 1h or 1h30m, not {!r}".format(text))
+            "duration must look like 900, 900s, 15m, 1h or 1h30m, not {!r}{}".format(text, hint))
     hours, minutes, seconds = (int(part or 0) for part in match.groups())
     total = hours * 3600 + minutes * 60 + seconds
     if not MIN_DURATION <= total <= MAX_DURATION:
@@ -146,14 +150,45 @@ def parse_duration(text):
     return total
 
 
-def session_name(permission, bucket, limit):
-    """An STS session name for these credentials, valid whatever the bucket.
+def _as_list(buckets):
+    return [buckets] if isinstance(buckets, str) else list(buckets)
 
+
+def session_name(permission, buckets, limit):
+    """An STS session name for these credentials, valid whatever the buckets.
+
+    s3-credentials' form, 's3.PERMISSION.BUCKET[,BUCKET...]', cut to the limit:
     AssumeRole allows 64 characters and GetFederationToken 32, each from
     [\\w+=,.@-]; bucket names are longer than that allows at times.
     """
-    name = re.sub(r"[^\w+=,.@-]", "-", "s3.{}.{}".format(permission, bucket))
-    return name[:limit]
+    text = "s3.{}.{}".format(permission, ",".join(_as_list(buckets)))
+    return re.sub(r"[^\w+=,.@-]", "-", text)[:limit]
+
+
+_ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+
+
+def check_bucket(name):
+    """A bucket name as S3 takes it; ValueError with a hint for common slips."""
+    if name.lower().startswith(("s3://", "arn:")):
+        bare = name.split("://", 1)[-1] if "://" in name else name.rpartition(":")[2]
+        raise ValueError("give the bucket's name, not a URL or ARN: {!r} (try {!r})".format(
+            name, bare.split("/")[0]))
+    if "/" in name:
+        bucket, _, prefix = name.partition("/")
+        raise ValueError("a bucket name has no '/': {!r} (for keys under a prefix, try "
+                         "{} --prefix {})".format(name, bucket, prefix))
+    # S3's rules, loosely: legacy us-east-1 buckets may hold capitals and underscores.
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$", name):
+        raise ValueError("not a valid bucket name: {!r}".format(name))
+    return name
+
+
+def check_role_arn(arn):
+    if not _ROLE_ARN_RE.match(arn):
+        raise ValueError("--role-arn must be an IAM role ARN like "
+                         "arn:aws:iam::123456789012:role/NAME, not {!r}".format(arn))
+    return arn
 
 
 def parse_statement(text):
@@ -216,20 +251,24 @@ def bucket_statements(permission, bucket, prefix="*", partition="aws"):
     return statements
 
 
-def build_policy(permission, bucket, prefix="*", extra_statements=(), partition="aws"):
-    """The inline session policy as a dict."""
-    statements = bucket_statements(permission, bucket, prefix, partition)
+def build_policy(permission, buckets, prefix="*", extra_statements=(), partition="aws"):
+    """The inline session policy as a dict: for each bucket in order the statements
+    s3-credentials issues for it, then the extra statements."""
+    statements = []
+    for bucket in _as_list(buckets):
+        statements.extend(bucket_statements(permission, bucket, prefix, partition))
     statements.extend(extra_statements)
     return {"Version": "2012-10-17", "Statement": statements}
 
 
-def policy_json(policy):
+def policy_json(policy, check=True):
     """Serialize compactly: STS counts every character against its 2048 limit."""
     text = json.dumps(policy, separators=(",", ":"))
-    if len(text) > POLICY_MAX_CHARS:
+    if check and len(text) > POLICY_MAX_CHARS:
         raise LocalServerError(
             "the session policy is {} characters; STS allows at most {} "
-            "(use fewer or shorter --statement options)".format(len(text), POLICY_MAX_CHARS))
+            "(use fewer buckets or fewer or shorter --statement options; --print-policy "
+            "shows it)".format(len(text), POLICY_MAX_CHARS))
     return text
 
 
@@ -697,7 +736,7 @@ class AWSClient(object):
             url, signing_region = self.bucket_url(bucket, region)
             status, headers = self.request("HEAD", url, "s3", signing_region, check=check)
             if 200 <= status < 300:
-                return region
+                return headers.get("x-amz-bucket-region") or region  # S3 says where it is
             elsewhere = headers.get("x-amz-bucket-region")
             if status in (301, 307, 400) and elsewhere and elsewhere != region:
                 region = elsewhere
@@ -1222,14 +1261,14 @@ class CredentialMaker(object):
 
     propagation_wait = 60.0  # how long a newly created role may stay unassumable
 
-    def __init__(self, client, mode, policy, duration, permission, bucket,
+    def __init__(self, client, mode, policy, duration, permission, buckets,
                  role_arn=None, log=None):
         self.client = client
         self.mode = mode
         self.policy = policy
         self.duration = duration
         self.permission = permission
-        self.bucket = bucket
+        self.buckets = _as_list(buckets)
         self.role_arn = role_arn
         self.role_created_at = None
         self.log = log or (lambda message: None)
@@ -1249,11 +1288,11 @@ class CredentialMaker(object):
     def __call__(self):
         if self.mode == "federation":
             return self.client.get_federation_token(
-                session_name(self.permission, self.bucket, 32), self.policy, self.duration)
+                session_name(self.permission, self.buckets, 32), self.policy, self.duration)
         while True:
             try:
                 return self.client.assume_role(
-                    self.role_arn, session_name(self.permission, self.bucket, 64),
+                    self.role_arn, session_name(self.permission, self.buckets, 64),
                     self.policy, self.duration)
             except AWSError as error:
                 # A role created moments ago is refused until IAM has propagated it.
@@ -1982,27 +2021,43 @@ EPILOG = """examples:
   %(prog)s my-bucket --duration 1h                  read-write, http://localhost:8094/
   %(prog)s my-bucket -d 15m --read-only --prefix uploads/
   %(prog)s my-bucket -d 12h --write-only -p 9000
+  %(prog)s logs-bucket archive-bucket -d 1h --read-only       several buckets, one policy
   %(prog)s my-bucket -d 1h --statement \\
       '{"Effect": "Allow", "Action": "textract:*", "Resource": "*"}'
+  %(prog)s my-bucket --print-policy --read-only          show the policy, call nothing
   %(prog)s my-bucket -d 1h --role-arn arn:aws:iam::123456789012:role/uploader
   %(prog)s my-bucket -d 1h --federation --profile admin
   %(prog)s my-bucket -d 1h --endpoint-url http://127.0.0.1:5000 -a creds.json
   %(prog)s my-bucket -d 1h --host 0.0.0.0 --auth-token generate --allow-host build-box
   %(prog)s my-bucket -d 1h -- aws s3 ls s3://my-bucket/     run one command with them
 
-then: curl http://localhost:8094/
-  or, in ~/.aws/config: credential_process = curl -s http://localhost:8094/
+then: curl -sSf http://localhost:8094/
+  or, in ~/.aws/config: credential_process = curl -sSf http://localhost:8094/
   or: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:8094/ any-aws-sdk-program
   or: AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:8094/ an-older-aws-tool
 """
 
-# Variables that outrank the container provider in every SDK's chain, or
-# redirect it: a command run with the served credentials must not see them.
+# Variables that outrank the container provider in some SDK's chain, or redirect
+# it: a program meant to use the served credentials must not see them.
 OUTRANKING_VARIABLES = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
     "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_SESSION_NAME",
 )
+# What the child's generated config keeps of the profile the server used: settings
+# that shape requests, never one that is, names or obtains credentials.  A list of
+# the harmless rather than of the dangerous, so a login the SDKs add later stays out.
+CHILD_PROFILE_SETTINGS = frozenset([
+    "region", "output", "cli_pager", "cli_timestamp_format", "cli_binary_format",
+    "cli_follow_urlparam", "cli_history", "parameter_validation", "max_attempts",
+    "retry_mode", "s3", "s3api", "api_versions", "endpoint_url", "services",
+    "ignore_configured_endpoint_urls", "ca_bundle", "tcp_keepalive", "sts_regional_endpoints",
+    "use_dualstack_endpoint", "use_fips_endpoint", "defaults_mode",
+    "endpoint_discovery_enabled", "s3_use_arn_region", "s3_disable_multiregion_access_points",
+    "request_checksum_calculation", "response_checksum_validation",
+    "disable_request_compression", "request_min_compression_size_bytes", "sdk_ua_app_id",
+])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -2031,16 +2086,24 @@ def _bounded_int(low, high, what):
     return parse
 
 
-def build_parser():
+def program_name(argv0):
+    """'s3-localserver' when run as the packaged command, else 's3_localserver.py'."""
+    name = os.path.basename(argv0 or "").lower()
+    return "s3-localserver" if name.startswith("s3-localserver") else "s3_localserver.py"
+
+
+def build_parser(prog="s3_localserver.py"):
     parser = _Parser(
-        prog="s3_localserver.py",
-        usage="%(prog)s BUCKET -d DURATION [options] [-- COMMAND [ARGS...]]",
-        description="Serve temporary AWS credentials scoped to one S3 bucket on a local "
-                    "HTTP endpoint, refreshed before they expire. With '-- COMMAND', run "
-                    "that command with the served credentials and stop when it exits.",
+        prog=prog,
+        usage="%(prog)s BUCKET [BUCKET ...] -d DURATION [options] [-- COMMAND [ARGS...]]",
+        description="Serve temporary AWS credentials scoped to one or more S3 buckets on a "
+                    "local HTTP endpoint, refreshed before they expire. With '-- COMMAND', "
+                    "run that command with the served credentials and stop when it exits.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Both required, except with --print-identity (checked in parse_args).
-    parser.add_argument("bucket", nargs="?", help="the S3 bucket the credentials are limited to")
+    parser.add_argument("buckets", nargs="*", metavar="BUCKET",
+                        help="the S3 bucket(s) the credentials are limited to; one policy "
+                             "covers them all")
     parser.add_argument("-d", "--duration", type=_duration_arg,
                         help="lifetime of each set of credentials: 900, 900s, 15m, 1h, 1h30m, "
                              "12h (15 minutes to 12 hours)")
@@ -2072,14 +2135,18 @@ def build_parser():
                             "(default %(default)s)")
     access = parser.add_argument_group("what the credentials may do")
     mode = access.add_mutually_exclusive_group()
-    mode.add_argument("--read-only", action="store_true", help="only read from the bucket")
-    mode.add_argument("--write-only", action="store_true", help="only write to the bucket")
+    mode.add_argument("--read-only", action="store_true", help="only read from the buckets")
+    mode.add_argument("--write-only", action="store_true", help="only write to the buckets")
     access.add_argument("--prefix", default="*",
-                        help="only keys starting with this prefix, e.g. uploads/")
+                        help="only keys starting with this prefix, e.g. uploads/ (the same "
+                             "in every bucket)")
     access.add_argument("--statement", action="append", default=[], metavar="JSON",
                         help="extra IAM policy statement (repeatable), e.g. "
                              "'{\"Effect\": \"Allow\", \"Action\": \"textract:*\", "
                              "\"Resource\": \"*\"}'")
+    access.add_argument("--print-policy", action="store_true",
+                        help="print the session policy as it would be sent to STS, and its "
+                             "length, then exit (no AWS call; needs no --duration)")
     how = parser.add_argument_group("how the credentials are made (default: assume the role "
                                     + DEFAULT_ROLE_NAME + ", creating it if missing)")
     made = how.add_mutually_exclusive_group()
@@ -2119,14 +2186,60 @@ def split_command(argv):
     return argv, []
 
 
-def parse_args(argv):
+def check_endpoint_url(url):
+    """An endpoint must be an absolute http(s) URL: '127.0.0.1:5000' is a common slip."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("--endpoint-url must be a URL starting with http:// or https://, "
+                         "not {!r} (try http://{})".format(url, url.split("://")[-1]))
+    try:
+        valid_port = parts.port is None or 0 < parts.port < 65536
+    except ValueError:  # not a number
+        valid_port = False
+    if not valid_port:
+        raise ValueError("--endpoint-url has an invalid port: {!r}".format(url))
+    return url
+
+
+def validate(args):
+    """Checks argparse cannot express; ValueError names what is wrong.
+
+    Sets ``args.permission`` and ``args.statements`` (the parsed --statement list).
+    """
+    for bucket in args.buckets:
+        check_bucket(bucket)
+    if args.prefix.startswith("/"):
+        raise ValueError("--prefix must not start with '/' (S3 keys do not): {!r}".format(
+            args.prefix))
+    if bool(args.access_key) != bool(args.secret_key):
+        raise ValueError("--access-key and --secret-key must be given together")
+    if args.session_token and not args.access_key:
+        raise ValueError("--session-token needs --access-key and --secret-key")
+    if args.role_arn:
+        check_role_arn(args.role_arn)
+    if args.endpoint_url:
+        check_endpoint_url(args.endpoint_url)
+    args.statements = [parse_statement(text) for text in args.statement]
+    args.permission = "read-only" if args.read_only else (
+        "write-only" if args.write_only else "read-write")
+
+
+def parse_args(argv, prog="s3_localserver.py"):
     argv, command = split_command(list(argv))
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
-    missing = [name for name, value in (("bucket", args.bucket), ("-d/--duration", args.duration))
-               if value is None]
-    if missing and not args.print_identity:
+    needed = [("BUCKET", args.buckets), ("-d/--duration", args.duration)]
+    if args.print_identity:
+        needed = []
+    elif args.print_policy:
+        needed = needed[:1]
+    missing = [name for name, value in needed if not value]
+    if missing:
         parser.error("the following arguments are required: " + ", ".join(missing))
+    try:
+        validate(args)
+    except ValueError as error:
+        parser.error(str(error))
     args.command = command
     exec_mode = bool(command)
     if args.port is None:
@@ -2136,73 +2249,147 @@ def parse_args(argv):
     return args
 
 
-def validate(args):
-    """Checks argparse cannot express; returns (permission, extra statements)."""
-    if args.prefix.startswith("/"):
-        raise LocalServerError("--prefix must not start with '/' (S3 keys do not): {!r}".format(
-            args.prefix))
-    if args.session_token and not args.access_key:
-        raise LocalServerError("--session-token needs --access-key and --secret-key")
-    statements = []
-    for text in args.statement:
-        try:
-            statements.append(parse_statement(text))
-        except ValueError as error:
-            raise LocalServerError(str(error))
-    permission = "read-only" if args.read_only else (
-        "write-only" if args.write_only else "read-write")
-    return permission, statements
-
-
 def resolve_auth_token(args, environ):
-    """The required Authorization token, or None: --auth-token, --auth-token-file,
-    S3_LOCALSERVER_AUTH_TOKEN; exec mode generates one when none is given."""
-    token = args.auth_token
+    """(token, where it came from): --auth-token, --auth-token-file,
+    S3_LOCALSERVER_AUTH_TOKEN; exec mode generates one when none is given.
+    (None, None) when clients need no token."""
+    token, origin = args.auth_token, "--auth-token"
     if token is None and args.auth_token_file:
+        origin = "--auth-token-file " + args.auth_token_file
         try:
             with open(_expand(args.auth_token_file), encoding="utf-8") as handle:
                 token = handle.read().rstrip("\r\n")
         except OSError as error:
             raise LocalServerError("cannot read --auth-token-file {}: {}".format(
                 args.auth_token_file, error.strerror))
+        except ValueError:
+            raise LocalServerError("--auth-token-file {} is not UTF-8 text".format(
+                args.auth_token_file))
     if token is None:
-        token = environ.get("S3_LOCALSERVER_AUTH_TOKEN")
+        token, origin = environ.get("S3_LOCALSERVER_AUTH_TOKEN"), "S3_LOCALSERVER_AUTH_TOKEN"
     if token == "generate" or (token is None and args.command):
-        token = secrets.token_urlsafe(32)
+        token, origin = secrets.token_urlsafe(32), "generated"
     if token is not None and (not token or token != token.strip() or "\n" in token):
         raise LocalServerError("the auth token must be non-empty, on one line, without "
                                "leading or trailing spaces")
-    return token
+    return token, (origin if token is not None else None)
 
 
-def child_environment(environ, url, token, region):
-    """The environment of an exec-mode command: only the served credentials reach it."""
+def _ini_value(value):
+    # Nested settings ("s3 =" with indented sub-keys) keep their indentation.
+    return "\n    ".join(value.split("\n"))
+
+
+def client_config(files, profile):
+    """The config file a program using the served credentials gets: the profile's
+    harmless settings (and its [services] section) as [default], no credentials."""
+    settings, _ = files.profile(profile)
+    settings = settings or {}
+    lines = ["# Written by s3_localserver: settings of profile '{}', without any "
+             "credentials.".format(profile), "[default]"]
+    lines += ["{} = {}".format(key, _ini_value(value)) for key, value in sorted(settings.items())
+              if key in CHILD_PROFILE_SETTINGS]
+    services = settings.get("services")
+    section = files.section("services", services) if services else None
+    if section:
+        lines.append("[services {}]".format(services))
+        lines += ["{} = {}".format(key, _ini_value(value)) for key, value in
+                  sorted(section.items())]
+    return "\n".join(lines) + "\n"
+
+
+class ClientFiles(object):
+    """A private folder holding the config file and the empty credentials file that a
+    program using the served credentials is pointed at, so no profile of the user's
+    (keys, SSO, credential_process...) can outrank the served credentials."""
+
+    def __init__(self, config_text):
+        import tempfile  # only for the files handed to clients
+        self.folder = tempfile.mkdtemp(prefix="s3_localserver-")  # mode 0700
+        self.config = os.path.join(self.folder, "config")
+        self.credentials = os.path.join(self.folder, "credentials")
+        for path, text in ((self.config, config_text), (self.credentials, "")):
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+
+    def remove(self):
+        import shutil
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def client_environment(environ, url, token, region, files):
+    """The environment of a program that must act only with the served credentials."""
     env = {name: value for name, value in environ.items() if name not in OUTRANKING_VARIABLES}
     env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = url
-    env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
+    if token is not None:
+        env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
+    env["AWS_CONFIG_FILE"] = files.config
+    env["AWS_SHARED_CREDENTIALS_FILE"] = files.credentials
     if region:
         env["AWS_REGION"] = region
         env.setdefault("AWS_DEFAULT_REGION", region)
     return env
 
 
-def run_command(command, env):
-    """Run the exec-mode command, passing SIGINT and SIGTERM on; return its exit code."""
-    import subprocess  # only exec mode needs it
+def shell_setup(env):
+    """Shell lines that give a shell ``env``'s AWS settings (for --auth-token generate)."""
+    import shlex
+    names = ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+             "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+    lines = ["export {}={}".format(name, shlex.quote(env[name])) for name in names
+             if name in env]
+    lines.append("unset " + " ".join(OUTRANKING_VARIABLES))
+    return "\n".join(lines) + "\n"
+
+
+def _terminal_interrupts_child():
+    """True if a SIGINT we got most likely came from Ctrl+C at a terminal, which
+    signals the whole foreground process group, our child included."""
+    if os.name == "nt":
+        return True  # a console's Ctrl+C reaches every process attached to it
     try:
-        child = subprocess.Popen(command, env=env)
-    except OSError as error:
-        raise LocalServerError("cannot run {}: {}".format(command[0], error.strerror or error))
+        tty = os.open("/dev/tty", os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False  # no terminal: someone sent it to us alone
+    try:
+        return os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(tty)
+
+
+def run_command(command, env):
+    """Run the exec-mode command; return its exit code.
+
+    SIGTERM is passed on; SIGINT only when the child would not get it by itself
+    (a second interrupt makes many tools abort instead of shutting down cleanly).
+    """
+    import subprocess  # only exec mode needs it
+    child, missed = [], []
 
     def forward(signum, frame):
+        if signum == signal.SIGINT and _terminal_interrupts_child():
+            return
+        if not child:
+            missed.append(signum)  # arrived while the child was being started
+            return
         try:
-            child.send_signal(signum)
-        except OSError:
+            child[0].send_signal(signum)
+        except (OSError, ValueError):  # gone already; or a signal Windows cannot send
             pass
+    # Handlers first: a signal sent as soon as the child runs must not kill us alone.
     previous = {signum: signal.signal(signum, forward)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = child.wait()
+        try:
+            child.append(subprocess.Popen(command, env=env))
+        except OSError as error:
+            raise LocalServerError("cannot run {}: {}".format(
+                command[0], error.strerror or error))
+        for signum in missed:
+            forward(signum, None)
+        code = child[0].wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -2233,13 +2420,29 @@ def print_identity(args, environ):
     return 0
 
 
+def session_policy(args, region):
+    return build_policy(args.permission, args.buckets, args.prefix, args.statements,
+                        partition_for_region(region))
+
+
+def print_policy(args, environ, say):
+    """--print-policy: the session policy exactly as it would be sent; 1 if too long."""
+    policy = session_policy(args, resolve_region(args, environ))
+    text = policy_json(policy, check=False)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    say("{} characters; STS allows at most {}".format(len(text), POLICY_MAX_CHARS))
+    policy_json(policy)  # the usual Error line when it is too long
+    return 0
+
+
 def start_server(args, environ, say):
     """Everything before serving: checks, the first credentials, the bound socket.
 
-    Returns (server, cache, permission, region); raises LocalServerError or AWSError.
+    Returns (server, cache, region, token origin); the region is the bucket's when
+    none is configured.  Raises LocalServerError or AWSError.
     """
-    permission, statements = validate(args)
-    token = resolve_auth_token(args, environ)
+    token, token_origin = resolve_auth_token(args, environ)
     if not is_loopback(args.host) and token is None:
         if args.require_token:
             raise LocalServerError("refusing to serve on {} without an auth token "
@@ -2249,10 +2452,9 @@ def start_server(args, environ, say):
     region = resolve_region(args, environ)
     client = AWSClient(resolve_credentials(args, environ, region), region, args.endpoint_url,
                        environ, log=say)
-    policy = policy_json(build_policy(permission, args.bucket, args.prefix, statements,
-                                      client.partition))
+    policy = policy_json(session_policy(args, region))
     mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
-    maker = CredentialMaker(client, mode, policy, args.duration, permission, args.bucket,
+    maker = CredentialMaker(client, mode, policy, args.duration, args.permission, args.buckets,
                             role_arn=args.role_arn, log=say)
     cache = CredentialCache(maker, args.duration, log=say)
     rules = AccessRules([args.host] + args.allow_host, token)
@@ -2265,7 +2467,7 @@ def start_server(args, environ, say):
         raise LocalServerError("cannot listen on {}:{}: {}".format(
             args.host, args.port, getattr(error, "strerror", None) or error))
     try:
-        client.head_bucket(args.bucket)
+        bucket_regions = [client.head_bucket(bucket) for bucket in args.buckets]
         say("Generating initial credentials...")
         maker.prepare()
         cache.refresh()
@@ -2273,7 +2475,13 @@ def start_server(args, environ, say):
     except BaseException:
         server.server_close()
         raise
-    return server, cache, permission, region
+    return server, cache, region or bucket_regions[0], token_origin
+
+
+def describe_buckets(buckets):
+    """"bucket 'a'" for one (the seed's words), "buckets 'a', 'b'" for several."""
+    return "bucket{} {}".format("s" if len(buckets) > 1 else "",
+                                ", ".join("'{}'".format(bucket) for bucket in buckets))
 
 
 def main(argv=None, environ=None):
@@ -2284,11 +2492,13 @@ def main(argv=None, environ=None):
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv, program_name(sys.argv[0]))
     try:
         if args.print_identity:
             return print_identity(args, environ)
-        server, cache, permission, region = start_server(args, environ, say)
+        if args.print_policy:
+            return print_policy(args, environ, say)
+        server, cache, region, token_origin = start_server(args, environ, say)
     except (AWSError, LocalServerError) as error:
         say("Error: {}".format(explain(error)))
         return 1
@@ -2297,9 +2507,13 @@ def main(argv=None, environ=None):
 
     host = server.server_address[0]
     url_host = args.host if ":" not in args.host else "[{}]".format(args.host)
-    say("Serving {} credentials for bucket '{}' at http://{}:{}/".format(
-        permission, args.bucket, url_host, server.server_port))
+    say("Serving {} credentials for {} at http://{}:{}/".format(
+        args.permission, describe_buckets(args.buckets), url_host, server.server_port))
     say("Duration: {} seconds".format(args.duration))
+    if args.prefix != "*":
+        say("Prefix: only keys starting with '{}'".format(args.prefix.rstrip("*")))
+    if args.statements:
+        say("Extra policy statements: {}".format(len(args.statements)))
     cache.start()
     if hasattr(signal, "SIGHUP"):  # not on Windows
         signal.signal(signal.SIGHUP, lambda signum, frame: cache.request_refresh())
@@ -2310,18 +2524,23 @@ def main(argv=None, environ=None):
     full_uri = "http://{}:{}/".format(
         "[{}]".format(host) if ":" in host else host, server.server_port)
     code = 0
+    files = None
     try:
+        if args.command or token_origin == "generated":
+            files = ClientFiles(client_config(AWSFiles(environ),
+                                              selected_profile(args, environ)))
+            env = client_environment(environ, full_uri, server.rules.token, region, files)
         if args.command:
-            env = child_environment(environ, full_uri, server.rules.token, region)
             code = run_command(args.command, env)
         else:
-            if args.auth_token == "generate":
-                say("Clients must send the generated token (printed on stdout) as the "
-                    "Authorization header")
-                sys.stdout.write("export AWS_CONTAINER_CREDENTIALS_FULL_URI={}\n"
-                                 "export AWS_CONTAINER_AUTHORIZATION_TOKEN={}\n".format(
-                                     full_uri, server.rules.token))
+            if token_origin == "generated":
+                say("Clients must send the generated token as the Authorization header: "
+                    "the lines on stdout set up a shell for that")
+                sys.stdout.write(shell_setup(env))
                 sys.stdout.flush()
+            elif token_origin:
+                say("Clients must send the token from {} as the Authorization "
+                    "header".format(token_origin))
             say("Press Ctrl+C to stop")
             wait_for_signal(threading.Event())
     except LocalServerError as error:
@@ -2331,6 +2550,8 @@ def main(argv=None, environ=None):
         cache.stop()
         server.shutdown()
         server.server_close()
+        if files is not None:
+            files.remove()
     if not args.command:
         say("Stopped.")
     return code

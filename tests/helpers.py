@@ -267,7 +267,7 @@ class StandIn(object):
         self.server.server_close()
 
 
-SERVING_RE = re.compile(r"^Serving (\S+) credentials for bucket '(.*)' at (http://\S+/)$")
+SERVING_RE = re.compile(r"^Serving (\S+) credentials for buckets? (.*) at (http://\S+/)$")
 
 
 class ScriptProcess(object):
@@ -276,7 +276,7 @@ class ScriptProcess(object):
     def __init__(self, args, env, python=sys.executable, wait=True, timeout=60):
         self.args = args
         self.process = subprocess.Popen(
-            [python, SCRIPT] + [str(arg) for arg in args], env=env,
+            [python, SCRIPT] + [str(arg) for arg in args], env=env, preexec_fn=default_sigint,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.lines = []
         self.secrets = []  # every secret served, to check none is ever printed
@@ -285,8 +285,9 @@ class ScriptProcess(object):
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         self._stdout = []
-        self.stdout_reader = threading.Thread(
-            target=lambda: self._stdout.append(self.process.stdout.read()), daemon=True)
+        self.stdout_reader = threading.Thread(  # line by line, readable while it runs
+            target=lambda: self._stdout.extend(iter(self.process.stdout.readline, b"")),
+            daemon=True)
         self.stdout_reader.start()
         if wait:
             self.wait_ready(timeout)
@@ -356,10 +357,17 @@ class ScriptProcess(object):
         return "\n".join(self.lines)
 
 
+def default_sigint():
+    # A test run started in the background (as `cmd &` in a script) inherits an
+    # ignored SIGINT, and Python then never raises KeyboardInterrupt: give the
+    # script the default disposition a terminal user's process has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_script(args, env, python=sys.executable, timeout=60):
     """Run the script to completion; return (exit code, stdout text, stderr text)."""
     result = subprocess.run([python, SCRIPT] + [str(arg) for arg in args], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, timeout=timeout)
+                            stderr=subprocess.PIPE, timeout=timeout, preexec_fn=default_sigint)
     return (result.returncode, result.stdout.decode("utf-8", "replace"),
             result.stderr.decode("utf-8", "replace"))
