@@ -11,7 +11,8 @@ import pytest
 
 import s3_localserver as s
 from conftest import BUCKET
-from helpers import ACCOUNT, RecordingProxy, StandIn, clean_env, run_script
+from helpers import (ACCOUNT, RecordingProxy, StandIn, clean_env, role_credentials,
+                     run_script, sts_answer)
 
 NOW = time.time()
 LATER = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW + 3600))
@@ -369,6 +370,10 @@ def test_mfa_code(moto, chain_roles, home, tmp_path):
         assert code == 1
         assert err.splitlines() == ["Error: profile 'mfa' needs an MFA code for "
                                     "arn:aws:iam::{}:mfa/tester: give --mfa-code".format(ACCOUNT)]
+        # Long-term keys: the code goes to GetSessionToken, whose answer moto cannot make
+        # usable, so it is stood in by real role credentials (see test_logins.py).
+        proxy.faults.put(sts_answer("GetSessionToken", role_credentials(
+            moto, chain_roles["chain1"], "mfa-session")))
         code, out, err = run_script(["--print-identity", "--profile", "mfa", "--mfa-code",
                                      "123456"], env)
     finally:
