@@ -427,3 +427,16 @@ class ServiceStandIn(object):
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def add_trusted(moto, role_name, principal_arn):
+    """Let one more principal assume a role (moto checks trust policies literally)."""
+    iam = moto.client("iam", access_key=moto.tester["AccessKeyId"],
+                      secret_key=moto.tester["SecretAccessKey"])
+    trust = iam.get_role(RoleName=role_name)["Role"]["AssumeRolePolicyDocument"]
+    statement = trust["Statement"][0]
+    principals = statement["Principal"]["AWS"]
+    principals = principals if isinstance(principals, list) else [principals]
+    if principal_arn not in principals:
+        statement["Principal"]["AWS"] = principals + [principal_arn]
+        iam.update_assume_role_policy(RoleName=role_name, PolicyDocument=json.dumps(trust))

@@ -11,8 +11,7 @@ import pytest
 
 import s3_localserver as s
 from conftest import BUCKET
-from helpers import (ACCOUNT, RecordingProxy, StandIn, clean_env, role_credentials,
-                     run_script, sts_answer)
+from helpers import ACCOUNT, RecordingProxy, StandIn, clean_env, run_script
 
 NOW = time.time()
 LATER = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW + 3600))
@@ -372,6 +371,9 @@ def test_mfa_code(moto, chain_roles, home, tmp_path):
                                     "arn:aws:iam::{}:mfa/tester: give --mfa-code".format(ACCOUNT)]
         # Long-term keys: the code goes to GetSessionToken, whose answer moto cannot make
         # usable, so it is stood in by real role credentials (see test_logins.py).
+        from helpers import add_trusted, role_credentials, sts_answer
+        add_trusted(moto, "chain1", "arn:aws:sts::{}:assumed-role/chain1/mfa-session".format(
+            ACCOUNT))
         proxy.faults.put(sts_answer("GetSessionToken", role_credentials(
             moto, chain_roles["chain1"], "mfa-session")))
         code, out, err = run_script(["--print-identity", "--profile", "mfa", "--mfa-code",
