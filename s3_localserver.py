@@ -770,6 +770,8 @@ def explain(error):
                         "'aws sso login') and start the server again",
         "InvalidClientTokenId": "the base access key is not valid for this account or "
                                 "region",
+        "InvalidIdentityToken": "STS refused the web identity token: check the token file "
+                                "and the role's trust policy for its issuer",
     }
     text = str(error)
     message = getattr(error, "message", "")
