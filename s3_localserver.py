@@ -35,6 +35,7 @@ import queue
 import random
 import re
 import secrets
+import shlex
 import signal
 import socket
 import socketserver
@@ -65,6 +66,7 @@ __all__ = [
 DEFAULT_PORT = 8094
 MIN_DURATION = 15 * 60
 MAX_DURATION = 12 * 60 * 60
+ROLE_CHAINING_LIMIT = 60 * 60  # the longest a role's credentials may assume another role
 POLICY_MAX_CHARS = 2048  # STS refuses longer inline session policies
 DEFAULT_ROLE_NAME = "s3-credentials.AmazonS3FullAccess"
 S3_FULL_ACCESS_POLICY = "policy/AmazonS3FullAccess"
@@ -445,19 +447,37 @@ def _dns_suffix(partition):
     return "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
 
 
-def custom_endpoint(service, endpoint_url=None, environ=os.environ):
-    """The endpoint URL the user set for a service, or None."""
-    return (endpoint_url or environ.get("AWS_ENDPOINT_URL_" + service.upper())
-            or environ.get("AWS_ENDPOINT_URL") or None)
+def custom_endpoint(service, endpoint_url=None, environ=os.environ, configured=None):
+    """The endpoint URL the user set for a service ('sts', 'sso-oidc', ...), or None.
+
+    The SDKs' order: --endpoint-url; then, unless AWS_IGNORE_CONFIGURED_ENDPOINT_URLS
+    (else the profile's ignore_configured_endpoint_urls) is true,
+    AWS_ENDPOINT_URL_<SERVICE>, AWS_ENDPOINT_URL, the profile's services section,
+    the profile's endpoint_url.  ``configured`` is the config file's part, as
+    AWSFiles.endpoints reads it: nothing here touches a file.
+    """
+    if endpoint_url:
+        return endpoint_url
+    configured = configured or {}
+    ignore = environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
+    if ignore is None:  # the variable, even "false", beats the config file
+        ignore = configured.get("ignore_configured_endpoint_urls")
+    if (ignore or "").strip().lower() == "true":
+        return None
+    service_id = service.replace("-", "_")  # sso-oidc: AWS_ENDPOINT_URL_SSO_OIDC, sso_oidc =
+    return (environ.get("AWS_ENDPOINT_URL_" + service_id.upper())
+            or environ.get("AWS_ENDPOINT_URL")
+            or configured.get("services", {}).get(service_id)
+            or configured.get("endpoint_url") or None)
 
 
-def service_endpoint(service, region, endpoint_url=None, environ=os.environ):
+def service_endpoint(service, region, endpoint_url=None, environ=os.environ, configured=None):
     """Return (base URL, signing region) for 'sts', 'iam' or 's3'.
 
-    --endpoint-url beats AWS_ENDPOINT_URL_<SERVICE>, which beats
-    AWS_ENDPOINT_URL; a custom URL is signed with the configured region.
+    A custom URL (see custom_endpoint) is used as given and signed with the
+    configured region.
     """
-    custom = custom_endpoint(service, endpoint_url, environ)
+    custom = custom_endpoint(service, endpoint_url, environ, configured)
     signing_region = region or "us-east-1"
     if custom:
         return custom.rstrip("/"), signing_region
@@ -559,12 +579,14 @@ class AWSClient(object):
 
     def __init__(self, credentials, region=None, endpoint_url=None, environ=None,
                  opener=None, clock=time.time, sleep=time.sleep, timeout=REQUEST_TIMEOUT,
-                 log=None):
-        # Credentials, or BaseCredentials that reload themselves before they expire.
+                 log=None, endpoints=None):
+        # Credentials, or BaseCredentials that reload themselves before they expire
+        # (None for a client that only makes unsigned calls).
         self.base = BaseCredentials.fixed(credentials) if isinstance(
             credentials, Credentials) else credentials
         self.region = region
         self.endpoint_url = endpoint_url
+        self.endpoints = endpoints  # the config file's endpoints (AWSFiles.endpoints)
         self.environ = os.environ if environ is None else environ
         self.opener = opener or default_opener()
         self.clock = clock
@@ -578,7 +600,8 @@ class AWSClient(object):
         return partition_for_region(self.region)
 
     def endpoint(self, service):
-        return service_endpoint(service, self.region, self.endpoint_url, self.environ)
+        return service_endpoint(service, self.region, self.endpoint_url, self.environ,
+                                self.endpoints)
 
     # -- transport ---------------------------------------------------------
 
@@ -600,23 +623,27 @@ class AWSClient(object):
             raise AWSError("ConnectionError", "could not reach {}: {}".format(
                 host_header(url), reason), transient=True)
 
-    def request(self, method, url, service, region, body=b"", headers=None, check=None):
+    def request(self, method, url, service, region, body=b"", headers=None, check=None,
+                sign=True):
         """Send a signed request, retrying what may succeed next time.
 
         ``check(status, headers, body)`` turns an answer into a result or raises
         AWSError; the default accepts 2xx and parses anything else as an error.
+        ``sign=False`` sends it without credentials (AssumeRoleWithWebIdentity).
         """
         check = check or _check_status
         attempt = 0
         skew_fixed = False
         while True:
             attempt += 1
-            signed = sign_request(method, url, headers or {}, body, self.base.get(), region,
-                                  service, self.clock() + self.clock_offset)
-            signed["User-Agent"] = USER_AGENT  # unsigned: proxies may rewrite it
+            sent = dict(headers or {})
+            if sign:
+                sent = sign_request(method, url, sent, body, self.base.get(), region, service,
+                                    self.clock() + self.clock_offset)
+            sent["User-Agent"] = USER_AGENT  # never signed: proxies may rewrite it
             answer_headers = None
             try:
-                status, answer_headers, data = self._send_once(method, url, signed, body)
+                status, answer_headers, data = self._send_once(method, url, sent, body)
                 return check(status, answer_headers, data)
             except AWSError as error:
                 if not skew_fixed and self._fix_clock_skew(error, answer_headers):
@@ -644,7 +671,7 @@ class AWSClient(object):
             -offset))
         return True
 
-    def query(self, service, action, params, version):
+    def query(self, service, action, params, version, sign=True):
         """A query-protocol call (STS, IAM): POST form data, parse the XML."""
         url, region = self.endpoint(service)
         items = [("Action", action), ("Version", version)] + list(params)
@@ -658,7 +685,8 @@ class AWSClient(object):
                 raise AWSError("MalformedResponse",
                                "the {} answer is incomplete".format(action), transient=True)
             return root
-        return self.request("POST", url + "/", service, region, body, content_type, check)
+        return self.request("POST", url + "/", service, region, body, content_type, check,
+                            sign)
 
     # -- the calls ---------------------------------------------------------
 
@@ -674,6 +702,20 @@ class AWSClient(object):
             params.append(("Policy", policy))
         return parse_credentials(self.query("sts", "AssumeRole", params, STS_VERSION),
                                  "AssumeRoleResult")
+
+    def assume_role_with_web_identity(self, role_arn, name, token):
+        """Unsigned: the OIDC token is the proof of identity (botocore sends it so too)."""
+        params = [("RoleArn", role_arn), ("RoleSessionName", name), ("WebIdentityToken", token)]
+        return parse_credentials(self.query("sts", "AssumeRoleWithWebIdentity", params,
+                                            STS_VERSION, sign=False),
+                                 "AssumeRoleWithWebIdentityResult")
+
+    def get_session_token(self, serial, code, duration):
+        """Session credentials that carry an MFA sign-in (needs long-term user keys)."""
+        params = [("DurationSeconds", str(duration)), ("SerialNumber", serial),
+                  ("TokenCode", code)]
+        return parse_credentials(self.query("sts", "GetSessionToken", params, STS_VERSION),
+                                 "GetSessionTokenResult")
 
     def get_federation_token(self, name, policy, duration):
         params = [("Name", name), ("Policy", policy), ("DurationSeconds", str(duration))]
@@ -711,8 +753,10 @@ class AWSClient(object):
         return xml_find(root, "CreateRoleResult", "Role", "Arn")
 
     def bucket_url(self, bucket, region):
-        base, signing_region = service_endpoint("s3", region, self.endpoint_url, self.environ)
-        if custom_endpoint("s3", self.endpoint_url, self.environ) or "." in bucket:
+        base, signing_region = service_endpoint("s3", region, self.endpoint_url, self.environ,
+                                                self.endpoints)
+        if custom_endpoint("s3", self.endpoint_url, self.environ, self.endpoints) or \
+                "." in bucket:
             # Path style: custom endpoints (moto, MinIO) and dotted names, whose
             # virtual host would not match AWS's TLS certificate.
             return "{}/{}".format(base, uri_encode(bucket)), signing_region
@@ -765,6 +809,8 @@ def explain(error):
                         "'aws sso login') and start the server again",
         "InvalidClientTokenId": "the base access key is not valid for this account or "
                                 "region",
+        "InvalidIdentityToken": "STS refused the web identity token: check the token file "
+                                "and the role's trust policy for its issuer",
     }
     text = str(error)
     message = getattr(error, "message", "")
@@ -783,12 +829,16 @@ def explain(error):
 ######################################################################
 #  Where the script's own (base) credentials come from
 ######################################################################
-# The AWS CLI's order: command line, -a file, environment keys (unless --profile
-# is given), the profile (assume-role, SSO, credentials file, credential_process,
-# config file), then the container endpoint and EC2 instance metadata.
+# The AWS CLI's order (botocore's create_credential_resolver): command line, -a
+# file, environment keys (unless --profile is given), then the profile: an
+# assume-role profile, web identity, SSO, credentials-file keys,
+# credential_process, config-file keys; then the container endpoint and EC2
+# instance metadata.
 
 CONTAINER_HOST = "http://169.254.170.2"  # where AWS_CONTAINER_CREDENTIALS_RELATIVE_URI points
 IMDS_DEFAULT = "http://169.254.169.254/"
+SSO_REFRESH_WINDOW = 15 * 60  # botocore refreshes an SSO token with less left than this
+MFA_SESSION_DURATION = 12 * 60 * 60  # GetSessionToken's default, as aws-vault uses it
 
 
 class BaseCredentials(object):
@@ -797,16 +847,18 @@ class BaseCredentials(object):
     ``load()`` returns Credentials (expiration None for long-term keys).
     Temporary ones are reloaded once less than ``refresh_margin`` is left, so
     STS is never called with credentials about to expire.  If a reload fails,
-    the ones in hand are used while they remain valid.
+    the ones in hand are used while they remain valid.  ``is_role`` says they
+    are an assumed role's, which AWS lets assume another role for 1 hour at most.
     """
 
     refresh_margin = 15 * 60.0
     expiry_floor = 60.0
 
-    def __init__(self, load, source, clock=time.time):
+    def __init__(self, load, source, clock=time.time, is_role=False):
         self.load = load
         self.source = source  # where they come from, for messages
         self.clock = clock
+        self.is_role = is_role
         self._lock = threading.Lock()  # one reload at a time
         self._current = None
 
@@ -828,12 +880,17 @@ class BaseCredentials(object):
             return current
 
 
-def _read_ini(path):
+def _read_ini(path, shown):
+    """A config or credentials file; a file the CLI could not read either is one Error."""
     parser = configparser.RawConfigParser()
     try:
         parser.read(path, encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LocalServerError("{} is not UTF-8 text".format(shown))
     except configparser.Error as error:
-        raise LocalServerError("cannot parse {}: {}".format(path, error.__class__.__name__))
+        detail = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        raise LocalServerError("{} is not an INI file the AWS CLI can read ({})".format(
+            shown, detail))
     return parser
 
 
@@ -841,27 +898,70 @@ def _expand(path):
     return os.path.expandvars(os.path.expanduser(path))
 
 
+def _section_name(title, kind):
+    """NAME of a config-file section '[KIND NAME]' as botocore reads the title: split
+    like a shell line, so extra spaces and quotes ('[profile "my name"]') are fine."""
+    if not title.startswith(kind):
+        return None
+    try:
+        parts = shlex.split(title)
+    except ValueError:
+        return None
+    return parts[1] if len(parts) == 2 else None
+
+
+def _nested(value):
+    """An indented block under a key ('sts =' then '  endpoint_url = ...') as a dict."""
+    pairs = (line.split("=", 1) for line in value.splitlines() if "=" in line)
+    return {key.strip(): setting.strip() for key, setting in pairs}
+
+
 class AWSFiles(object):
     """The shared config and credentials files, read once."""
+
+    KINDS = ("profile", "sso-session", "services")
 
     def __init__(self, environ):
         self.config_path = environ.get("AWS_CONFIG_FILE", "~/.aws/config")
         self.credentials_path = environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
-        self.config = _read_ini(_expand(self.config_path))
-        self.credentials = _read_ini(_expand(self.credentials_path))
+        config = _read_ini(_expand(self.config_path), self.config_path)
+        self.credentials = _read_ini(_expand(self.credentials_path), self.credentials_path)
+        # The config file's sections by kind and name, as botocore maps them: [default]
+        # and [profile default] are both the default profile, a bare [name] is nothing,
+        # and of two sections with one name the later wins.
+        self.sections = {kind: {} for kind in self.KINDS}
+        for title in config.sections():
+            kind = "profile" if title == "default" else next(
+                (kind for kind in self.KINDS if title.startswith(kind)), None)
+            name = "default" if title == "default" else _section_name(title, kind or "?")
+            if kind and name:
+                self.sections[kind][name] = dict(config.items(title))
 
     def section(self, kind, name):
-        """[profile NAME] (or [default]), [sso-session NAME] of the config file, as a dict."""
-        title = "default" if (kind, name) == ("profile", "default") else "{} {}".format(
-            kind, name)
-        return dict(self.config.items(title)) if self.config.has_section(title) else None
+        """[profile NAME] (or [default]), [sso-session NAME], [services NAME], as a dict."""
+        return self.sections[kind].get(name)
 
     def profile(self, name):
-        """(config settings, credentials-file settings) of a profile; None where absent.
-        A bare [name] in the config file is not a profile there, as in the CLI."""
+        """(config settings, credentials-file settings) of a profile; None where absent."""
         credentials = (dict(self.credentials.items(name))
                        if self.credentials.has_section(name) else None)
         return self.section("profile", name), credentials
+
+    def endpoints(self, name):
+        """The profile's endpoint settings, for custom_endpoint."""
+        config = self.section("profile", name) or {}
+        services = {}
+        if config.get("services"):
+            section = self.section("services", config["services"])
+            if section is None:
+                raise LocalServerError("profile '{}' names services '{}', which {} lacks".format(
+                    name, config["services"], self.config_path))
+            for service_id, block in section.items():
+                url = _nested(block).get("endpoint_url")
+                if url:
+                    services[service_id] = url
+        return {"endpoint_url": config.get("endpoint_url"), "services": services,
+                "ignore_configured_endpoint_urls": config.get("ignore_configured_endpoint_urls")}
 
     def where(self):
         return "{} and {}".format(self.credentials_path, self.config_path)
@@ -872,6 +972,20 @@ def _static(settings):
         return Credentials(settings["aws_access_key_id"], settings["aws_secret_access_key"],
                            settings.get("aws_session_token"))
     return None
+
+
+def _has_static(settings):
+    # botocore's test: either key counts, even without the other.
+    return "aws_access_key_id" in settings or "aws_secret_access_key" in settings
+
+
+def _assumes_role(settings):
+    # A role_arn next to web_identity_token_file is web identity, not assume-role.
+    return bool(settings.get("role_arn")) and "web_identity_token_file" not in settings
+
+
+def _default_session_name(clock=time.time):
+    return "s3_localserver-{}".format(int(clock()))
 
 
 def read_auth_file(path):
@@ -913,14 +1027,14 @@ def environment_source(environ):
     return None
 
 
-def _fetch_local(url, headers, what, timeout=2.0, method="GET", direct=True):
-    """GET (or PUT) a credential endpoint; (status, body bytes).
+def _fetch_local(url, headers, what, timeout=2.0, method="GET", direct=True, data=None):
+    """GET (or PUT, or POST ``data``) a credential endpoint; (status, body bytes).
 
     ``direct``: bypass any HTTP proxy, as the link-local container and instance
     metadata addresses must be reached from this host itself.
     """
     request = urllib.request.Request(url, headers=headers, method=method,
-                                     data=b"" if method == "PUT" else None)
+                                     data=b"" if data is None and method == "PUT" else data)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if direct else \
         urllib.request.build_opener()
     try:
@@ -975,7 +1089,7 @@ def container_source(environ):
             raise LocalServerError("the container credentials endpoint answered {}".format(
                 status))
         return _credentials_from_json(body, "the container credentials endpoint")
-    return BaseCredentials(load, "container endpoint")
+    return BaseCredentials(load, "container endpoint", is_role=True)
 
 
 def instance_metadata_source(environ):
@@ -1002,15 +1116,50 @@ def instance_metadata_source(environ):
         if status != 200:
             raise LocalServerError("{} answered {} for role {}".format(what, status, role[0]))
         return _credentials_from_json(body, what)
-    return BaseCredentials(load, "instance metadata")
+    return BaseCredentials(load, "instance metadata", is_role=True)
+
+
+def split_windows_command(command):
+    """Split a command line as the Windows C runtime (and so botocore there) does:
+    only space and tab separate, only double quotes quote, and backslashes are
+    literal unless a run of them leads up to a double quote."""
+    parts, current, quoted, backslashes, started = [], [], False, 0, False
+    for char in command:
+        if char == "\\":
+            backslashes += 1
+            continue
+        if char == '"':
+            current.append("\\" * (backslashes // 2))
+            escaped, backslashes = backslashes % 2, 0
+            if escaped:
+                current.append('"')
+            else:
+                quoted, started = not quoted, True
+            continue
+        current.append("\\" * backslashes)
+        backslashes = 0
+        if char in " \t" and not quoted:
+            if started or "".join(current):
+                parts.append("".join(current))
+            current, started = [], False
+        else:
+            current.append(char)
+    if quoted:
+        raise ValueError("no closing quotation")
+    current.append("\\" * backslashes)
+    if started or "".join(current):
+        parts.append("".join(current))
+    return parts
 
 
 def process_source(command, profile):
     """A profile's credential_process: run it (no shell) and read its JSON."""
-    import shlex
     import subprocess  # only needed for credential_process profiles
-    argv = shlex.split(command, posix=os.name != "nt")
     what = "credential_process of profile '{}'".format(profile)
+    try:
+        argv = split_windows_command(command) if os.name == "nt" else shlex.split(command)
+    except ValueError as error:
+        raise LocalServerError("{} cannot be split into words: {}".format(what, error))
 
     def load():
         try:
@@ -1034,29 +1183,111 @@ def process_source(command, profile):
     return BaseCredentials(load, "credential_process (profile {})".format(profile))
 
 
-def sso_source(files, name, settings, environ):
+def web_identity_source(client, role_arn, token_file, session=None):
+    """AssumeRoleWithWebIdentity (Kubernetes IRSA, CI OIDC tokens), unsigned.
+
+    The token file is read again at every load: Kubernetes rotates it.
+    """
+    def load():
+        try:
+            with open(_expand(token_file), encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise LocalServerError("cannot read the web identity token file {}: {}".format(
+                token_file, getattr(error, "strerror", None) or "not UTF-8 text"))
+        if not token:
+            raise LocalServerError("the web identity token file {} is empty".format(token_file))
+        return client.assume_role_with_web_identity(
+            role_arn, session or _default_session_name(client.clock), token)
+    return BaseCredentials(load, "web identity ({})".format(token_file), client.clock,
+                           is_role=True)
+
+
+def sso_token_needs_refresh(cached, now):
+    """Whether botocore would refresh this cached SSO token now: under 15 minutes left
+    with a refresh token and a client registration still valid."""
+    try:
+        left = parse_timestamp(cached["expiresAt"].replace("UTC", "Z")) - now
+        registered = parse_timestamp(cached["registrationExpiresAt"].replace("UTC", "Z")) > now
+    except (KeyError, ValueError, AttributeError):
+        return False
+    return left < SSO_REFRESH_WINDOW and registered and all(
+        cached.get(key) for key in ("refreshToken", "clientId", "clientSecret"))
+
+
+def refresh_sso_token(cached, url, start_url, sso_region, now):
+    """SSO OIDC CreateToken with the refresh token: the cache entry the CLI would write,
+    or None if the service refused (the user must log in again)."""
+    body = json.dumps({"clientId": cached["clientId"], "clientSecret": cached["clientSecret"],
+                       "grantType": "refresh_token", "refreshToken": cached["refreshToken"]})
+    status, answer = _fetch_local(url, {"Content-Type": "application/json"}, "SSO OIDC",
+                                  timeout=REQUEST_TIMEOUT, method="POST", direct=False,
+                                  data=body.encode("utf-8"))
+    if 400 <= status < 500:
+        return None
+    try:
+        if status != 200:
+            raise ValueError(status)
+        answer = json.loads(answer.decode("utf-8"))
+        token, expires_in = answer["accessToken"], int(answer["expiresIn"])
+    except (ValueError, KeyError, TypeError):
+        raise LocalServerError("SSO OIDC answered {} without a new token".format(status))
+    # The fields and form botocore's SSOTokenProvider writes.
+    fresh = {"startUrl": start_url, "region": sso_region, "accessToken": token,
+             "expiresAt": format_timestamp(now + expires_in),
+             "clientId": cached["clientId"], "clientSecret": cached["clientSecret"],
+             "registrationExpiresAt": cached["registrationExpiresAt"]}
+    if answer.get("refreshToken"):
+        fresh["refreshToken"] = answer["refreshToken"]
+    return fresh
+
+
+def _write_json_atomically(path, data):
+    """Replace ``path`` at once (a temp file in the same directory, then a rename), so
+    the CLI reading it alongside never sees half a file."""
+    import tempfile  # only for SSO token refreshes
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(data, out)
+        os.replace(temporary, path)
+    except OSError as error:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise LocalServerError("cannot write {}: {}".format(path, error.strerror or error))
+
+
+def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
     """An IAM Identity Center profile: the token `aws sso login` cached, exchanged at
-    the SSO portal for the role's credentials."""
+    the SSO portal for the role's credentials.  An sso_session token about to
+    expire is first refreshed at SSO OIDC, and the cache file updated, as the CLI
+    does; this happens at every load, so the login lasts as long as its refresh token."""
     session = settings.get("sso_session")
+    start_url = settings.get("sso_start_url", "")
     if session:
         session_settings = files.section("sso-session", session)
         if session_settings is None:
             raise LocalServerError("profile '{}' names sso_session '{}', which {} lacks".format(
                 name, session, files.config_path))
         sso_region = session_settings.get("sso_region")
+        start_url = session_settings.get("sso_start_url", "")
         cache_key = session
     else:
         sso_region = settings.get("sso_region")
-        cache_key = settings.get("sso_start_url", "")
+        cache_key = start_url
     account, role = settings.get("sso_account_id"), settings.get("sso_role_name")
     if not (sso_region and account and role):
         raise LocalServerError("SSO profile '{}' needs sso_region, sso_account_id and "
                                "sso_role_name".format(name))
     cache_file = os.path.join(_expand("~/.aws/sso/cache"),
                               hashlib.sha1(cache_key.encode("utf-8")).hexdigest() + ".json")
-    portal = (environ.get("AWS_ENDPOINT_URL_SSO")
-              or "https://portal.sso.{}.{}".format(
-                  sso_region, _dns_suffix(partition_for_region(sso_region)))).rstrip("/")
+    suffix = _dns_suffix(partition_for_region(sso_region))
+    portal = (custom_endpoint("sso", None, environ, endpoints)
+              or "https://portal.sso.{}.{}".format(sso_region, suffix)).rstrip("/")
+    oidc = (custom_endpoint("sso-oidc", None, environ, endpoints)
+            or "https://oidc.{}.{}".format(sso_region, suffix)).rstrip("/") + "/token"
     login = "run 'aws sso login --profile {}'".format(name)
 
     def load():
@@ -1064,10 +1295,17 @@ def sso_source(files, name, settings, environ):
             with open(cache_file, encoding="utf-8") as handle:
                 cached = json.load(handle)
             token, expires = cached["accessToken"], cached["expiresAt"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             raise LocalServerError("no SSO login found for profile '{}': {}".format(name, login))
+        # botocore refreshes only tokens of sso_session logins; legacy ones hold no
+        # refresh token anyway.
+        if session and sso_token_needs_refresh(cached, clock()):
+            fresh = refresh_sso_token(cached, oidc, start_url, sso_region, clock())
+            if fresh is not None:
+                _write_json_atomically(cache_file, fresh)
+                token, expires = fresh["accessToken"], fresh["expiresAt"]
         try:
-            expired = parse_timestamp(expires.replace("UTC", "Z")) <= time.time()
+            expired = parse_timestamp(expires.replace("UTC", "Z")) <= clock()
         except (ValueError, AttributeError):
             expired = True
         if expired:
@@ -1089,31 +1327,56 @@ def sso_source(files, name, settings, environ):
         return _credentials_from_json(role_credentials.encode("utf-8"), "the SSO portal",
                                       ("accessKeyId", "secretAccessKey", "sessionToken",
                                        "expiration"))
-    return BaseCredentials(load, "SSO profile {}".format(name))
+    return BaseCredentials(load, "SSO profile {}".format(name), clock, is_role=True)
 
 
 class ProfileResolver(object):
-    """Turns a profile into BaseCredentials, following source_profile chains."""
+    """Turns a profile into BaseCredentials, following source_profile chains as
+    botocore's AssumeRoleProvider does."""
 
-    def __init__(self, files, environ, region, endpoint_url, mfa_code=None, ask=None):
+    def __init__(self, files, environ, region, endpoint_url, mfa_code=None, ask=None,
+                 endpoints=None, use_environ=True, clock=time.time):
         self.files = files
         self.environ = environ
         self.region = region
         self.endpoint_url = endpoint_url
         self.mfa_code = mfa_code
         self.ask = ask  # asks the user for an MFA code, or None when nobody can answer
+        self.endpoints = endpoints  # the selected profile's, for every client (as botocore)
+        self.use_environ = use_environ  # AWS_WEB_IDENTITY_TOKEN_FILE...: not with --profile
+        self.clock = clock
 
-    def resolve(self, name, chain=()):
-        """BaseCredentials for the profile, None if it has none, or LocalServerError."""
+    def settings(self, name):
+        """A profile's settings, the credentials file's winning; None if it has none."""
         config, credentials = self.files.profile(name)
         if config is None and credentials is None:
             return None
         settings = dict(config or {})
         settings.update(credentials or {})
-        if settings.get("role_arn"):
-            return self.assume_role_source(name, settings, chain + (name,))
+        return settings
+
+    def client(self, base):
+        return AWSClient(base, self.region, self.endpoint_url, self.environ, clock=self.clock,
+                         endpoints=self.endpoints)
+
+    def resolve(self, name):
+        """BaseCredentials for the selected profile, None if it has none, or LocalServerError."""
+        settings = self.settings(name) or {}
+        if _assumes_role(settings):
+            return self.assume_role_source(name, settings, (name,))
+        return self.profile_source(name, self.use_environ)
+
+    def profile_source(self, name, use_environ=False):
+        """botocore's profile providers in order: web identity, SSO, credentials-file
+        keys, credential_process, config-file keys."""
+        config, credentials = self.files.profile(name)
+        settings = self.settings(name) or {}
+        source = self.web_identity(name, settings, use_environ)
+        if source is not None:
+            return source
         if settings.get("sso_session") or settings.get("sso_start_url"):
-            return sso_source(self.files, name, settings, self.environ)
+            return sso_source(self.files, name, settings, self.environ, self.clock,
+                              self.endpoints)
         if _static(credentials):
             return BaseCredentials.fixed(_static(credentials), "profile " + name)
         if settings.get("credential_process"):
@@ -1122,18 +1385,43 @@ class ProfileResolver(object):
             return BaseCredentials.fixed(_static(config), "profile " + name)
         return None
 
+    def web_identity(self, name, settings, use_environ):
+        """Each setting from its variable (unless --profile was given), else the profile."""
+        def setting(key, variable):
+            if use_environ and self.environ.get(variable):
+                return self.environ[variable]
+            return settings.get(key)
+        token_file = setting("web_identity_token_file", "AWS_WEB_IDENTITY_TOKEN_FILE")
+        if not token_file:
+            return None
+        role_arn = setting("role_arn", "AWS_ROLE_ARN")
+        if not role_arn:
+            raise LocalServerError("web identity needs a role: set AWS_ROLE_ARN or role_arn in "
+                                   "profile '{}'".format(name))
+        return web_identity_source(self.client(None), role_arn, token_file,
+                                   setting("role_session_name", "AWS_ROLE_SESSION_NAME"))
+
+    def source_profile(self, name, parent, chain):
+        """A source_profile as botocore resolves it: keys (even next to a role_arn) or
+        any other login first, its own role_arn only without them."""
+        settings = self.settings(name)
+        if settings is None:
+            raise LocalServerError("source_profile '{}' of profile '{}' does not exist".format(
+                name, parent))
+        if _has_static(settings) or not _assumes_role(settings):
+            return self.profile_source(name)
+        return self.assume_role_source(name, settings, chain + (name,))
+
     def assume_role_source(self, name, settings, chain):
         source_name = settings.get("source_profile")
         credential_source = settings.get("credential_source")
         if source_name:
-            if source_name in chain:
+            # A profile may be its own source for the keys it holds (botocore allows it).
+            own_keys = source_name == name and _has_static(settings)
+            if source_name in chain and not own_keys:
                 raise LocalServerError("profiles refer to each other in a loop: {}".format(
                     " -> ".join(chain + (source_name,))))
-            _, credentials = self.files.profile(source_name)
-            if source_name == name and _static(credentials):
-                source = BaseCredentials.fixed(_static(credentials), "profile " + name)
-            else:
-                source = self.resolve(source_name, chain)
+            source = self.source_profile(source_name, name, chain)
             if source is None:
                 raise LocalServerError("source_profile '{}' of profile '{}' has no "
                                        "credentials".format(source_name, name))
@@ -1148,10 +1436,9 @@ class ProfileResolver(object):
         else:
             raise LocalServerError("profile '{}' has role_arn but neither source_profile nor "
                                    "credential_source".format(name))
-        client = AWSClient(source, self.region, self.endpoint_url, self.environ)
+        client = self.client(source)
         role_arn = settings["role_arn"]
-        session = settings.get("role_session_name") or "s3_localserver-{}".format(
-            int(time.time()))
+        session = settings.get("role_session_name") or _default_session_name(self.clock)
         try:
             duration = int(settings.get("duration_seconds") or 3600)
         except ValueError:
@@ -1162,21 +1449,37 @@ class ProfileResolver(object):
         serial = settings.get("mfa_serial")
         used = []
 
+        def mfa_code():
+            # Only the first load may use --mfa-code or ask: a code works once, and
+            # later loads run in the refresher thread, where nobody can type one.
+            if used:
+                raise LocalServerError("profile '{}' needs a new MFA code for {}: restart "
+                                       "the server with --mfa-code".format(name, serial))
+            code = self.mfa_code
+            if code is None and self.ask is not None:
+                code = self.ask("MFA code for {}: ".format(serial))
+            if not code:
+                raise LocalServerError("profile '{}' needs an MFA code for {}: give "
+                                       "--mfa-code".format(name, serial))
+            used.append(True)
+            return code.strip()
+
+        # With long-term keys one code buys a 12-hour MFA session (GetSessionToken, as
+        # aws-vault does); its credentials then assume the role at every load, no code.
+        mfa_session = self.client(BaseCredentials(
+            lambda: client.get_session_token(serial, mfa_code(), MFA_SESSION_DURATION),
+            "MFA session of profile {}".format(name), self.clock)) if serial else None
+
         def load():
             params = list(extra)
-            if serial:
-                # A code works once: the first load uses it, a later one needs a new one.
-                code = self.mfa_code if not used else None
-                if code is None and self.ask is not None:
-                    code = self.ask("MFA code for {}: ".format(serial))
-                if not code:
-                    raise LocalServerError(
-                        "profile '{}' needs an MFA code for {}: give --mfa-code{}".format(
-                            name, serial, " and restart" if used else ""))
-                used.append(True)
-                params += [("SerialNumber", serial), ("TokenCode", code.strip())]
-            return client.assume_role(role_arn, session, None, duration, params)
-        return BaseCredentials(load, "assume-role profile {}".format(name))
+            signer = client
+            if serial and source.get().session_token is None:
+                signer = mfa_session
+            elif serial:
+                params += [("SerialNumber", serial), ("TokenCode", mfa_code())]
+            return signer.assume_role(role_arn, session, None, duration, params)
+        return BaseCredentials(load, "assume-role profile {}".format(name), self.clock,
+                               is_role=True)
 
 
 def selected_profile(args, environ):
@@ -1192,12 +1495,13 @@ def _ask_on_terminal(prompt):
     return getpass.getpass(prompt)
 
 
-def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal):
+def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=time.time):
     """Find the base credentials the way the AWS CLI does: BaseCredentials.
 
     First match wins: --access-key/--secret-key, -a/--auth, the environment
-    keys (unless --profile is given), the profile, the container endpoint,
-    then EC2 instance metadata.
+    keys (unless --profile is given), the profile (which includes web identity
+    from AWS_WEB_IDENTITY_TOKEN_FILE), the container endpoint, then EC2
+    instance metadata.
     """
     if args.access_key or args.secret_key:
         if not (args.access_key and args.secret_key):
@@ -1215,7 +1519,8 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal):
     files = AWSFiles(environ)
     profile = selected_profile(args, environ)
     resolver = ProfileResolver(files, environ, region, args.endpoint_url,
-                               getattr(args, "mfa_code", None), ask)
+                               getattr(args, "mfa_code", None), ask, files.endpoints(profile),
+                               use_environ=not args.profile, clock=clock)
     source = resolver.resolve(profile)
     if source is not None:
         return source
@@ -1224,11 +1529,13 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal):
         raise LocalServerError("the profile '{}' was not found in {}".format(
             profile, files.where()))
     looked.append("profile '{}' in {}".format(profile, files.where()))
-    for make, place in ((container_source, "container endpoint"),
-                        (instance_metadata_source, "EC2 instance metadata")):
+    for make, place, absent in (
+            (container_source, "container endpoint", "not configured"),
+            (instance_metadata_source, "EC2 instance metadata",
+             "disabled by AWS_EC2_METADATA_DISABLED")):
         source = make(environ)
         if source is None:
-            looked.append(place + " (not configured)")
+            looked.append("{} ({})".format(place, absent))
             continue
         try:
             source.get()
@@ -1245,6 +1552,11 @@ def resolve_region(args, environ):
         return region
     config, _ = AWSFiles(environ).profile(selected_profile(args, environ))
     return (config or {}).get("region")
+
+
+def configured_endpoints(args, environ):
+    """The selected profile's endpoint_url and services section (see custom_endpoint)."""
+    return AWSFiles(environ).endpoints(selected_profile(args, environ))
 
 
 ######################################################################
@@ -1266,7 +1578,9 @@ class CredentialMaker(object):
         self.client = client
         self.mode = mode
         self.policy = policy
-        self.duration = duration
+        # A role's credentials may assume another role for 1 hour at most (role chaining).
+        chained = mode != "federation" and getattr(client.base, "is_role", False)
+        self.duration = min(duration, ROLE_CHAINING_LIMIT) if chained else duration
         self.permission = permission
         self.buckets = _as_list(buckets)
         self.role_arn = role_arn
@@ -1295,6 +1609,11 @@ class CredentialMaker(object):
                     self.role_arn, session_name(self.permission, self.buckets, 64),
                     self.policy, self.duration)
             except AWSError as error:
+                if (error.code == "ValidationError" and "role chaining" in error.message
+                        and self.duration > ROLE_CHAINING_LIMIT):
+                    # STS knows the base is a role when we could not: serve 1-hour sets.
+                    self.duration = ROLE_CHAINING_LIMIT
+                    continue
                 # A role created moments ago is refused until IAM has propagated it.
                 new_role = self.role_created_at is not None and (
                     self.client.clock() - self.role_created_at < self.propagation_wait)
@@ -2088,7 +2407,7 @@ def _bounded_int(low, high, what):
 
 def program_name(argv0):
     """'s3-localserver' when run as the packaged command, else 's3_localserver.py'."""
-    name = os.path.basename(argv0 or "").lower()
+    name = re.split(r"[\\/]", argv0 or "")[-1].lower()
     return "s3-localserver" if name.startswith("s3-localserver") else "s3_localserver.py"
 
 
@@ -2397,24 +2716,20 @@ def run_command(command, env):
 
 
 def wait_for_signal(stop):
-    """Block the main thread until Ctrl+C or SIGTERM sets ``stop``."""
-    def on_signal(signum, frame):
-        stop.set()
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    """Block the main thread until Ctrl+C, or until ``stop`` is set (SIGTERM)."""
     try:
         while not stop.wait(1.0):  # a timeout keeps Ctrl+C responsive on every OS
             pass
     except KeyboardInterrupt:
         pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def print_identity(args, environ):
     """--print-identity: which credentials the script would use, and whose they are."""
     region = resolve_region(args, environ)
     base = resolve_credentials(args, environ, region)
-    identity = AWSClient(base, region, args.endpoint_url, environ).get_caller_identity()
+    identity = AWSClient(base, region, args.endpoint_url, environ,
+                         endpoints=configured_endpoints(args, environ)).get_caller_identity()
     sys.stdout.write("{} (account {}, credentials from {})\n".format(
         identity["Arn"], identity["Account"], base.source))
     return 0
@@ -2450,13 +2765,13 @@ def start_server(args, environ, say):
         say("Warning: serving on {} without --auth-token: anyone who can reach this port "
             "gets the credentials".format(args.host))
     region = resolve_region(args, environ)
+    policy = policy_json(session_policy(args, region))  # too long: say so before any call
     client = AWSClient(resolve_credentials(args, environ, region), region, args.endpoint_url,
-                       environ, log=say)
-    policy = policy_json(session_policy(args, region))
+                       environ, log=say, endpoints=configured_endpoints(args, environ))
     mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
     maker = CredentialMaker(client, mode, policy, args.duration, args.permission, args.buckets,
                             role_arn=args.role_arn, log=say)
-    cache = CredentialCache(maker, args.duration, log=say)
+    cache = CredentialCache(maker, maker.duration, log=say)
     rules = AccessRules([args.host] + args.allow_host, token)
     try:
         server = CredentialServer((args.host, args.port), cache, rules,
@@ -2475,6 +2790,13 @@ def start_server(args, environ, say):
     except BaseException:
         server.server_close()
         raise
+    if maker.duration < args.duration:
+        # The cache's refresh timing is the same for any duration of 1 hour or more, so
+        # a cap STS only revealed during the first refresh needs nothing else.
+        say("Each set lasts 1 hour, not {} seconds: the script's own credentials ({}) are "
+            "an assumed role's, and AWS lets those assume another role for 1 hour at most "
+            "(role chaining)".format(args.duration, client.base.source))
+        args.duration = maker.duration
     return server, cache, region or bucket_regions[0], token_origin
 
 
@@ -2505,6 +2827,10 @@ def main(argv=None, environ=None):
     except KeyboardInterrupt:
         return 130
 
+    # SIGTERM's handler goes in before anything says we are up: a supervisor (or a
+    # test) may send it the moment it reads the first line.
+    stop = threading.Event()
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     host = server.server_address[0]
     url_host = args.host if ":" not in args.host else "[{}]".format(args.host)
     say("Serving {} credentials for {} at http://{}:{}/".format(
@@ -2531,7 +2857,8 @@ def main(argv=None, environ=None):
                                               selected_profile(args, environ)))
             env = client_environment(environ, full_uri, server.rules.token, region, files)
         if args.command:
-            code = run_command(args.command, env)
+            code = run_command(args.command, env) if not stop.is_set() else (
+                128 + signal.SIGTERM)
         else:
             if token_origin == "generated":
                 say("Clients must send the generated token as the Authorization header: "
@@ -2542,11 +2869,12 @@ def main(argv=None, environ=None):
                 say("Clients must send the token from {} as the Authorization "
                     "header".format(token_origin))
             say("Press Ctrl+C to stop")
-            wait_for_signal(threading.Event())
+            wait_for_signal(stop)
     except LocalServerError as error:
         say("Error: {}".format(error))
         code = 1
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         cache.stop()
         server.shutdown()
         server.server_close()
