@@ -2481,7 +2481,8 @@ def build_parser(prog="s3_localserver.py"):
                       help="file with credentials: JSON with AccessKeyId, SecretAccessKey, "
                            "SessionToken, or an INI credentials file")
     base.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config "
-                                        "(static keys, assume-role, SSO, credential_process)")
+                                        "(static keys, assume-role, MFA, SSO, web identity, "
+                                        "credential_process)")
     base.add_argument("--mfa-code", metavar="CODE",
                       help="MFA code for an assume-role profile with mfa_serial (else asked "
                            "for on the terminal)")
