@@ -35,6 +35,7 @@ import queue
 import random
 import re
 import secrets
+import shlex
 import signal
 import socket
 import socketserver
@@ -65,6 +66,7 @@ __all__ = [
 DEFAULT_PORT = 8094
 MIN_DURATION = 15 * 60
 MAX_DURATION = 12 * 60 * 60
+ROLE_CHAINING_LIMIT = 60 * 60  # the longest a role's credentials may assume another role
 POLICY_MAX_CHARS = 2048  # STS refuses longer inline session policies
 DEFAULT_ROLE_NAME = "s3-credentials.AmazonS3FullAccess"
 S3_FULL_ACCESS_POLICY = "policy/AmazonS3FullAccess"
@@ -129,15 +131,19 @@ PERMANENT_CODES = frozenset([
 #  Durations and validation
 ######################################################################
 
-_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?$")
+_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
 def parse_duration(text):
     """Turn '900', '900s', '15m', '1h' or '1h30m' into seconds (15 min to 12 h)."""
-    match = _DURATION_RE.match(text.strip().lower())
-    if not text.strip() or not match or not any(match.groups()):
+    text = text.strip().lower()
+    match = _DURATION_RE.match(text + ("s" if text.isdigit() else ""))
+    if not text or not match or not any(match.groups()):
+        hint = ""
+        if re.match(r"^\d+h\d+$", text):  # '1h30': minutes or seconds? Say which we want.
+            hint = " (did you mean {}m?)".format(text)
         raise ValueError(
-            "duration must look like 900, 900s, 15m, 1h or 1h30m, not {!r}".format(text))
+            "duration must look like 900, 900s, 15m, 1h or 1h30m, not {!r}{}".format(text, hint))
     hours, minutes, seconds = (int(part or 0) for part in match.groups())
     total = hours * 3600 + minutes * 60 + seconds
     if not MIN_DURATION <= total <= MAX_DURATION:
@@ -146,14 +152,45 @@ def parse_duration(text):
     return total
 
 
-def session_name(permission, bucket, limit):
-    """An STS session name for these credentials, valid whatever the bucket.
+def _as_list(buckets):
+    return [buckets] if isinstance(buckets, str) else list(buckets)
 
+
+def session_name(permission, buckets, limit):
+    """An STS session name for these credentials, valid whatever the buckets.
+
+    s3-credentials' form, 's3.PERMISSION.BUCKET[,BUCKET...]', cut to the limit:
     AssumeRole allows 64 characters and GetFederationToken 32, each from
     [\\w+=,.@-]; bucket names are longer than that allows at times.
     """
-    name = re.sub(r"[^\w+=,.@-]", "-", "s3.{}.{}".format(permission, bucket))
-    return name[:limit]
+    text = "s3.{}.{}".format(permission, ",".join(_as_list(buckets)))
+    return re.sub(r"[^\w+=,.@-]", "-", text)[:limit]
+
+
+_ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+
+
+def check_bucket(name):
+    """A bucket name as S3 takes it; ValueError with a hint for common slips."""
+    if name.lower().startswith(("s3://", "arn:")):
+        bare = name.split("://", 1)[-1] if "://" in name else name.rpartition(":")[2]
+        raise ValueError("give the bucket's name, not a URL or ARN: {!r} (try {!r})".format(
+            name, bare.split("/")[0]))
+    if "/" in name:
+        bucket, _, prefix = name.partition("/")
+        raise ValueError("a bucket name has no '/': {!r} (for keys under a prefix, try "
+                         "{} --prefix {})".format(name, bucket, prefix))
+    # S3's rules, loosely: legacy us-east-1 buckets may hold capitals and underscores.
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$", name):
+        raise ValueError("not a valid bucket name: {!r}".format(name))
+    return name
+
+
+def check_role_arn(arn):
+    if not _ROLE_ARN_RE.match(arn):
+        raise ValueError("--role-arn must be an IAM role ARN like "
+                         "arn:aws:iam::123456789012:role/NAME, not {!r}".format(arn))
+    return arn
 
 
 def parse_statement(text):
@@ -216,20 +253,24 @@ def bucket_statements(permission, bucket, prefix="*", partition="aws"):
     return statements
 
 
-def build_policy(permission, bucket, prefix="*", extra_statements=(), partition="aws"):
-    """The inline session policy as a dict."""
-    statements = bucket_statements(permission, bucket, prefix, partition)
+def build_policy(permission, buckets, prefix="*", extra_statements=(), partition="aws"):
+    """The inline session policy as a dict: for each bucket in order the statements
+    s3-credentials issues for it, then the extra statements."""
+    statements = []
+    for bucket in _as_list(buckets):
+        statements.extend(bucket_statements(permission, bucket, prefix, partition))
     statements.extend(extra_statements)
     return {"Version": "2012-10-17", "Statement": statements}
 
 
-def policy_json(policy):
+def policy_json(policy, check=True):
     """Serialize compactly: STS counts every character against its 2048 limit."""
     text = json.dumps(policy, separators=(",", ":"))
-    if len(text) > POLICY_MAX_CHARS:
+    if check and len(text) > POLICY_MAX_CHARS:
         raise LocalServerError(
             "the session policy is {} characters; STS allows at most {} "
-            "(use fewer or shorter --statement options)".format(len(text), POLICY_MAX_CHARS))
+            "(use fewer buckets or fewer or shorter --statement options; --print-policy "
+            "shows it)".format(len(text), POLICY_MAX_CHARS))
     return text
 
 
@@ -472,19 +513,37 @@ def _dns_suffix(partition):
     return "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
 
 
-def custom_endpoint(service, endpoint_url=None, environ=os.environ):
-    """The endpoint URL the user set for a service, or None."""
-    return (endpoint_url or environ.get("AWS_ENDPOINT_URL_" + service.upper())
-            or environ.get("AWS_ENDPOINT_URL") or None)
+def custom_endpoint(service, endpoint_url=None, environ=os.environ, configured=None):
+    """The endpoint URL the user set for a service ('sts', 'sso-oidc', ...), or None.
+
+    The SDKs' order: --endpoint-url; then, unless AWS_IGNORE_CONFIGURED_ENDPOINT_URLS
+    (else the profile's ignore_configured_endpoint_urls) is true,
+    AWS_ENDPOINT_URL_<SERVICE>, AWS_ENDPOINT_URL, the profile's services section,
+    the profile's endpoint_url.  ``configured`` is the config file's part, as
+    AWSFiles.endpoints reads it: nothing here touches a file.
+    """
+    if endpoint_url:
+        return endpoint_url
+    configured = configured or {}
+    ignore = environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
+    if ignore is None:  # the variable, even "false", beats the config file
+        ignore = configured.get("ignore_configured_endpoint_urls")
+    if (ignore or "").strip().lower() == "true":
+        return None
+    service_id = service.replace("-", "_")  # sso-oidc: AWS_ENDPOINT_URL_SSO_OIDC, sso_oidc =
+    return (environ.get("AWS_ENDPOINT_URL_" + service_id.upper())
+            or environ.get("AWS_ENDPOINT_URL")
+            or configured.get("services", {}).get(service_id)
+            or configured.get("endpoint_url") or None)
 
 
-def service_endpoint(service, region, endpoint_url=None, environ=os.environ):
+def service_endpoint(service, region, endpoint_url=None, environ=os.environ, configured=None):
     """Return (base URL, signing region) for 'sts', 'iam' or 's3'.
 
-    --endpoint-url beats AWS_ENDPOINT_URL_<SERVICE>, which beats
-    AWS_ENDPOINT_URL; a custom URL is signed with the configured region.
+    A custom URL (see custom_endpoint) is used as given and signed with the
+    configured region.
     """
-    custom = custom_endpoint(service, endpoint_url, environ)
+    custom = custom_endpoint(service, endpoint_url, environ, configured)
     signing_region = region or "us-east-1"
     if custom:
         return custom.rstrip("/"), signing_region
@@ -586,12 +645,14 @@ class AWSClient(object):
 
     def __init__(self, credentials, region=None, endpoint_url=None, environ=None,
                  opener=None, clock=None, sleep=time.sleep, timeout=REQUEST_TIMEOUT,
-                 log=None):
-        # Credentials, or BaseCredentials that reload themselves before they expire.
+                 log=None, endpoints=None):
+        # Credentials, or BaseCredentials that reload themselves before they expire
+        # (None for a client that only makes unsigned calls).
         self.base = BaseCredentials.fixed(credentials) if isinstance(
             credentials, Credentials) else credentials
         self.region = region
         self.endpoint_url = endpoint_url
+        self.endpoints = endpoints  # the config file's endpoints (AWSFiles.endpoints)
         self.environ = os.environ if environ is None else environ
         self.opener = opener or default_opener()
         self.clock = Clock.of(clock)  # shared with the credential cache: AWS's time
@@ -608,7 +669,8 @@ class AWSClient(object):
         return self.clock.offset
 
     def endpoint(self, service):
-        return service_endpoint(service, self.region, self.endpoint_url, self.environ)
+        return service_endpoint(service, self.region, self.endpoint_url, self.environ,
+                                self.endpoints)
 
     # -- transport ---------------------------------------------------------
 
@@ -630,23 +692,27 @@ class AWSClient(object):
             raise AWSError("ConnectionError", "could not reach {}: {}".format(
                 host_header(url), reason), transient=True)
 
-    def request(self, method, url, service, region, body=b"", headers=None, check=None):
+    def request(self, method, url, service, region, body=b"", headers=None, check=None,
+                sign=True):
         """Send a signed request, retrying what may succeed next time.
 
         ``check(status, headers, body)`` turns an answer into a result or raises
         AWSError; the default accepts 2xx and parses anything else as an error.
+        ``sign=False`` sends it without credentials (AssumeRoleWithWebIdentity).
         """
         check = check or _check_status
         attempt = 0
         skew_fixed = False
         while True:
             attempt += 1
-            signed = sign_request(method, url, headers or {}, body, self.base.get(), region,
-                                  service, self.clock.aws_now())
-            signed["User-Agent"] = USER_AGENT  # unsigned: proxies may rewrite it
+            sent = dict(headers or {})
+            if sign:
+                sent = sign_request(method, url, sent, body, self.base.get(), region, service,
+                                    self.clock.aws_now())
+            sent["User-Agent"] = USER_AGENT  # never signed: proxies may rewrite it
             shift = 0.0
             try:
-                status, answer_headers, data = self._send_once(method, url, signed, body)
+                status, answer_headers, data = self._send_once(method, url, sent, body)
                 shift = self._fix_clock_skew(answer_headers)
                 return check(status, answer_headers, data)
             except AWSError as error:
@@ -676,7 +742,7 @@ class AWSClient(object):
                 -self.clock.offset))
         return shift
 
-    def query(self, service, action, params, version):
+    def query(self, service, action, params, version, sign=True):
         """A query-protocol call (STS, IAM): POST form data, parse the XML."""
         url, region = self.endpoint(service)
         items = [("Action", action), ("Version", version)] + list(params)
@@ -690,7 +756,8 @@ class AWSClient(object):
                 raise AWSError("MalformedResponse",
                                "the {} answer is incomplete".format(action), transient=True)
             return root
-        return self.request("POST", url + "/", service, region, body, content_type, check)
+        return self.request("POST", url + "/", service, region, body, content_type, check,
+                            sign)
 
     # -- the calls ---------------------------------------------------------
 
@@ -706,6 +773,20 @@ class AWSClient(object):
             params.append(("Policy", policy))
         return parse_credentials(self.query("sts", "AssumeRole", params, STS_VERSION),
                                  "AssumeRoleResult")
+
+    def assume_role_with_web_identity(self, role_arn, name, token):
+        """Unsigned: the OIDC token is the proof of identity (botocore sends it so too)."""
+        params = [("RoleArn", role_arn), ("RoleSessionName", name), ("WebIdentityToken", token)]
+        return parse_credentials(self.query("sts", "AssumeRoleWithWebIdentity", params,
+                                            STS_VERSION, sign=False),
+                                 "AssumeRoleWithWebIdentityResult")
+
+    def get_session_token(self, serial, code, duration):
+        """Session credentials that carry an MFA sign-in (needs long-term user keys)."""
+        params = [("DurationSeconds", str(duration)), ("SerialNumber", serial),
+                  ("TokenCode", code)]
+        return parse_credentials(self.query("sts", "GetSessionToken", params, STS_VERSION),
+                                 "GetSessionTokenResult")
 
     def get_federation_token(self, name, policy, duration):
         params = [("Name", name), ("Policy", policy), ("DurationSeconds", str(duration))]
@@ -743,8 +824,10 @@ class AWSClient(object):
         return xml_find(root, "CreateRoleResult", "Role", "Arn")
 
     def bucket_url(self, bucket, region):
-        base, signing_region = service_endpoint("s3", region, self.endpoint_url, self.environ)
-        if custom_endpoint("s3", self.endpoint_url, self.environ) or "." in bucket:
+        base, signing_region = service_endpoint("s3", region, self.endpoint_url, self.environ,
+                                                self.endpoints)
+        if custom_endpoint("s3", self.endpoint_url, self.environ, self.endpoints) or \
+                "." in bucket:
             # Path style: custom endpoints (moto, MinIO) and dotted names, whose
             # virtual host would not match AWS's TLS certificate.
             return "{}/{}".format(base, uri_encode(bucket)), signing_region
@@ -768,7 +851,7 @@ class AWSClient(object):
             url, signing_region = self.bucket_url(bucket, region)
             status, headers = self.request("HEAD", url, "s3", signing_region, check=check)
             if 200 <= status < 300:
-                return region
+                return headers.get("x-amz-bucket-region") or region  # S3 says where it is
             elsewhere = headers.get("x-amz-bucket-region")
             if status in (301, 307, 400) and elsewhere and elsewhere != region:
                 region = elsewhere
@@ -797,6 +880,8 @@ def explain(error):
                         "'aws sso login') and start the server again",
         "InvalidClientTokenId": "the base access key is not valid for this account or "
                                 "region",
+        "InvalidIdentityToken": "STS refused the web identity token: check the token file "
+                                "and the role's trust policy for its issuer",
     }
     text = str(error)
     message = getattr(error, "message", "")
@@ -815,12 +900,16 @@ def explain(error):
 ######################################################################
 #  Where the script's own (base) credentials come from
 ######################################################################
-# The AWS CLI's order: command line, -a file, environment keys (unless --profile
-# is given), the profile (assume-role, SSO, credentials file, credential_process,
-# config file), then the container endpoint and EC2 instance metadata.
+# The AWS CLI's order (botocore's create_credential_resolver): command line, -a
+# file, environment keys (unless --profile is given), then the profile: an
+# assume-role profile, web identity, SSO, credentials-file keys,
+# credential_process, config-file keys; then the container endpoint and EC2
+# instance metadata.
 
 CONTAINER_HOST = "http://169.254.170.2"  # where AWS_CONTAINER_CREDENTIALS_RELATIVE_URI points
 IMDS_DEFAULT = "http://169.254.169.254/"
+SSO_REFRESH_WINDOW = 15 * 60  # botocore refreshes an SSO token with less left than this
+MFA_SESSION_DURATION = 12 * 60 * 60  # GetSessionToken's default, as aws-vault uses it
 
 
 class BaseCredentials(object):
@@ -829,16 +918,18 @@ class BaseCredentials(object):
     ``load()`` returns Credentials (expiration None for long-term keys).
     Temporary ones are reloaded once less than ``refresh_margin`` is left, so
     STS is never called with credentials about to expire.  If a reload fails,
-    the ones in hand are used while they remain valid.
+    the ones in hand are used while they remain valid.  ``is_role`` says they
+    are an assumed role's, which AWS lets assume another role for 1 hour at most.
     """
 
     refresh_margin = 15 * 60.0
     expiry_floor = 60.0
 
-    def __init__(self, load, source, clock=time.time):
+    def __init__(self, load, source, clock=time.time, is_role=False):
         self.load = load
         self.source = source  # where they come from, for messages
         self.clock = clock
+        self.is_role = is_role
         self._lock = threading.Lock()  # one reload at a time
         self._current = None
 
@@ -860,12 +951,17 @@ class BaseCredentials(object):
             return current
 
 
-def _read_ini(path):
+def _read_ini(path, shown):
+    """A config or credentials file; a file the CLI could not read either is one Error."""
     parser = configparser.RawConfigParser()
     try:
         parser.read(path, encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LocalServerError("{} is not UTF-8 text".format(shown))
     except configparser.Error as error:
-        raise LocalServerError("cannot parse {}: {}".format(path, error.__class__.__name__))
+        detail = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        raise LocalServerError("{} is not an INI file the AWS CLI can read ({})".format(
+            shown, detail))
     return parser
 
 
@@ -873,27 +969,70 @@ def _expand(path):
     return os.path.expandvars(os.path.expanduser(path))
 
 
+def _section_name(title, kind):
+    """NAME of a config-file section '[KIND NAME]' as botocore reads the title: split
+    like a shell line, so extra spaces and quotes ('[profile "my name"]') are fine."""
+    if not title.startswith(kind):
+        return None
+    try:
+        parts = shlex.split(title)
+    except ValueError:
+        return None
+    return parts[1] if len(parts) == 2 else None
+
+
+def _nested(value):
+    """An indented block under a key ('sts =' then '  endpoint_url = ...') as a dict."""
+    pairs = (line.split("=", 1) for line in value.splitlines() if "=" in line)
+    return {key.strip(): setting.strip() for key, setting in pairs}
+
+
 class AWSFiles(object):
     """The shared config and credentials files, read once."""
+
+    KINDS = ("profile", "sso-session", "services")
 
     def __init__(self, environ):
         self.config_path = environ.get("AWS_CONFIG_FILE", "~/.aws/config")
         self.credentials_path = environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
-        self.config = _read_ini(_expand(self.config_path))
-        self.credentials = _read_ini(_expand(self.credentials_path))
+        config = _read_ini(_expand(self.config_path), self.config_path)
+        self.credentials = _read_ini(_expand(self.credentials_path), self.credentials_path)
+        # The config file's sections by kind and name, as botocore maps them: [default]
+        # and [profile default] are both the default profile, a bare [name] is nothing,
+        # and of two sections with one name the later wins.
+        self.sections = {kind: {} for kind in self.KINDS}
+        for title in config.sections():
+            kind = "profile" if title == "default" else next(
+                (kind for kind in self.KINDS if title.startswith(kind)), None)
+            name = "default" if title == "default" else _section_name(title, kind or "?")
+            if kind and name:
+                self.sections[kind][name] = dict(config.items(title))
 
     def section(self, kind, name):
-        """[profile NAME] (or [default]), [sso-session NAME] of the config file, as a dict."""
-        title = "default" if (kind, name) == ("profile", "default") else "{} {}".format(
-            kind, name)
-        return dict(self.config.items(title)) if self.config.has_section(title) else None
+        """[profile NAME] (or [default]), [sso-session NAME], [services NAME], as a dict."""
+        return self.sections[kind].get(name)
 
     def profile(self, name):
-        """(config settings, credentials-file settings) of a profile; None where absent.
-        A bare [name] in the config file is not a profile there, as in the CLI."""
+        """(config settings, credentials-file settings) of a profile; None where absent."""
         credentials = (dict(self.credentials.items(name))
                        if self.credentials.has_section(name) else None)
         return self.section("profile", name), credentials
+
+    def endpoints(self, name):
+        """The profile's endpoint settings, for custom_endpoint."""
+        config = self.section("profile", name) or {}
+        services = {}
+        if config.get("services"):
+            section = self.section("services", config["services"])
+            if section is None:
+                raise LocalServerError("profile '{}' names services '{}', which {} lacks".format(
+                    name, config["services"], self.config_path))
+            for service_id, block in section.items():
+                url = _nested(block).get("endpoint_url")
+                if url:
+                    services[service_id] = url
+        return {"endpoint_url": config.get("endpoint_url"), "services": services,
+                "ignore_configured_endpoint_urls": config.get("ignore_configured_endpoint_urls")}
 
     def where(self):
         return "{} and {}".format(self.credentials_path, self.config_path)
@@ -904,6 +1043,20 @@ def _static(settings):
         return Credentials(settings["aws_access_key_id"], settings["aws_secret_access_key"],
                            settings.get("aws_session_token"))
     return None
+
+
+def _has_static(settings):
+    # botocore's test: either key counts, even without the other.
+    return "aws_access_key_id" in settings or "aws_secret_access_key" in settings
+
+
+def _assumes_role(settings):
+    # A role_arn next to web_identity_token_file is web identity, not assume-role.
+    return bool(settings.get("role_arn")) and "web_identity_token_file" not in settings
+
+
+def _default_session_name(clock=time.time):
+    return "s3_localserver-{}".format(int(clock()))
 
 
 def read_auth_file(path):
@@ -945,14 +1098,14 @@ def environment_source(environ):
     return None
 
 
-def _fetch_local(url, headers, what, timeout=2.0, method="GET", direct=True):
-    """GET (or PUT) a credential endpoint; (status, body bytes).
+def _fetch_local(url, headers, what, timeout=2.0, method="GET", direct=True, data=None):
+    """GET (or PUT, or POST ``data``) a credential endpoint; (status, body bytes).
 
     ``direct``: bypass any HTTP proxy, as the link-local container and instance
     metadata addresses must be reached from this host itself.
     """
     request = urllib.request.Request(url, headers=headers, method=method,
-                                     data=b"" if method == "PUT" else None)
+                                     data=b"" if data is None and method == "PUT" else data)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if direct else \
         urllib.request.build_opener()
     try:
@@ -1007,7 +1160,7 @@ def container_source(environ):
             raise LocalServerError("the container credentials endpoint answered {}".format(
                 status))
         return _credentials_from_json(body, "the container credentials endpoint")
-    return BaseCredentials(load, "container endpoint")
+    return BaseCredentials(load, "container endpoint", is_role=True)
 
 
 def instance_metadata_source(environ):
@@ -1034,15 +1187,50 @@ def instance_metadata_source(environ):
         if status != 200:
             raise LocalServerError("{} answered {} for role {}".format(what, status, role[0]))
         return _credentials_from_json(body, what)
-    return BaseCredentials(load, "instance metadata")
+    return BaseCredentials(load, "instance metadata", is_role=True)
+
+
+def split_windows_command(command):
+    """Split a command line as the Windows C runtime (and so botocore there) does:
+    only space and tab separate, only double quotes quote, and backslashes are
+    literal unless a run of them leads up to a double quote."""
+    parts, current, quoted, backslashes, started = [], [], False, 0, False
+    for char in command:
+        if char == "\\":
+            backslashes += 1
+            continue
+        if char == '"':
+            current.append("\\" * (backslashes // 2))
+            escaped, backslashes = backslashes % 2, 0
+            if escaped:
+                current.append('"')
+            else:
+                quoted, started = not quoted, True
+            continue
+        current.append("\\" * backslashes)
+        backslashes = 0
+        if char in " \t" and not quoted:
+            if started or "".join(current):
+                parts.append("".join(current))
+            current, started = [], False
+        else:
+            current.append(char)
+    if quoted:
+        raise ValueError("no closing quotation")
+    current.append("\\" * backslashes)
+    if started or "".join(current):
+        parts.append("".join(current))
+    return parts
 
 
 def process_source(command, profile):
     """A profile's credential_process: run it (no shell) and read its JSON."""
-    import shlex
     import subprocess  # only needed for credential_process profiles
-    argv = shlex.split(command, posix=os.name != "nt")
     what = "credential_process of profile '{}'".format(profile)
+    try:
+        argv = split_windows_command(command) if os.name == "nt" else shlex.split(command)
+    except ValueError as error:
+        raise LocalServerError("{} cannot be split into words: {}".format(what, error))
 
     def load():
         try:
@@ -1066,29 +1254,111 @@ def process_source(command, profile):
     return BaseCredentials(load, "credential_process (profile {})".format(profile))
 
 
-def sso_source(files, name, settings, environ):
+def web_identity_source(client, role_arn, token_file, session=None):
+    """AssumeRoleWithWebIdentity (Kubernetes IRSA, CI OIDC tokens), unsigned.
+
+    The token file is read again at every load: Kubernetes rotates it.
+    """
+    def load():
+        try:
+            with open(_expand(token_file), encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise LocalServerError("cannot read the web identity token file {}: {}".format(
+                token_file, getattr(error, "strerror", None) or "not UTF-8 text"))
+        if not token:
+            raise LocalServerError("the web identity token file {} is empty".format(token_file))
+        return client.assume_role_with_web_identity(
+            role_arn, session or _default_session_name(client.clock), token)
+    return BaseCredentials(load, "web identity ({})".format(token_file), client.clock,
+                           is_role=True)
+
+
+def sso_token_needs_refresh(cached, now):
+    """Whether botocore would refresh this cached SSO token now: under 15 minutes left
+    with a refresh token and a client registration still valid."""
+    try:
+        left = parse_timestamp(cached["expiresAt"].replace("UTC", "Z")) - now
+        registered = parse_timestamp(cached["registrationExpiresAt"].replace("UTC", "Z")) > now
+    except (KeyError, ValueError, AttributeError):
+        return False
+    return left < SSO_REFRESH_WINDOW and registered and all(
+        cached.get(key) for key in ("refreshToken", "clientId", "clientSecret"))
+
+
+def refresh_sso_token(cached, url, start_url, sso_region, now):
+    """SSO OIDC CreateToken with the refresh token: the cache entry the CLI would write,
+    or None if the service refused (the user must log in again)."""
+    body = json.dumps({"clientId": cached["clientId"], "clientSecret": cached["clientSecret"],
+                       "grantType": "refresh_token", "refreshToken": cached["refreshToken"]})
+    status, answer = _fetch_local(url, {"Content-Type": "application/json"}, "SSO OIDC",
+                                  timeout=REQUEST_TIMEOUT, method="POST", direct=False,
+                                  data=body.encode("utf-8"))
+    if 400 <= status < 500:
+        return None
+    try:
+        if status != 200:
+            raise ValueError(status)
+        answer = json.loads(answer.decode("utf-8"))
+        token, expires_in = answer["accessToken"], int(answer["expiresIn"])
+    except (ValueError, KeyError, TypeError):
+        raise LocalServerError("SSO OIDC answered {} without a new token".format(status))
+    # The fields and form botocore's SSOTokenProvider writes.
+    fresh = {"startUrl": start_url, "region": sso_region, "accessToken": token,
+             "expiresAt": format_timestamp(now + expires_in),
+             "clientId": cached["clientId"], "clientSecret": cached["clientSecret"],
+             "registrationExpiresAt": cached["registrationExpiresAt"]}
+    if answer.get("refreshToken"):
+        fresh["refreshToken"] = answer["refreshToken"]
+    return fresh
+
+
+def _write_json_atomically(path, data):
+    """Replace ``path`` at once (a temp file in the same directory, then a rename), so
+    the CLI reading it alongside never sees half a file."""
+    import tempfile  # only for SSO token refreshes
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(data, out)
+        os.replace(temporary, path)
+    except OSError as error:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise LocalServerError("cannot write {}: {}".format(path, error.strerror or error))
+
+
+def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
     """An IAM Identity Center profile: the token `aws sso login` cached, exchanged at
-    the SSO portal for the role's credentials."""
+    the SSO portal for the role's credentials.  An sso_session token about to
+    expire is first refreshed at SSO OIDC, and the cache file updated, as the CLI
+    does; this happens at every load, so the login lasts as long as its refresh token."""
     session = settings.get("sso_session")
+    start_url = settings.get("sso_start_url", "")
     if session:
         session_settings = files.section("sso-session", session)
         if session_settings is None:
             raise LocalServerError("profile '{}' names sso_session '{}', which {} lacks".format(
                 name, session, files.config_path))
         sso_region = session_settings.get("sso_region")
+        start_url = session_settings.get("sso_start_url", "")
         cache_key = session
     else:
         sso_region = settings.get("sso_region")
-        cache_key = settings.get("sso_start_url", "")
+        cache_key = start_url
     account, role = settings.get("sso_account_id"), settings.get("sso_role_name")
     if not (sso_region and account and role):
         raise LocalServerError("SSO profile '{}' needs sso_region, sso_account_id and "
                                "sso_role_name".format(name))
     cache_file = os.path.join(_expand("~/.aws/sso/cache"),
                               hashlib.sha1(cache_key.encode("utf-8")).hexdigest() + ".json")
-    portal = (environ.get("AWS_ENDPOINT_URL_SSO")
-              or "https://portal.sso.{}.{}".format(
-                  sso_region, _dns_suffix(partition_for_region(sso_region)))).rstrip("/")
+    suffix = _dns_suffix(partition_for_region(sso_region))
+    portal = (custom_endpoint("sso", None, environ, endpoints)
+              or "https://portal.sso.{}.{}".format(sso_region, suffix)).rstrip("/")
+    oidc = (custom_endpoint("sso-oidc", None, environ, endpoints)
+            or "https://oidc.{}.{}".format(sso_region, suffix)).rstrip("/") + "/token"
     login = "run 'aws sso login --profile {}'".format(name)
 
     def load():
@@ -1096,10 +1366,17 @@ def sso_source(files, name, settings, environ):
             with open(cache_file, encoding="utf-8") as handle:
                 cached = json.load(handle)
             token, expires = cached["accessToken"], cached["expiresAt"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             raise LocalServerError("no SSO login found for profile '{}': {}".format(name, login))
+        # botocore refreshes only tokens of sso_session logins; legacy ones hold no
+        # refresh token anyway.
+        if session and sso_token_needs_refresh(cached, clock()):
+            fresh = refresh_sso_token(cached, oidc, start_url, sso_region, clock())
+            if fresh is not None:
+                _write_json_atomically(cache_file, fresh)
+                token, expires = fresh["accessToken"], fresh["expiresAt"]
         try:
-            expired = parse_timestamp(expires.replace("UTC", "Z")) <= time.time()
+            expired = parse_timestamp(expires.replace("UTC", "Z")) <= clock()
         except (ValueError, AttributeError):
             expired = True
         if expired:
@@ -1121,31 +1398,56 @@ def sso_source(files, name, settings, environ):
         return _credentials_from_json(role_credentials.encode("utf-8"), "the SSO portal",
                                       ("accessKeyId", "secretAccessKey", "sessionToken",
                                        "expiration"))
-    return BaseCredentials(load, "SSO profile {}".format(name))
+    return BaseCredentials(load, "SSO profile {}".format(name), clock, is_role=True)
 
 
 class ProfileResolver(object):
-    """Turns a profile into BaseCredentials, following source_profile chains."""
+    """Turns a profile into BaseCredentials, following source_profile chains as
+    botocore's AssumeRoleProvider does."""
 
-    def __init__(self, files, environ, region, endpoint_url, mfa_code=None, ask=None):
+    def __init__(self, files, environ, region, endpoint_url, mfa_code=None, ask=None,
+                 endpoints=None, use_environ=True, clock=time.time):
         self.files = files
         self.environ = environ
         self.region = region
         self.endpoint_url = endpoint_url
         self.mfa_code = mfa_code
         self.ask = ask  # asks the user for an MFA code, or None when nobody can answer
+        self.endpoints = endpoints  # the selected profile's, for every client (as botocore)
+        self.use_environ = use_environ  # AWS_WEB_IDENTITY_TOKEN_FILE...: not with --profile
+        self.clock = clock
 
-    def resolve(self, name, chain=()):
-        """BaseCredentials for the profile, None if it has none, or LocalServerError."""
+    def settings(self, name):
+        """A profile's settings, the credentials file's winning; None if it has none."""
         config, credentials = self.files.profile(name)
         if config is None and credentials is None:
             return None
         settings = dict(config or {})
         settings.update(credentials or {})
-        if settings.get("role_arn"):
-            return self.assume_role_source(name, settings, chain + (name,))
+        return settings
+
+    def client(self, base):
+        return AWSClient(base, self.region, self.endpoint_url, self.environ, clock=self.clock,
+                         endpoints=self.endpoints)
+
+    def resolve(self, name):
+        """BaseCredentials for the selected profile, None if it has none, or LocalServerError."""
+        settings = self.settings(name) or {}
+        if _assumes_role(settings):
+            return self.assume_role_source(name, settings, (name,))
+        return self.profile_source(name, self.use_environ)
+
+    def profile_source(self, name, use_environ=False):
+        """botocore's profile providers in order: web identity, SSO, credentials-file
+        keys, credential_process, config-file keys."""
+        config, credentials = self.files.profile(name)
+        settings = self.settings(name) or {}
+        source = self.web_identity(name, settings, use_environ)
+        if source is not None:
+            return source
         if settings.get("sso_session") or settings.get("sso_start_url"):
-            return sso_source(self.files, name, settings, self.environ)
+            return sso_source(self.files, name, settings, self.environ, self.clock,
+                              self.endpoints)
         if _static(credentials):
             return BaseCredentials.fixed(_static(credentials), "profile " + name)
         if settings.get("credential_process"):
@@ -1154,18 +1456,43 @@ class ProfileResolver(object):
             return BaseCredentials.fixed(_static(config), "profile " + name)
         return None
 
+    def web_identity(self, name, settings, use_environ):
+        """Each setting from its variable (unless --profile was given), else the profile."""
+        def setting(key, variable):
+            if use_environ and self.environ.get(variable):
+                return self.environ[variable]
+            return settings.get(key)
+        token_file = setting("web_identity_token_file", "AWS_WEB_IDENTITY_TOKEN_FILE")
+        if not token_file:
+            return None
+        role_arn = setting("role_arn", "AWS_ROLE_ARN")
+        if not role_arn:
+            raise LocalServerError("web identity needs a role: set AWS_ROLE_ARN or role_arn in "
+                                   "profile '{}'".format(name))
+        return web_identity_source(self.client(None), role_arn, token_file,
+                                   setting("role_session_name", "AWS_ROLE_SESSION_NAME"))
+
+    def source_profile(self, name, parent, chain):
+        """A source_profile as botocore resolves it: keys (even next to a role_arn) or
+        any other login first, its own role_arn only without them."""
+        settings = self.settings(name)
+        if settings is None:
+            raise LocalServerError("source_profile '{}' of profile '{}' does not exist".format(
+                name, parent))
+        if _has_static(settings) or not _assumes_role(settings):
+            return self.profile_source(name)
+        return self.assume_role_source(name, settings, chain + (name,))
+
     def assume_role_source(self, name, settings, chain):
         source_name = settings.get("source_profile")
         credential_source = settings.get("credential_source")
         if source_name:
-            if source_name in chain:
+            # A profile may be its own source for the keys it holds (botocore allows it).
+            own_keys = source_name == name and _has_static(settings)
+            if source_name in chain and not own_keys:
                 raise LocalServerError("profiles refer to each other in a loop: {}".format(
                     " -> ".join(chain + (source_name,))))
-            _, credentials = self.files.profile(source_name)
-            if source_name == name and _static(credentials):
-                source = BaseCredentials.fixed(_static(credentials), "profile " + name)
-            else:
-                source = self.resolve(source_name, chain)
+            source = self.source_profile(source_name, name, chain)
             if source is None:
                 raise LocalServerError("source_profile '{}' of profile '{}' has no "
                                        "credentials".format(source_name, name))
@@ -1180,10 +1507,9 @@ class ProfileResolver(object):
         else:
             raise LocalServerError("profile '{}' has role_arn but neither source_profile nor "
                                    "credential_source".format(name))
-        client = AWSClient(source, self.region, self.endpoint_url, self.environ)
+        client = self.client(source)
         role_arn = settings["role_arn"]
-        session = settings.get("role_session_name") or "s3_localserver-{}".format(
-            int(time.time()))
+        session = settings.get("role_session_name") or _default_session_name(self.clock)
         try:
             duration = int(settings.get("duration_seconds") or 3600)
         except ValueError:
@@ -1194,21 +1520,37 @@ class ProfileResolver(object):
         serial = settings.get("mfa_serial")
         used = []
 
+        def mfa_code():
+            # Only the first load may use --mfa-code or ask: a code works once, and
+            # later loads run in the refresher thread, where nobody can type one.
+            if used:
+                raise LocalServerError("profile '{}' needs a new MFA code for {}: restart "
+                                       "the server with --mfa-code".format(name, serial))
+            code = self.mfa_code
+            if code is None and self.ask is not None:
+                code = self.ask("MFA code for {}: ".format(serial))
+            if not code:
+                raise LocalServerError("profile '{}' needs an MFA code for {}: give "
+                                       "--mfa-code".format(name, serial))
+            used.append(True)
+            return code.strip()
+
+        # With long-term keys one code buys a 12-hour MFA session (GetSessionToken, as
+        # aws-vault does); its credentials then assume the role at every load, no code.
+        mfa_session = self.client(BaseCredentials(
+            lambda: client.get_session_token(serial, mfa_code(), MFA_SESSION_DURATION),
+            "MFA session of profile {}".format(name), self.clock)) if serial else None
+
         def load():
             params = list(extra)
-            if serial:
-                # A code works once: the first load uses it, a later one needs a new one.
-                code = self.mfa_code if not used else None
-                if code is None and self.ask is not None:
-                    code = self.ask("MFA code for {}: ".format(serial))
-                if not code:
-                    raise LocalServerError(
-                        "profile '{}' needs an MFA code for {}: give --mfa-code{}".format(
-                            name, serial, " and restart" if used else ""))
-                used.append(True)
-                params += [("SerialNumber", serial), ("TokenCode", code.strip())]
-            return client.assume_role(role_arn, session, None, duration, params)
-        return BaseCredentials(load, "assume-role profile {}".format(name))
+            signer = client
+            if serial and source.get().session_token is None:
+                signer = mfa_session
+            elif serial:
+                params += [("SerialNumber", serial), ("TokenCode", mfa_code())]
+            return signer.assume_role(role_arn, session, None, duration, params)
+        return BaseCredentials(load, "assume-role profile {}".format(name), self.clock,
+                               is_role=True)
 
 
 def selected_profile(args, environ):
@@ -1224,12 +1566,13 @@ def _ask_on_terminal(prompt):
     return getpass.getpass(prompt)
 
 
-def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal):
+def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=time.time):
     """Find the base credentials the way the AWS CLI does: BaseCredentials.
 
     First match wins: --access-key/--secret-key, -a/--auth, the environment
-    keys (unless --profile is given), the profile, the container endpoint,
-    then EC2 instance metadata.
+    keys (unless --profile is given), the profile (which includes web identity
+    from AWS_WEB_IDENTITY_TOKEN_FILE), the container endpoint, then EC2
+    instance metadata.
     """
     if args.access_key or args.secret_key:
         if not (args.access_key and args.secret_key):
@@ -1247,7 +1590,8 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal):
     files = AWSFiles(environ)
     profile = selected_profile(args, environ)
     resolver = ProfileResolver(files, environ, region, args.endpoint_url,
-                               getattr(args, "mfa_code", None), ask)
+                               getattr(args, "mfa_code", None), ask, files.endpoints(profile),
+                               use_environ=not args.profile, clock=clock)
     source = resolver.resolve(profile)
     if source is not None:
         return source
@@ -1256,11 +1600,13 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal):
         raise LocalServerError("the profile '{}' was not found in {}".format(
             profile, files.where()))
     looked.append("profile '{}' in {}".format(profile, files.where()))
-    for make, place in ((container_source, "container endpoint"),
-                        (instance_metadata_source, "EC2 instance metadata")):
+    for make, place, absent in (
+            (container_source, "container endpoint", "not configured"),
+            (instance_metadata_source, "EC2 instance metadata",
+             "disabled by AWS_EC2_METADATA_DISABLED")):
         source = make(environ)
         if source is None:
-            looked.append(place + " (not configured)")
+            looked.append("{} ({})".format(place, absent))
             continue
         try:
             source.get()
@@ -1279,6 +1625,11 @@ def resolve_region(args, environ):
     return (config or {}).get("region")
 
 
+def configured_endpoints(args, environ):
+    """The selected profile's endpoint_url and services section (see custom_endpoint)."""
+    return AWSFiles(environ).endpoints(selected_profile(args, environ))
+
+
 ######################################################################
 #  Minting the served credentials
 ######################################################################
@@ -1293,14 +1644,16 @@ class CredentialMaker(object):
 
     propagation_wait = 60.0  # how long a newly created role may stay unassumable
 
-    def __init__(self, client, mode, policy, duration, permission, bucket,
+    def __init__(self, client, mode, policy, duration, permission, buckets,
                  role_arn=None, log=None):
         self.client = client
         self.mode = mode
         self.policy = policy
-        self.duration = duration
+        # A role's credentials may assume another role for 1 hour at most (role chaining).
+        chained = mode != "federation" and getattr(client.base, "is_role", False)
+        self.duration = min(duration, ROLE_CHAINING_LIMIT) if chained else duration
         self.permission = permission
-        self.bucket = bucket
+        self.buckets = _as_list(buckets)
         self.role_arn = role_arn
         self.role_created_at = None
         self.log = log or (lambda message: None)
@@ -1320,13 +1673,18 @@ class CredentialMaker(object):
     def __call__(self):
         if self.mode == "federation":
             return self.client.get_federation_token(
-                session_name(self.permission, self.bucket, 32), self.policy, self.duration)
+                session_name(self.permission, self.buckets, 32), self.policy, self.duration)
         while True:
             try:
                 return self.client.assume_role(
-                    self.role_arn, session_name(self.permission, self.bucket, 64),
+                    self.role_arn, session_name(self.permission, self.buckets, 64),
                     self.policy, self.duration)
             except AWSError as error:
+                if (error.code == "ValidationError" and "role chaining" in error.message
+                        and self.duration > ROLE_CHAINING_LIMIT):
+                    # STS knows the base is a role when we could not: serve 1-hour sets.
+                    self.duration = ROLE_CHAINING_LIMIT
+                    continue
                 # A role created moments ago is refused until IAM has propagated it.
                 new_role = self.role_created_at is not None and (
                     self.client.clock() - self.role_created_at < self.propagation_wait)
@@ -2182,27 +2540,43 @@ EPILOG = """examples:
   %(prog)s my-bucket --duration 1h                  read-write, http://localhost:8094/
   %(prog)s my-bucket -d 15m --read-only --prefix uploads/
   %(prog)s my-bucket -d 12h --write-only -p 9000
+  %(prog)s logs-bucket archive-bucket -d 1h --read-only       several buckets, one policy
   %(prog)s my-bucket -d 1h --statement \\
       '{"Effect": "Allow", "Action": "textract:*", "Resource": "*"}'
+  %(prog)s my-bucket --print-policy --read-only          show the policy, call nothing
   %(prog)s my-bucket -d 1h --role-arn arn:aws:iam::123456789012:role/uploader
   %(prog)s my-bucket -d 1h --federation --profile admin
   %(prog)s my-bucket -d 1h --endpoint-url http://127.0.0.1:5000 -a creds.json
   %(prog)s my-bucket -d 1h --host 0.0.0.0 --auth-token generate --allow-host build-box
   %(prog)s my-bucket -d 1h -- aws s3 ls s3://my-bucket/     run one command with them
 
-then: curl http://localhost:8094/
-  or, in ~/.aws/config: credential_process = curl -s http://localhost:8094/
+then: curl -sSf http://localhost:8094/
+  or, in ~/.aws/config: credential_process = curl -sSf http://localhost:8094/
   or: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:8094/ any-aws-sdk-program
   or: AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:8094/ an-older-aws-tool
 """
 
-# Variables that outrank the container provider in every SDK's chain, or
-# redirect it: a command run with the served credentials must not see them.
+# Variables that outrank the container provider in some SDK's chain, or redirect
+# it: a program meant to use the served credentials must not see them.
 OUTRANKING_VARIABLES = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
     "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_SESSION_NAME",
 )
+# What the child's generated config keeps of the profile the server used: settings
+# that shape requests, never one that is, names or obtains credentials.  A list of
+# the harmless rather than of the dangerous, so a login the SDKs add later stays out.
+CHILD_PROFILE_SETTINGS = frozenset([
+    "region", "output", "cli_pager", "cli_timestamp_format", "cli_binary_format",
+    "cli_follow_urlparam", "cli_history", "parameter_validation", "max_attempts",
+    "retry_mode", "s3", "s3api", "api_versions", "endpoint_url", "services",
+    "ignore_configured_endpoint_urls", "ca_bundle", "tcp_keepalive", "sts_regional_endpoints",
+    "use_dualstack_endpoint", "use_fips_endpoint", "defaults_mode",
+    "endpoint_discovery_enabled", "s3_use_arn_region", "s3_disable_multiregion_access_points",
+    "request_checksum_calculation", "response_checksum_validation",
+    "disable_request_compression", "request_min_compression_size_bytes", "sdk_ua_app_id",
+])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -2231,16 +2605,24 @@ def _bounded_int(low, high, what):
     return parse
 
 
-def build_parser():
+def program_name(argv0):
+    """'s3-localserver' when run as the packaged command, else 's3_localserver.py'."""
+    name = re.split(r"[\\/]", argv0 or "")[-1].lower()
+    return "s3-localserver" if name.startswith("s3-localserver") else "s3_localserver.py"
+
+
+def build_parser(prog="s3_localserver.py"):
     parser = _Parser(
-        prog="s3_localserver.py",
-        usage="%(prog)s BUCKET -d DURATION [options] [-- COMMAND [ARGS...]]",
-        description="Serve temporary AWS credentials scoped to one S3 bucket on a local "
-                    "HTTP endpoint, refreshed before they expire. With '-- COMMAND', run "
-                    "that command with the served credentials and stop when it exits.",
+        prog=prog,
+        usage="%(prog)s BUCKET [BUCKET ...] -d DURATION [options] [-- COMMAND [ARGS...]]",
+        description="Serve temporary AWS credentials scoped to one or more S3 buckets on a "
+                    "local HTTP endpoint, refreshed before they expire. With '-- COMMAND', "
+                    "run that command with the served credentials and stop when it exits.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Both required, except with --print-identity (checked in parse_args).
-    parser.add_argument("bucket", nargs="?", help="the S3 bucket the credentials are limited to")
+    parser.add_argument("buckets", nargs="*", metavar="BUCKET",
+                        help="the S3 bucket(s) the credentials are limited to; one policy "
+                             "covers them all")
     parser.add_argument("-d", "--duration", type=_duration_arg,
                         help="lifetime of each set of credentials: 900, 900s, 15m, 1h, 1h30m, "
                              "12h (15 minutes to 12 hours)")
@@ -2272,14 +2654,18 @@ def build_parser():
                             "(default %(default)s)")
     access = parser.add_argument_group("what the credentials may do")
     mode = access.add_mutually_exclusive_group()
-    mode.add_argument("--read-only", action="store_true", help="only read from the bucket")
-    mode.add_argument("--write-only", action="store_true", help="only write to the bucket")
+    mode.add_argument("--read-only", action="store_true", help="only read from the buckets")
+    mode.add_argument("--write-only", action="store_true", help="only write to the buckets")
     access.add_argument("--prefix", default="*",
-                        help="only keys starting with this prefix, e.g. uploads/")
+                        help="only keys starting with this prefix, e.g. uploads/ (the same "
+                             "in every bucket)")
     access.add_argument("--statement", action="append", default=[], metavar="JSON",
                         help="extra IAM policy statement (repeatable), e.g. "
                              "'{\"Effect\": \"Allow\", \"Action\": \"textract:*\", "
                              "\"Resource\": \"*\"}'")
+    access.add_argument("--print-policy", action="store_true",
+                        help="print the session policy as it would be sent to STS, and its "
+                             "length, then exit (no AWS call; needs no --duration)")
     how = parser.add_argument_group("how the credentials are made (default: assume the role "
                                     + DEFAULT_ROLE_NAME + ", creating it if missing)")
     made = how.add_mutually_exclusive_group()
@@ -2295,7 +2681,8 @@ def build_parser():
                       help="file with credentials: JSON with AccessKeyId, SecretAccessKey, "
                            "SessionToken, or an INI credentials file")
     base.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config "
-                                        "(static keys, assume-role, SSO, credential_process)")
+                                        "(static keys, assume-role, MFA, SSO, web identity, "
+                                        "credential_process)")
     base.add_argument("--mfa-code", metavar="CODE",
                       help="MFA code for an assume-role profile with mfa_serial (else asked "
                            "for on the terminal)")
@@ -2319,14 +2706,60 @@ def split_command(argv):
     return argv, []
 
 
-def parse_args(argv):
+def check_endpoint_url(url):
+    """An endpoint must be an absolute http(s) URL: '127.0.0.1:5000' is a common slip."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("--endpoint-url must be a URL starting with http:// or https://, "
+                         "not {!r} (try http://{})".format(url, url.split("://")[-1]))
+    try:
+        valid_port = parts.port is None or 0 < parts.port < 65536
+    except ValueError:  # not a number
+        valid_port = False
+    if not valid_port:
+        raise ValueError("--endpoint-url has an invalid port: {!r}".format(url))
+    return url
+
+
+def validate(args):
+    """Checks argparse cannot express; ValueError names what is wrong.
+
+    Sets ``args.permission`` and ``args.statements`` (the parsed --statement list).
+    """
+    for bucket in args.buckets:
+        check_bucket(bucket)
+    if args.prefix.startswith("/"):
+        raise ValueError("--prefix must not start with '/' (S3 keys do not): {!r}".format(
+            args.prefix))
+    if bool(args.access_key) != bool(args.secret_key):
+        raise ValueError("--access-key and --secret-key must be given together")
+    if args.session_token and not args.access_key:
+        raise ValueError("--session-token needs --access-key and --secret-key")
+    if args.role_arn:
+        check_role_arn(args.role_arn)
+    if args.endpoint_url:
+        check_endpoint_url(args.endpoint_url)
+    args.statements = [parse_statement(text) for text in args.statement]
+    args.permission = "read-only" if args.read_only else (
+        "write-only" if args.write_only else "read-write")
+
+
+def parse_args(argv, prog="s3_localserver.py"):
     argv, command = split_command(list(argv))
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
-    missing = [name for name, value in (("bucket", args.bucket), ("-d/--duration", args.duration))
-               if value is None]
-    if missing and not args.print_identity:
+    needed = [("BUCKET", args.buckets), ("-d/--duration", args.duration)]
+    if args.print_identity:
+        needed = []
+    elif args.print_policy:
+        needed = needed[:1]
+    missing = [name for name, value in needed if not value]
+    if missing:
         parser.error("the following arguments are required: " + ", ".join(missing))
+    try:
+        validate(args)
+    except ValueError as error:
+        parser.error(str(error))
     args.command = command
     exec_mode = bool(command)
     if args.port is None:
@@ -2336,73 +2769,147 @@ def parse_args(argv):
     return args
 
 
-def validate(args):
-    """Checks argparse cannot express; returns (permission, extra statements)."""
-    if args.prefix.startswith("/"):
-        raise LocalServerError("--prefix must not start with '/' (S3 keys do not): {!r}".format(
-            args.prefix))
-    if args.session_token and not args.access_key:
-        raise LocalServerError("--session-token needs --access-key and --secret-key")
-    statements = []
-    for text in args.statement:
-        try:
-            statements.append(parse_statement(text))
-        except ValueError as error:
-            raise LocalServerError(str(error))
-    permission = "read-only" if args.read_only else (
-        "write-only" if args.write_only else "read-write")
-    return permission, statements
-
-
 def resolve_auth_token(args, environ):
-    """The required Authorization token, or None: --auth-token, --auth-token-file,
-    S3_LOCALSERVER_AUTH_TOKEN; exec mode generates one when none is given."""
-    token = args.auth_token
+    """(token, where it came from): --auth-token, --auth-token-file,
+    S3_LOCALSERVER_AUTH_TOKEN; exec mode generates one when none is given.
+    (None, None) when clients need no token."""
+    token, origin = args.auth_token, "--auth-token"
     if token is None and args.auth_token_file:
+        origin = "--auth-token-file " + args.auth_token_file
         try:
             with open(_expand(args.auth_token_file), encoding="utf-8") as handle:
                 token = handle.read().rstrip("\r\n")
         except OSError as error:
             raise LocalServerError("cannot read --auth-token-file {}: {}".format(
                 args.auth_token_file, error.strerror))
+        except ValueError:
+            raise LocalServerError("--auth-token-file {} is not UTF-8 text".format(
+                args.auth_token_file))
     if token is None:
-        token = environ.get("S3_LOCALSERVER_AUTH_TOKEN")
+        token, origin = environ.get("S3_LOCALSERVER_AUTH_TOKEN"), "S3_LOCALSERVER_AUTH_TOKEN"
     if token == "generate" or (token is None and args.command):
-        token = secrets.token_urlsafe(32)
+        token, origin = secrets.token_urlsafe(32), "generated"
     if token is not None and (not token or token != token.strip() or "\n" in token):
         raise LocalServerError("the auth token must be non-empty, on one line, without "
                                "leading or trailing spaces")
-    return token
+    return token, (origin if token is not None else None)
 
 
-def child_environment(environ, url, token, region):
-    """The environment of an exec-mode command: only the served credentials reach it."""
+def _ini_value(value):
+    # Nested settings ("s3 =" with indented sub-keys) keep their indentation.
+    return "\n    ".join(value.split("\n"))
+
+
+def client_config(files, profile):
+    """The config file a program using the served credentials gets: the profile's
+    harmless settings (and its [services] section) as [default], no credentials."""
+    settings, _ = files.profile(profile)
+    settings = settings or {}
+    lines = ["# Written by s3_localserver: settings of profile '{}', without any "
+             "credentials.".format(profile), "[default]"]
+    lines += ["{} = {}".format(key, _ini_value(value)) for key, value in sorted(settings.items())
+              if key in CHILD_PROFILE_SETTINGS]
+    services = settings.get("services")
+    section = files.section("services", services) if services else None
+    if section:
+        lines.append("[services {}]".format(services))
+        lines += ["{} = {}".format(key, _ini_value(value)) for key, value in
+                  sorted(section.items())]
+    return "\n".join(lines) + "\n"
+
+
+class ClientFiles(object):
+    """A private folder holding the config file and the empty credentials file that a
+    program using the served credentials is pointed at, so no profile of the user's
+    (keys, SSO, credential_process...) can outrank the served credentials."""
+
+    def __init__(self, config_text):
+        import tempfile  # only for the files handed to clients
+        self.folder = tempfile.mkdtemp(prefix="s3_localserver-")  # mode 0700
+        self.config = os.path.join(self.folder, "config")
+        self.credentials = os.path.join(self.folder, "credentials")
+        for path, text in ((self.config, config_text), (self.credentials, "")):
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+
+    def remove(self):
+        import shutil
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def client_environment(environ, url, token, region, files):
+    """The environment of a program that must act only with the served credentials."""
     env = {name: value for name, value in environ.items() if name not in OUTRANKING_VARIABLES}
     env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = url
-    env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
+    if token is not None:
+        env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
+    env["AWS_CONFIG_FILE"] = files.config
+    env["AWS_SHARED_CREDENTIALS_FILE"] = files.credentials
     if region:
         env["AWS_REGION"] = region
         env.setdefault("AWS_DEFAULT_REGION", region)
     return env
 
 
-def run_command(command, env):
-    """Run the exec-mode command, passing SIGINT and SIGTERM on; return its exit code."""
-    import subprocess  # only exec mode needs it
+def shell_setup(env):
+    """Shell lines that give a shell ``env``'s AWS settings (for --auth-token generate)."""
+    import shlex
+    names = ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+             "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+    lines = ["export {}={}".format(name, shlex.quote(env[name])) for name in names
+             if name in env]
+    lines.append("unset " + " ".join(OUTRANKING_VARIABLES))
+    return "\n".join(lines) + "\n"
+
+
+def _terminal_interrupts_child():
+    """True if a SIGINT we got most likely came from Ctrl+C at a terminal, which
+    signals the whole foreground process group, our child included."""
+    if os.name == "nt":
+        return True  # a console's Ctrl+C reaches every process attached to it
     try:
-        child = subprocess.Popen(command, env=env)
-    except OSError as error:
-        raise LocalServerError("cannot run {}: {}".format(command[0], error.strerror or error))
+        tty = os.open("/dev/tty", os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False  # no terminal: someone sent it to us alone
+    try:
+        return os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(tty)
+
+
+def run_command(command, env):
+    """Run the exec-mode command; return its exit code.
+
+    SIGTERM is passed on; SIGINT only when the child would not get it by itself
+    (a second interrupt makes many tools abort instead of shutting down cleanly).
+    """
+    import subprocess  # only exec mode needs it
+    child, missed = [], []
 
     def forward(signum, frame):
+        if signum == signal.SIGINT and _terminal_interrupts_child():
+            return
+        if not child:
+            missed.append(signum)  # arrived while the child was being started
+            return
         try:
-            child.send_signal(signum)
-        except OSError:
+            child[0].send_signal(signum)
+        except (OSError, ValueError):  # gone already; or a signal Windows cannot send
             pass
+    # Handlers first: a signal sent as soon as the child runs must not kill us alone.
     previous = {signum: signal.signal(signum, forward)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = child.wait()
+        try:
+            child.append(subprocess.Popen(command, env=env))
+        except OSError as error:
+            raise LocalServerError("cannot run {}: {}".format(
+                command[0], error.strerror or error))
+        for signum in missed:
+            forward(signum, None)
+        code = child[0].wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -2410,36 +2917,48 @@ def run_command(command, env):
 
 
 def wait_for_signal(stop):
-    """Block the main thread until Ctrl+C or SIGTERM sets ``stop``."""
-    def on_signal(signum, frame):
-        stop.set()
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    """Block the main thread until Ctrl+C, or until ``stop`` is set (SIGTERM)."""
     try:
         while not stop.wait(1.0):  # a timeout keeps Ctrl+C responsive on every OS
             pass
     except KeyboardInterrupt:
         pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def print_identity(args, environ):
     """--print-identity: which credentials the script would use, and whose they are."""
     region = resolve_region(args, environ)
     base = resolve_credentials(args, environ, region)
-    identity = AWSClient(base, region, args.endpoint_url, environ).get_caller_identity()
+    identity = AWSClient(base, region, args.endpoint_url, environ,
+                         endpoints=configured_endpoints(args, environ)).get_caller_identity()
     sys.stdout.write("{} (account {}, credentials from {})\n".format(
         identity["Arn"], identity["Account"], base.source))
+    return 0
+
+
+def session_policy(args, region):
+    return build_policy(args.permission, args.buckets, args.prefix, args.statements,
+                        partition_for_region(region))
+
+
+def print_policy(args, environ, say):
+    """--print-policy: the session policy exactly as it would be sent; 1 if too long."""
+    policy = session_policy(args, resolve_region(args, environ))
+    text = policy_json(policy, check=False)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    say("{} characters; STS allows at most {}".format(len(text), POLICY_MAX_CHARS))
+    policy_json(policy)  # the usual Error line when it is too long
     return 0
 
 
 def start_server(args, environ, say):
     """Everything before serving: checks, the first credentials, the bound socket.
 
-    Returns (server, cache, permission, region); raises LocalServerError or AWSError.
+    Returns (server, cache, region, token origin); the region is the bucket's when
+    none is configured.  Raises LocalServerError or AWSError.
     """
-    permission, statements = validate(args)
-    token = resolve_auth_token(args, environ)
+    token, token_origin = resolve_auth_token(args, environ)
     if not is_loopback(args.host) and token is None:
         if args.require_token:
             raise LocalServerError("refusing to serve on {} without an auth token "
@@ -2447,15 +2966,14 @@ def start_server(args, environ, say):
         say("Warning: serving on {} without --auth-token: anyone who can reach this port "
             "gets the credentials".format(args.host))
     region = resolve_region(args, environ)
+    policy = policy_json(session_policy(args, region))  # too long: say so before any call
     clock = Clock()  # AWS's time, learnt by the client, used by the cache
     client = AWSClient(resolve_credentials(args, environ, region), region, args.endpoint_url,
-                       environ, clock=clock, log=say)
-    policy = policy_json(build_policy(permission, args.bucket, args.prefix, statements,
-                                      client.partition))
+                       environ, clock=clock, log=say, endpoints=configured_endpoints(args, environ))
     mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
-    maker = CredentialMaker(client, mode, policy, args.duration, permission, args.bucket,
+    maker = CredentialMaker(client, mode, policy, args.duration, args.permission, args.buckets,
                             role_arn=args.role_arn, log=say)
-    cache = CredentialCache(maker, args.duration, clock=clock, log=say)
+    cache = CredentialCache(maker, maker.duration, clock=clock, log=say)
     rules = AccessRules([args.host] + args.allow_host, token)
     try:
         server = CredentialServer((args.host, args.port), cache, rules,
@@ -2466,7 +2984,7 @@ def start_server(args, environ, say):
         raise LocalServerError("cannot listen on {}:{}: {}".format(
             args.host, args.port, getattr(error, "strerror", None) or error))
     try:
-        client.head_bucket(args.bucket)
+        bucket_regions = [client.head_bucket(bucket) for bucket in args.buckets]
         say("Generating initial credentials...")
         maker.prepare()
         cache.refresh()
@@ -2474,7 +2992,20 @@ def start_server(args, environ, say):
     except BaseException:
         server.server_close()
         raise
-    return server, cache, permission, region
+    if maker.duration < args.duration:
+        # The cache's refresh timing is the same for any duration of 1 hour or more, so
+        # a cap STS only revealed during the first refresh needs nothing else.
+        say("Each set lasts 1 hour, not {} seconds: the script's own credentials ({}) are "
+            "an assumed role's, and AWS lets those assume another role for 1 hour at most "
+            "(role chaining)".format(args.duration, client.base.source))
+        args.duration = maker.duration
+    return server, cache, region or bucket_regions[0], token_origin
+
+
+def describe_buckets(buckets):
+    """"bucket 'a'" for one (the seed's words), "buckets 'a', 'b'" for several."""
+    return "bucket{} {}".format("s" if len(buckets) > 1 else "",
+                                ", ".join("'{}'".format(bucket) for bucket in buckets))
 
 
 def main(argv=None, environ=None):
@@ -2485,22 +3016,32 @@ def main(argv=None, environ=None):
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv, program_name(sys.argv[0]))
     try:
         if args.print_identity:
             return print_identity(args, environ)
-        server, cache, permission, region = start_server(args, environ, say)
+        if args.print_policy:
+            return print_policy(args, environ, say)
+        server, cache, region, token_origin = start_server(args, environ, say)
     except (AWSError, LocalServerError) as error:
         say("Error: {}".format(explain(error)))
         return 1
     except KeyboardInterrupt:
         return 130
 
+    # SIGTERM's handler goes in before anything says we are up: a supervisor (or a
+    # test) may send it the moment it reads the first line.
+    stop = threading.Event()
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     host = server.server_address[0]
     url_host = args.host if ":" not in args.host else "[{}]".format(args.host)
-    say("Serving {} credentials for bucket '{}' at http://{}:{}/".format(
-        permission, args.bucket, url_host, server.server_port))
+    say("Serving {} credentials for {} at http://{}:{}/".format(
+        args.permission, describe_buckets(args.buckets), url_host, server.server_port))
     say("Duration: {} seconds".format(args.duration))
+    if args.prefix != "*":
+        say("Prefix: only keys starting with '{}'".format(args.prefix.rstrip("*")))
+    if args.statements:
+        say("Extra policy statements: {}".format(len(args.statements)))
     cache.start()
     if hasattr(signal, "SIGHUP"):  # not on Windows
         signal.signal(signal.SIGHUP, lambda signum, frame: cache.request_refresh())
@@ -2511,27 +3052,36 @@ def main(argv=None, environ=None):
     full_uri = "http://{}:{}/".format(
         "[{}]".format(host) if ":" in host else host, server.server_port)
     code = 0
+    files = None
     try:
+        if args.command or token_origin == "generated":
+            files = ClientFiles(client_config(AWSFiles(environ),
+                                              selected_profile(args, environ)))
+            env = client_environment(environ, full_uri, server.rules.token, region, files)
         if args.command:
-            env = child_environment(environ, full_uri, server.rules.token, region)
-            code = run_command(args.command, env)
+            code = run_command(args.command, env) if not stop.is_set() else (
+                128 + signal.SIGTERM)
         else:
-            if args.auth_token == "generate":
-                say("Clients must send the generated token (printed on stdout) as the "
-                    "Authorization header")
-                sys.stdout.write("export AWS_CONTAINER_CREDENTIALS_FULL_URI={}\n"
-                                 "export AWS_CONTAINER_AUTHORIZATION_TOKEN={}\n".format(
-                                     full_uri, server.rules.token))
+            if token_origin == "generated":
+                say("Clients must send the generated token as the Authorization header: "
+                    "the lines on stdout set up a shell for that")
+                sys.stdout.write(shell_setup(env))
                 sys.stdout.flush()
+            elif token_origin:
+                say("Clients must send the token from {} as the Authorization "
+                    "header".format(token_origin))
             say("Press Ctrl+C to stop")
-            wait_for_signal(threading.Event())
+            wait_for_signal(stop)
     except LocalServerError as error:
         say("Error: {}".format(error))
         code = 1
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         cache.stop()
         server.shutdown()
         server.server_close()
+        if files is not None:
+            files.remove()
     if not args.command:
         say("Stopped.")
     return code

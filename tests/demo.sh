@@ -38,11 +38,11 @@ echo "== 3. curl -s $url   (secrets cut)"
 curl -s "$url" | sed -E 's/("(SecretAccessKey|SessionToken|Token)": ")(.{6})[^"]*"/\1\3...(cut)"/'
 
 echo
-echo "== 4. the AWS CLI with credential_process = curl -s $url"
-printf '[profile localserver]\nregion = us-east-1\ncredential_process = curl -s %s\n' "$url" >"$AWS_CONFIG_FILE"
+echo "== 4. the AWS CLI with credential_process = curl -sSf $url"
+printf '[profile localserver]\nregion = us-east-1\ncredential_process = curl -sSf %s\n' "$url" >"$AWS_CONFIG_FILE"
 unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
 echo "hello from s3_localserver" >"$work/hello.txt"
-aws s3 cp "$work/hello.txt" s3://demo-bucket/demo/hello.txt --profile localserver --endpoint-url "$moto"
+aws s3 cp --no-progress "$work/hello.txt" s3://demo-bucket/demo/hello.txt --profile localserver --endpoint-url "$moto"
 aws s3 ls s3://demo-bucket/demo/ --profile localserver --endpoint-url "$moto"
 
 echo

@@ -267,7 +267,7 @@ class StandIn(object):
         self.server.server_close()
 
 
-SERVING_RE = re.compile(r"^Serving (\S+) credentials for bucket '(.*)' at (http://\S+/)$")
+SERVING_RE = re.compile(r"^Serving (\S+) credentials for buckets? (.*) at (http://\S+/)$")
 
 
 class ScriptProcess(object):
@@ -276,7 +276,7 @@ class ScriptProcess(object):
     def __init__(self, args, env, python=sys.executable, wait=True, timeout=60):
         self.args = args
         self.process = subprocess.Popen(
-            [python, SCRIPT] + [str(arg) for arg in args], env=env,
+            [python, SCRIPT] + [str(arg) for arg in args], env=env, preexec_fn=default_sigint,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.lines = []
         self.secrets = []  # every secret served, to check none is ever printed
@@ -285,8 +285,9 @@ class ScriptProcess(object):
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         self._stdout = []
-        self.stdout_reader = threading.Thread(
-            target=lambda: self._stdout.append(self.process.stdout.read()), daemon=True)
+        self.stdout_reader = threading.Thread(  # line by line, readable while it runs
+            target=lambda: self._stdout.extend(iter(self.process.stdout.readline, b"")),
+            daemon=True)
         self.stdout_reader.start()
         if wait:
             self.wait_ready(timeout)
@@ -356,10 +357,94 @@ class ScriptProcess(object):
         return "\n".join(self.lines)
 
 
+def default_sigint():
+    # A test run started in the background (as `cmd &` in a script) inherits an
+    # ignored SIGINT, and Python then never raises KeyboardInterrupt: give the
+    # script the default disposition a terminal user's process has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_script(args, env, python=sys.executable, timeout=60):
     """Run the script to completion; return (exit code, stdout text, stderr text)."""
     result = subprocess.run([python, SCRIPT] + [str(arg) for arg in args], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, timeout=timeout)
+                            stderr=subprocess.PIPE, timeout=timeout, preexec_fn=default_sigint)
     return (result.returncode, result.stdout.decode("utf-8", "replace"),
             result.stderr.decode("utf-8", "replace"))
+
+
+# --- logins (tests/test_logins.py) -------------------------------------------------------
+
+def sts_answer(action, credentials):
+    """A Fault that answers one STS call (AssumeRoleWithWebIdentity, GetSessionToken...)
+    with these credentials, as STS would: for the calls moto cannot check or answer usably."""
+    body = ("<{0}Response xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><{0}Result>"
+            "<Credentials><AccessKeyId>{1}</AccessKeyId><SecretAccessKey>{2}</SecretAccessKey>"
+            "<SessionToken>{3}</SessionToken><Expiration>{4}</Expiration></Credentials>"
+            "</{0}Result><ResponseMetadata><RequestId>f00</RequestId></ResponseMetadata>"
+            "</{0}Response>").format(action, credentials["AccessKeyId"],
+                                     credentials["SecretAccessKey"],
+                                     credentials["SessionToken"], credentials["Expiration"])
+    return Fault("status", 200, body.encode(), headers={"Content-Type": "text/xml"})
+
+
+def role_credentials(moto, role_arn, session):
+    """Real credentials of a role moto knows (assumed as the tester), as STS's dict with
+    Expiration as text: what a stand-in may hand out so that moto accepts them later."""
+    sts = moto.client("sts", access_key=moto.tester["AccessKeyId"],
+                      secret_key=moto.tester["SecretAccessKey"])
+    found = sts.assume_role(RoleArn=role_arn, RoleSessionName=session,
+                            DurationSeconds=3600)["Credentials"]
+    found["Expiration"] = found["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ")
+    return found
+
+
+class ServiceStandIn(object):
+    """Like StandIn, for JSON services (SSO OIDC, the SSO portal): each route is
+    (status, body bytes) or a function (body bytes, headers) -> (status, body bytes);
+    every request is recorded as (method, path, lower-case headers, body bytes)."""
+
+    def __init__(self, routes):
+        self.routes = routes
+        self.requests = []
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                stand_in.requests.append((self.command, self.path, headers, body))
+                route = stand_in.routes.get((self.command, self.path), (404, b""))
+                status, data = route(body, headers) if callable(route) else route
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = answer
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:{}".format(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def add_trusted(moto, role_name, principal_arn):
+    """Let one more principal assume a role (moto checks trust policies literally)."""
+    iam = moto.client("iam", access_key=moto.tester["AccessKeyId"],
+                      secret_key=moto.tester["SecretAccessKey"])
+    trust = iam.get_role(RoleName=role_name)["Role"]["AssumeRolePolicyDocument"]
+    statement = trust["Statement"][0]
+    principals = statement["Principal"]["AWS"]
+    principals = principals if isinstance(principals, list) else [principals]
+    if principal_arn not in principals:
+        statement["Principal"]["AWS"] = principals + [principal_arn]
+        iam.update_assume_role_policy(RoleName=role_name, PolicyDocument=json.dumps(trust))

@@ -255,7 +255,7 @@ def test_packaged_command(tmp_path):
     import s3_localserver
     command = str(venv / "bin" / "s3-localserver")
     version = subprocess.run([command, "--version"], stdout=subprocess.PIPE, check=True)
-    assert version.stdout.decode().strip() == "s3_localserver.py " + s3_localserver.__version__
+    assert version.stdout.decode().strip() == "s3-localserver " + s3_localserver.__version__
     help_text = subprocess.run([command, "--help"], stdout=subprocess.PIPE, check=True)
     assert "--duration" in help_text.stdout.decode()
     bad = subprocess.run([command, "b", "-d", "1m"], stderr=subprocess.PIPE)

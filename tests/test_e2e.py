@@ -385,15 +385,25 @@ def test_port_in_use(moto, tester_env):
     (["-d", "10m"], 2, "between 15 minutes and 12 hours"),
     (["-d", "13h"], 2, "between 15 minutes and 12 hours"),
     (["-d", "soon"], 2, "duration must look like"),
+    (["-d", "1h30"], 2, "(did you mean 1h30m?)"),
     ([], 2, "the following arguments are required: -d/--duration"),
     (["-d", "1h", "--read-only", "--write-only"], 2, "not allowed with argument"),
-    (["-d", "1h", "--statement", "{not json"], 1, "--statement is not valid JSON"),
-    (["-d", "1h", "--statement", "[1]"], 1, "--statement must be a JSON object"),
-    (["-d", "1h", "--statement", '{"Effect": "Allow"}'], 1, "missing Action, Resource"),
-    (["-d", "1h", "--prefix", "/uploads"], 1, "--prefix must not start with '/'"),
+    (["-d", "1h", "--statement", "{not json"], 2, "--statement is not valid JSON"),
+    (["-d", "1h", "--statement", "[1]"], 2, "--statement must be a JSON object"),
+    (["-d", "1h", "--statement", '{"Effect": "Allow"}'], 2, "missing Action, Resource"),
+    (["-d", "1h", "--prefix", "/uploads"], 2, "--prefix must not start with '/'"),
     (["-d", "1h", "-p", "70000"], 2, "port must be a number from 0 to 65535"),
-    (["-d", "1h", "--access-key", "AKIAIOSFODNN7EXAMPLE"], 1,
+    (["-d", "1h", "--access-key", "AKIAIOSFODNN7EXAMPLE"], 2,
      "--access-key and --secret-key must be given together"),
+    (["-d", "1h", "--endpoint-url", "127.0.0.1:5000"], 2,
+     "--endpoint-url must be a URL starting with http:// or https://, not '127.0.0.1:5000' "
+     "(try http://127.0.0.1:5000)"),
+    (["-d", "1h", "--endpoint-url", "http://127.0.0.1:port"], 2, "invalid port"),
+    (["-d", "1h", "--role-arn", "uploader"], 2, "--role-arn must be an IAM role ARN"),
+    (["-d", "1h", "--role-arn", "arn:aws:iam::123456789012:user/me"], 2,
+     "--role-arn must be an IAM role ARN"),
+    (["other/uploads", "-d", "1h"], 2, "try other --prefix uploads"),
+    (["s3://other", "-d", "1h"], 2, "not a URL or ARN: 's3://other' (try 'other')"),
     (["-d", "1h"] + ["--statement", json.dumps(
         {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::" + "x" * 200})]
      * 10, 1, "the session policy is"),
@@ -403,6 +413,8 @@ def test_bad_arguments(home, args, code, expected):
                     AWS_SECRET_ACCESS_KEY="bad-arguments-secret")
     line = bad([BUCKET] + args, env, code)
     assert expected in line
+    # A malformed command line says where to look; an AWS-side refusal does not.
+    assert line.endswith(" (see --help)") == (code == 2), line
 
 
 def test_version_and_help(home):
@@ -415,4 +427,4 @@ def test_version_and_help(home):
                    "--session-token", "--auth", "--profile", "--region", "--endpoint-url",
                    "--quiet", "--version"):
         assert option in out
-    assert "curl http://localhost:8094/" in out
+    assert "curl -sSf http://localhost:8094/" in out

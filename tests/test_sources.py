@@ -149,7 +149,7 @@ def test_instance_metadata_disabled(files):
     finally:
         stand_in.stop()
     assert stand_in.requests == []
-    assert "EC2 instance metadata (not configured)" in str(caught.value)
+    assert "EC2 instance metadata (disabled by AWS_EC2_METADATA_DISABLED)" in str(caught.value)
     assert "container endpoint (not configured)" in str(caught.value)
 
 
@@ -369,6 +369,13 @@ def test_mfa_code(moto, chain_roles, home, tmp_path):
         assert code == 1
         assert err.splitlines() == ["Error: profile 'mfa' needs an MFA code for "
                                     "arn:aws:iam::{}:mfa/tester: give --mfa-code".format(ACCOUNT)]
+        # Long-term keys: the code goes to GetSessionToken, whose answer moto cannot make
+        # usable, so it is stood in by real role credentials (see test_logins.py).
+        from helpers import add_trusted, role_credentials, sts_answer
+        add_trusted(moto, "chain1", "arn:aws:sts::{}:assumed-role/chain1/mfa-session".format(
+            ACCOUNT))
+        proxy.faults.put(sts_answer("GetSessionToken", role_credentials(
+            moto, chain_roles["chain1"], "mfa-session")))
         code, out, err = run_script(["--print-identity", "--profile", "mfa", "--mfa-code",
                                      "123456"], env)
     finally:

@@ -5,6 +5,8 @@ import json
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from s3_credentials import policies as reference
 
 import s3_localserver as s
@@ -352,3 +354,26 @@ def test_all_names_the_public_api():
         "sign_request"]
     assert all(hasattr(s, name) for name in s.__all__)
     assert isinstance(s.build_parser(), argparse.ArgumentParser)
+
+
+# --- credential_process on Windows: split as botocore does there ----------------------------
+
+@given(st.text(alphabet=' \t"\\ab', max_size=20))
+@settings(max_examples=500, deadline=None)
+def test_windows_command_split_matches_botocore(command):
+    from botocore.compat import _windows_shell_split
+    try:
+        expected = _windows_shell_split(command)
+    except ValueError:
+        with pytest.raises(ValueError):
+            s.split_windows_command(command)
+        return
+    assert s.split_windows_command(command) == expected
+
+
+def test_windows_command_split_examples():
+    assert s.split_windows_command(r'"C:\Program Files\aws.exe" configure export-credentials '
+                                   r'--profile "my profile"') == [
+        r"C:\Program Files\aws.exe", "configure", "export-credentials", "--profile",
+        "my profile"]
+    assert s.split_windows_command(r'a\\\"b "" c\\') == ['a\\"b', "", "c\\\\"]
