@@ -1729,11 +1729,11 @@ class CredentialCache(object):
     """Holds the served credentials and refreshes them ahead of expiry.
 
     Only the refresher (one thread) calls STS, so any number of concurrent
-    requests cause one STS call per refresh.  Readers take the lock just long
-    enough to copy a reference.  Only when nothing valid is left do they wait
-    for STS: at most ``request_wait`` seconds, for a refresh that is under way
-    or may start now, so a laptop that wakes from sleep serves fresh
-    credentials rather than an error.
+    requests cause one STS call per refresh.  Readers hold the lock just long
+    enough to look at a reference.  Only when the credentials are short of
+    ``min_lifetime`` or gone (a laptop that wakes from sleep) do they wait for
+    STS: at most ``request_wait`` seconds, for a refresh that is under way or
+    may start by then, and they get fresh credentials rather than an error.
 
     Clients are handed credentials with at least ``min_lifetime`` left: half
     the duration or 30 minutes, whichever is smaller.  botocore refreshes on
