@@ -733,7 +733,7 @@ class AWSClient(object):
         that is off never makes fresh credentials look expired, or expired ones
         fresh.
         """
-        parsed = email.utils.parsedate_tz(headers.get("Date") or "")
+        parsed = email.utils.parsedate_tz((headers or {}).get("Date") or "")
         if parsed is None:
             return 0.0
         shift = self.clock.learn(email.utils.mktime_tz(parsed))
