@@ -1695,7 +1695,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         """Every method comes here; a request that fails still gets an answer."""
         try:
             self.answer()
-        except (ConnectionError, socket.timeout):
+        except OSError:
             raise  # the client left or stalled: no one to answer
         except Exception as error:
             self.close_connection = True

@@ -30,7 +30,7 @@ class Clock(object):
         return self.now
 
 
-# --- tokens ---------------------------------------------------------------------------------
+# --- tokens -------------------------------------------------------------------------------
 
 def test_token_stays_valid_through_20000_later_issues():
     """No table to evict from: a flood of PUTs cannot void an SDK's token."""
@@ -93,7 +93,7 @@ def test_junk_tokens_refused(junk):
     assert not s.MetadataTokens().valid(junk)
 
 
-# --- the paths ------------------------------------------------------------------------------
+# --- the paths ----------------------------------------------------------------------------
 
 class Static(object):
     """A credential source that always answers."""
@@ -203,7 +203,7 @@ def test_token_survives_a_flood_over_http(server):
                 {TOKEN: first})[0] == 200
 
 
-# --- SDKs finding their region ----------------------------------------------------------------
+# --- SDKs finding their region ---------------------------------------------------------------
 
 def sdk_region(url, kind):
     """What each SDK's region lookup reads, done as it does it."""
