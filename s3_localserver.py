@@ -2296,12 +2296,17 @@ def run_command(command, env):
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as shells say
 
 
-def wait_for_signal(stop):
-    """Block the main thread until Ctrl+C or SIGTERM sets ``stop``."""
+def wait_for_signal(stop, ready=lambda: None):
+    """Block the main thread until Ctrl+C or SIGTERM sets ``stop``.
+
+    ``ready`` (the "Press Ctrl+C" line) runs once SIGTERM is handled: whoever
+    sees that line may send SIGTERM at once and gets a clean stop.
+    """
     def on_signal(signum, frame):
         stop.set()
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
+        ready()
         while not stop.wait(1.0):  # a timeout keeps Ctrl+C responsive on every OS
             pass
     except KeyboardInterrupt:
@@ -2409,8 +2414,7 @@ def main(argv=None, environ=None):
                                  "export AWS_CONTAINER_AUTHORIZATION_TOKEN={}\n".format(
                                      full_uri, server.rules.token))
                 sys.stdout.flush()
-            say("Press Ctrl+C to stop")
-            wait_for_signal(threading.Event())
+            wait_for_signal(threading.Event(), lambda: say("Press Ctrl+C to stop"))
     except LocalServerError as error:
         say("Error: {}".format(error))
         code = 1

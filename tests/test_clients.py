@@ -33,7 +33,7 @@ def access_lines(server, needle):
     return [line for line in server.lines if needle in line]
 
 
-def wait_for(predicate, seconds=10):
+def wait_for(predicate, seconds=60):
     deadline = time.time() + seconds
     while not predicate():
         assert time.time() < deadline, "timed out"
