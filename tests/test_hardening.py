@@ -123,10 +123,25 @@ def test_fuzzed_connection_headers_never_freeze_the_server(requests):
     held_requests_leave_server_responsive(requests)
 
 
-def test_one_shot_answer_says_it_closes(server):
-    """The accepting thread answers a one-shot request and closes, and says so."""
-    answer = raw(server, request_with("HTTP/1.1", ["Connection: close, TE"]) +
-                 request_with("HTTP/1.1", []))
+def test_one_shot_answer_says_it_closes():
+    """The accepting thread answers a one-shot request and closes, and says so, even when
+    a second request follows on the connection."""
+    server = make_server(idle_timeout=3)  # bounds the wait of code that reads on
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=30) as sock:
+            # In before the server accepts: the accepting thread answers it.
+            sock.sendall(request_with("HTTP/1.1", ["Connection: close, TE"]) +
+                         request_with("HTTP/1.1", []))
+            server.handle_request()
+            sock.settimeout(PROMPT)
+            answer = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+    finally:
+        server.server_close()
     assert answer.count(b"HTTP/1.1 200") == 1 and b"\r\nConnection: close\r\n" in answer
 
 

@@ -272,5 +272,5 @@ def test_script_serves_the_buckets_region(moto, start, tester_env, home, tmp_pat
     credentials = session.get_credentials()
     assert credentials.method == "iam-role"
     s3 = session.client("s3", region_name=region, endpoint_url=moto.url)
-    s3.put_object(Bucket=BUCKET, Key="imds/region.txt", Body=b"found")
-    assert s3.get_object(Bucket=BUCKET, Key="imds/region.txt")["Body"].read() == b"found"
+    s3.put_object(Bucket=BUCKET, Key="imds-region/found.txt", Body=b"found")
+    assert s3.get_object(Bucket=BUCKET, Key="imds-region/found.txt")["Body"].read() == b"found"
