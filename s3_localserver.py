@@ -1969,7 +1969,10 @@ class CredentialServer(http.server.HTTPServer):
     @staticmethod
     def _answer_now(request):
         """True if the connection holds one complete request that asks to close after
-        its answer (curl, credential_process): no keep-alive, nothing left to wait for."""
+        its answer (curl, credential_process): no keep-alive, nothing left to wait for.
+
+        A quick look at raw bytes, which may take an odd keep-alive request for a
+        one-shot one: that client then gets its answer and a closed connection."""
         try:
             head = request.recv(8192, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (OSError, AttributeError):  # nothing yet, or no MSG_DONTWAIT (Windows)
