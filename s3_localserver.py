@@ -21,6 +21,7 @@ command line.  The pure functions come first and the I/O last.
 """
 
 import argparse
+import base64
 import calendar
 import configparser
 import email.utils
@@ -2100,31 +2101,42 @@ class MetadataTokens(object):
 
     The tokens are the IMDS paths' only guard (they cannot carry the
     Authorization token), so only clients that can PUT get credentials.
+    A token carries its own expiry, sealed with an HMAC under a key made at
+    start-up: nothing is stored per token, so no number of PUTs can evict or
+    slow down another client's token, and a restart voids them all, as a
+    reboot does on EC2.  Random bytes make each token unpredictable.
     """
 
-    max_tokens = 10000  # bounded: expired ones are dropped, the oldest if need be
+    _NONCE = 16  # random bytes: tokens cannot be told from each other or the clock
+    _MAC = 24  # bytes of the HMAC-SHA256 kept: 192 bits cannot be forged
 
     def __init__(self, clock=time.monotonic):
-        self.clock = clock
-        self._lock = threading.Lock()  # guards _expiry
-        self._expiry = {}
+        self.clock = clock  # seconds; monotonic, so a clock change cannot revive a token
+        self._key = secrets.token_bytes(32)  # never leaves the process
+
+    def _seal(self, nonce, expiry):
+        """The token for ``nonce`` and ``expiry`` (milliseconds of the clock), as bytes."""
+        body = nonce + expiry.to_bytes(8, "big")
+        mac = hmac.new(self._key, body, hashlib.sha256).digest()[:self._MAC]
+        return base64.urlsafe_b64encode(body + mac)
 
     def issue(self, ttl):
-        token = secrets.token_urlsafe(32)
-        now = self.clock()
-        with self._lock:
-            if len(self._expiry) >= self.max_tokens:
-                for old in [t for t, end in self._expiry.items() if end <= now]:
-                    del self._expiry[old]
-                while len(self._expiry) >= self.max_tokens:
-                    del self._expiry[min(self._expiry, key=self._expiry.get)]
-            self._expiry[token] = now + ttl
-        return token
+        expiry = int(self.clock() * 1000) + int(ttl) * 1000
+        return self._seal(secrets.token_bytes(self._NONCE), expiry).decode("ascii")
 
     def valid(self, token):
-        with self._lock:
-            end = self._expiry.get(token or "")
-        return end is not None and self.clock() < end
+        """True for a token this process issued that has not reached its expiry."""
+        try:
+            sent = (token or "").encode("ascii")
+            raw = base64.urlsafe_b64decode(sent)
+        except ValueError:  # not ASCII, or not base64
+            return False
+        if len(raw) != self._NONCE + 8 + self._MAC:
+            return False
+        expiry = int.from_bytes(raw[self._NONCE:self._NONCE + 8], "big")
+        # The whole text is compared, so no other spelling of the same bytes passes.
+        return (hmac.compare_digest(self._seal(raw[:self._NONCE], expiry), sent)
+                and int(self.clock() * 1000) < expiry)
 
 
 def metadata_document(credentials, updated):
@@ -2140,9 +2152,44 @@ def metadata_document(credentials, updated):
     }, indent=2).encode("utf-8")
 
 
+# Instance metadata paths (without their trailing slash: EC2 answers both forms).
+METADATA_CREDENTIALS = "/latest/meta-data/iam/security-credentials"
+METADATA_REGION = "/latest/meta-data/placement/region"  # the Go v2 and Rust SDKs
+METADATA_ZONE = "/latest/meta-data/placement/availability-zone"  # botocore, Go v1
+METADATA_IDENTITY = "/latest/dynamic/instance-identity/document"  # the Java SDK
+_TTL_RE = re.compile(r"[0-9]{1,5}\Z")
+
+
+def metadata_answer(path, role, region):
+    """The body for an instance metadata path other than the credentials, or None.
+
+    The region (None if unknown) is given as EC2 gives it; the zone is the
+    region's first, as SDKs only strip its letter.
+    """
+    if path == METADATA_CREDENTIALS:
+        return role.encode("utf-8")
+    if not region:
+        return None
+    texts = {METADATA_REGION: region, METADATA_ZONE: region + "a",
+             METADATA_IDENTITY: json.dumps({"region": region,
+                                            "availabilityZone": region + "a"}, indent=2)}
+    text = texts.get(path)
+    return None if text is None else text.encode("utf-8")
+
+
 ######################################################################
 #  HTTP handler and server
 ######################################################################
+
+
+_UNPRINTABLE_RE = re.compile(r"[^\x20-\x7e]")
+
+
+def printable(text):
+    """``text`` with everything but printable ASCII escaped ('\\x1b', '\\u202e'): request
+    data reaches the log, and must not move a terminal's cursor or fake a line."""
+    return _UNPRINTABLE_RE.sub(lambda match: match.group().encode("unicode_escape").decode(
+        "ascii"), text)
 
 
 class CredentialHandler(http.server.BaseHTTPRequestHandler):
@@ -2159,10 +2206,13 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     CREDENTIAL_PATHS = ("/",)
     IMDS_ROLE = "s3-localserver"
-    IMDS_CREDENTIALS = "/latest/meta-data/iam/security-credentials/"
+    IMDS_CREDENTIALS = METADATA_CREDENTIALS + "/"
     IMDS_TOKEN = "/latest/api/token"
     IMDS_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
     reason = None  # why the current request was refused, for the log line
+    # True on the accepting thread's handler: it answers the one request already in,
+    # then closes whatever the headers ask, so that thread never waits on a client.
+    answer_once = False
 
     def setup(self):
         self.timeout = self.server.idle_timeout  # each socket read and write
@@ -2188,7 +2238,8 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         # The request is in: the connection's deadline is lifted while we answer.
         self.server.touch(self.connection, None)
         # Bodies are never read, so a request with one cannot be followed by another.
-        if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
+        if (self.answer_once or self.headers.get("Content-Length", "0") != "0"
+                or "Transfer-Encoding" in self.headers):
             self.close_connection = True
         return True
 
@@ -2197,8 +2248,20 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         # A keep-alive client must send its next request within the idle timeout.
         self.server.touch(self.connection, self.server.idle_timeout)
 
+    def respond(self):
+        """Every method comes here; a request that fails still gets an answer."""
+        try:
+            self.answer()
+        except OSError:
+            raise  # the client left or stalled: no one to answer
+        except Exception as error:
+            self.close_connection = True
+            self._headers_buffer = []  # drop an answer begun before the failure
+            self.reason = "internal error ({})".format(error.__class__.__name__)
+            self.send_json(500, {"code": "InternalError", "message": "internal error"})
+
     def answer(self):
-        """Every method comes here: checks first, then the path decides."""
+        """Checks first, then the path decides."""
         path = self.path.partition("?")[0]
         refused = self.server.rules.refusal(self.headers,
                                             needs_token=path in self.CREDENTIAL_PATHS)
@@ -2223,11 +2286,11 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_json(404, {"code": "NotFound", "message": "no such path; try GET /"})
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = answer
-    do_CONNECT = answer
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = respond
+    do_TRACE = do_CONNECT = respond
 
     def answer_metadata(self, path):
-        """The IMDSv2 subset SDKs use for credentials; v1 (no token) is refused."""
+        """The IMDSv2 subset SDKs use for credentials and region; v1 (no token) is refused."""
         tokens = self.server.metadata_tokens
         if path == self.IMDS_TOKEN:
             if self.command != "PUT":
@@ -2235,31 +2298,39 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
                                {"Allow": "PUT"})
                 return
             ttl = (self.headers.get(self.IMDS_TTL) or "").strip()
-            if not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
+            # ASCII digits only: str.isdigit() also accepts '²', which int() refuses.
+            if not _TTL_RE.match(ttl) or not 1 <= int(ttl) <= 21600:
                 self.reason = "IMDS token TTL missing or out of range"
                 self.send_json(400, {"code": "BadRequest", "message": self.reason})
                 return
             # The Go SDK insists on seeing the TTL echoed.
             self.send_body(200, tokens.issue(int(ttl)).encode("ascii"), {self.IMDS_TTL: ttl},
                            "text/plain")
-        elif self.command not in ("GET", "HEAD"):
+            return
+        if self.command not in ("GET", "HEAD"):
             self.send_json(405, {"code": "MethodNotAllowed", "message": "use GET or HEAD"},
                            {"Allow": "GET, HEAD"})
-        elif not tokens.valid(self.headers.get("X-aws-ec2-metadata-token")):
+            return
+        if not tokens.valid(self.headers.get("X-aws-ec2-metadata-token")):
             self.reason = "IMDS request without a valid session token (only IMDSv2 is served)"
             self.send_json(401, {"code": "Unauthorized", "message": self.reason})
-        elif path == self.IMDS_CREDENTIALS:
-            self.send_body(200, self.IMDS_ROLE.encode("ascii"), content_type="text/plain")
-        elif path == self.IMDS_CREDENTIALS + self.IMDS_ROLE:
+            return
+        # EC2 answers a path with or without its trailing slash, and SDKs ask for both.
+        path = path[:-1] if path.endswith("/") else path
+        if path == self.IMDS_CREDENTIALS + self.IMDS_ROLE:
             try:
                 credentials, _ = self.server.cache.current()
             except Unavailable as error:
                 self.send_unavailable(error)
                 return
             self.send_body(200, metadata_document(credentials, self.server.cache.last_refresh))
-        else:
+            return
+        body = metadata_answer(path, self.IMDS_ROLE, self.server.region)
+        if body is None:
             # Including .../security-credentials-extended/: SDKs then fall back.
             self.send_json(404, {"code": "NotFound", "message": "not served here"})
+        else:
+            self.send_body(200, body, content_type="text/plain")  # as EC2 labels them all
 
     def send_unavailable(self, error):
         # The container-credentials error shape; Retry-After: when the next refresh is tried.
@@ -2303,6 +2374,12 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class OneShotHandler(CredentialHandler):
+    """The accepting thread's handler: see ``answer_once``."""
+
+    answer_once = True
+
+
 class CredentialServer(http.server.HTTPServer):
     """An HTTP server with a pool of worker threads and a bounded number of connections.
 
@@ -2323,7 +2400,7 @@ class CredentialServer(http.server.HTTPServer):
             % (len(_BUSY_BODY), _BUSY_BODY))
 
     def __init__(self, address, cache, rules=None, quiet=False, stream=None, listen=True,
-                 max_connections=256, idle_timeout=30.0, metadata=None):
+                 max_connections=256, idle_timeout=30.0, metadata=None, region=None):
         """Bind ``address``; listen at once unless ``listen`` is False.
 
         main() binds first (a port in use fails before any AWS call) and
@@ -2336,6 +2413,7 @@ class CredentialServer(http.server.HTTPServer):
         if metadata is None:
             metadata = self.rules.token is None
         self.metadata_tokens = MetadataTokens() if metadata else None
+        self.region = region  # served as the instance's region; main() sets the bucket's
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.max_connections = max_connections
@@ -2359,6 +2437,13 @@ class CredentialServer(http.server.HTTPServer):
             raise
 
     def server_bind(self):
+        # On Windows, SO_REUSEADDR would let a second server bind this port too:
+        # bind exclusively there.  POSIX keeps it, where it only skips TIME_WAIT.
+        if os.name == "nt":
+            self.allow_reuse_address = False
+            exclusive = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)
+            if exclusive is not None:
+                self.socket.setsockopt(socket.SOL_SOCKET, exclusive, 1)
         # HTTPServer.server_bind looks up the host's FQDN, which can take seconds.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
@@ -2382,8 +2467,10 @@ class CredentialServer(http.server.HTTPServer):
             self._refuse(request)
         elif self._answer_now(request):
             # A whole one-shot request is already here: answering it on this thread
-            # cannot block, and costs no hand-over between threads.
-            self._serve(request, client_address)
+            # costs no hand-over between threads.  This thread must never wait on a
+            # client, so its handler reads no second request, whatever the headers
+            # say (http.server may read them otherwise than _answer_now does).
+            self._serve(request, client_address, OneShotHandler)
         else:
             with self._deadlines_lock:
                 hire = self._spare_workers == 0
@@ -2394,9 +2481,9 @@ class CredentialServer(http.server.HTTPServer):
             if hire:
                 threading.Thread(target=self._worker, name="worker", daemon=True).start()
 
-    def _serve(self, request, client_address):
+    def _serve(self, request, client_address, handler_class=CredentialHandler):
         try:
-            self.finish_request(request, client_address)
+            handler_class(request, client_address, self)
         except Exception:
             self.handle_error(request, client_address)
         finally:
@@ -2440,7 +2527,10 @@ class CredentialServer(http.server.HTTPServer):
     @staticmethod
     def _answer_now(request):
         """True if the connection holds one complete request that asks to close after
-        its answer (curl, credential_process): no keep-alive, nothing left to wait for."""
+        its answer (curl, credential_process): no keep-alive, nothing left to wait for.
+
+        A quick look at raw bytes, which may take an odd keep-alive request for a
+        one-shot one: that client then gets its answer and a closed connection."""
         try:
             head = request.recv(8192, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (OSError, AttributeError):  # nothing yet, or no MSG_DONTWAIT (Windows)
@@ -2520,7 +2610,7 @@ class CredentialServer(http.server.HTTPServer):
                                            method[:16], path[:200], status)
             if reason:
                 line += " " + reason
-            self.log(line.encode("ascii", "backslashreplace").decode("ascii"))
+            self.log(printable(line))
 
     def handle_error(self, request, client_address):
         # A client that hangs up mid-request is normal; anything else gets one
@@ -2985,6 +3075,7 @@ def start_server(args, environ, say):
             args.host, args.port, getattr(error, "strerror", None) or error))
     try:
         bucket_regions = [client.head_bucket(bucket) for bucket in args.buckets]
+        server.region = bucket_regions[0]  # what instance metadata says, as EC2 would
         say("Generating initial credentials...")
         maker.prepare()
         cache.refresh()

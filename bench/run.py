@@ -377,6 +377,7 @@ def main():
                          nginx["newconn"], nginx["ka"][0], nginx["ka"][1] * 1000))
     else:
         lines.append("| limit: nginx static file | not installed: skipped | | |")
+    lines.append(imds_token_put_cost())
     notes = [
         "",
         "Medians, with (min–max) over {} cold starts and {} rounds, each round alternating "
@@ -400,6 +401,49 @@ def main():
                   platform.python_version(), _version("moto")))
     with open(os.path.join(HERE, "RESULTS.md"), "w") as handle:
         handle.write(header + table + "\n")
+
+
+# --- IMDS session tokens: no per-token state -------------------------------------------
+
+def imds_token_put_cost(flood=20000, samples=2000):
+    """A table row: median time of PUT /latest/api/token on one keep-alive connection,
+    with no tokens issued yet and after `flood` more: it must not grow with the count.
+    Runs the server in-process (no AWS needed); the flood goes over HTTP, as a hostile
+    local process would send it."""
+    import io
+    sys.path.insert(0, ROOT)
+    import s3_localserver as s
+
+    def fetch_credentials():
+        return s.Credentials("ASIABENCH", "bench", "bench", time.time() + 3600)
+    cache = s.CredentialCache(fetch_credentials, 3600)
+    cache.refresh()
+    server = s.CredentialServer(("127.0.0.1", 0), cache, quiet=True, stream=io.StringIO())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
+    headers = {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}
+
+    def put_times(count):
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            connection.request("PUT", "/latest/api/token", headers=headers)
+            connection.getresponse().read()
+            times.append(time.perf_counter() - started)
+        return times
+
+    try:
+        print("IMDS token PUTs...", file=sys.stderr)
+        fresh = statistics.median(put_times(samples)) * 1000
+        put_times(flood)
+        flooded = statistics.median(put_times(samples)) * 1000
+    finally:
+        connection.close()
+        server.shutdown()
+        server.server_close()
+    return ("| IMDS token PUT, one keep-alive connection, median ms: first {:,} / after {:,} "
+            "more (ratio) | {:.3f} / {:.3f} ({:.2f}x) | | |".format(
+                samples, flood, fresh, flooded, flooded / fresh))
 
 
 def _version(package):

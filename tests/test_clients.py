@@ -33,7 +33,7 @@ def access_lines(server, needle):
     return [line for line in server.lines if needle in line]
 
 
-def wait_for(predicate, seconds=10):
+def wait_for(predicate, seconds=60):
     deadline = time.time() + seconds
     while not predicate():
         assert time.time() < deadline, "timed out"
@@ -155,10 +155,20 @@ def test_exec_missing_command(moto, exec_env):
 def test_exec_forwards_sigterm(moto, exec_env, tmp_path):
     env, auth = exec_env
     ready, marker = tmp_path / "ready", tmp_path / "got-signal"
-    child = ("import signal, sys, time, pathlib\n"
+    # The child says it is ready only once the server handles SIGTERM (it installs its
+    # forwarding handler after starting the child; Linux shows it in SigCgt).
+    child = ("import os, signal, sys, time, pathlib\n"
              "def bye(n, f):\n"
              "    pathlib.Path({!r}).write_text(str(n)); sys.exit(42)\n"
              "signal.signal(signal.SIGTERM, bye)\n"
+             "status = pathlib.Path('/proc/{{}}/status'.format(os.getppid()))\n"
+             "def forwarding():\n"
+             "    for line in status.read_text().splitlines():\n"
+             "        if line.startswith('SigCgt:'):\n"
+             "            return int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1\n"
+             "    return True\n"
+             "while status.exists() and not forwarding():\n"
+             "    time.sleep(0.01)\n"
              "pathlib.Path({!r}).write_text('ready')\n"
              "time.sleep(60)\n").format(str(marker), str(ready))
     process = ScriptProcess([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-a", auth, "--",

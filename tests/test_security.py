@@ -104,7 +104,7 @@ def test_no_cors_headers_and_refusals_logged(served):
     assert not [name for name, _ in response.getheaders() if name.lower().startswith("access")]
     connection.close()
     request(served, host="evil.example")
-    deadline = time.time() + 5
+    deadline = time.time() + 60
     while time.time() < deadline and not any("evil.example" in line for line in served.lines):
         time.sleep(0.05)
     refusals = [line for line in served.lines if " 403 " in line]
@@ -179,10 +179,7 @@ def test_token_from_environment(moto, start, tester_env):
 def test_generated_token(moto, start, tester_env):
     server = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "--auth-token", "generate"],
                    tester_env())
-    deadline = time.time() + 5
-    while time.time() < deadline and not server._stdout:
-        time.sleep(0.05)
-    assert server.finish() == 0
+    assert server.finish() == 0  # stdout is whole once the process has ended
     lines = server.stdout.decode().splitlines()
     assert lines[0] == "export AWS_CONTAINER_CREDENTIALS_FULL_URI={}".format(server.url)
     token = lines[1].partition("export AWS_CONTAINER_AUTHORIZATION_TOKEN=")[2]
@@ -220,11 +217,10 @@ def test_slowloris(moto, start, tester_env):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" if index % 2 else b"G")
         idle.append(sock)
-    time.sleep(0.3)  # let the server register them all
-    started = time.time()
+    # Accepted after the 20 (the listen queue is first in, first out), well within
+    # their idle timeout: refused at once, not answered once they time out.
     status, body = request(server, host="127.0.0.1")
     assert status == 503 and json.loads(body.decode())["code"] == "TooManyConnections"
-    assert time.time() - started < 5
     # Dripping a byte a second does not keep a connection: the request must be whole
     # within the idle timeout.
     for _ in range(3):
@@ -235,13 +231,18 @@ def test_slowloris(moto, start, tester_env):
                 pass
         time.sleep(1)
     for sock in idle:
-        sock.settimeout(5)
+        sock.settimeout(60)
         try:
             assert sock.recv(100) == b""  # closed by the server, without an answer
         except ConnectionResetError:
             pass
         sock.close()
+    # Their slots free up as their threads wind down, which a busy machine may delay.
+    deadline = time.time() + 60
     status, body = request(server, host="127.0.0.1")
+    while status == 503 and time.time() < deadline:
+        time.sleep(0.05)
+        status, body = request(server, host="127.0.0.1")
     assert status == 200
     served_doc = json.loads(body.decode())
     server.secrets.append(served_doc["SecretAccessKey"])
