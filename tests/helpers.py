@@ -235,12 +235,14 @@ class RecordingProxy(object):
 
 
 class StandIn(object):
-    """A tiny local HTTP service answering by (method, path) and recording each request:
-    a stand-in for the SSO portal, a container endpoint or instance metadata."""
+    """A tiny local HTTP service answering by (method, path with query): a stand-in for
+    the SSO portal and SSO OIDC, a container endpoint or instance metadata.  Each route
+    is (status, body bytes) or a function (body bytes, headers) -> (status, body bytes);
+    every request is recorded as (method, path, lower-case headers, body bytes)."""
 
     def __init__(self, routes):
-        self.routes = routes  # (method, path with query) -> (status, body bytes)
-        self.requests = []  # (method, path, headers with lower-case names)
+        self.routes = routes
+        self.requests = []
         stand_in = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -248,15 +250,19 @@ class StandIn(object):
                 pass
 
             def answer(self):
-                stand_in.requests.append((self.command, self.path, {
-                    name.lower(): value for name, value in self.headers.items()}))
-                status, body = stand_in.routes.get((self.command, self.path), (404, b""))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                stand_in.requests.append((self.command, self.path, headers, body))
+                route = stand_in.routes.get((self.command, self.path), (404, b""))
+                status, data = route(body, headers) if callable(route) else route
                 self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(data)
 
-            do_GET = do_PUT = answer
+            do_GET = do_PUT = do_POST = answer
 
         self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
         self.url = "http://127.0.0.1:{}".format(self.server.server_address[1])
@@ -397,44 +403,6 @@ def role_credentials(moto, role_arn, session):
                             DurationSeconds=3600)["Credentials"]
     found["Expiration"] = found["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ")
     return found
-
-
-class ServiceStandIn(object):
-    """Like StandIn, for JSON services (SSO OIDC, the SSO portal): each route is
-    (status, body bytes) or a function (body bytes, headers) -> (status, body bytes);
-    every request is recorded as (method, path, lower-case headers, body bytes)."""
-
-    def __init__(self, routes):
-        self.routes = routes
-        self.requests = []
-        stand_in = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def answer(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                headers = {name.lower(): value for name, value in self.headers.items()}
-                stand_in.requests.append((self.command, self.path, headers, body))
-                route = stand_in.routes.get((self.command, self.path), (404, b""))
-                status, data = route(body, headers) if callable(route) else route
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = answer
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:{}".format(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def add_trusted(moto, role_name, principal_arn):

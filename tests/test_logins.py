@@ -25,7 +25,7 @@ from conftest import ADMIN_POLICY, BUCKET, trusting
 from helpers import (
     ACCOUNT,
     RecordingProxy,
-    ServiceStandIn,
+    StandIn,
     aws_error,
     clean_env,
     role_credentials,
@@ -184,7 +184,7 @@ def sts_stand_in(clock, seen):
         return 200, sts_answer("AssumeRoleWithWebIdentity", {
             "AccessKeyId": "ASIAWEB{}".format(len(seen)), "SecretAccessKey": "s",
             "SessionToken": "t", "Expiration": iso(clock.now + 3600)}).body
-    return ServiceStandIn({("POST", "/"): answer})
+    return StandIn({("POST", "/"): answer})
 
 
 def test_web_identity_token_file_rotated_between_reloads(files, tmp_path):
@@ -227,8 +227,8 @@ class SSOWorld(object):
         self.refused = []
         self.minted = []
         self.make_role_credentials = role_credentials
-        self.oidc = ServiceStandIn({("POST", "/token"): self.create_token})
-        self.portal = ServiceStandIn({("GET", PORTAL_PATH): self.get_role_credentials})
+        self.oidc = StandIn({("POST", "/token"): self.create_token})
+        self.portal = StandIn({("GET", PORTAL_PATH): self.get_role_credentials})
 
     def create_token(self, body, headers):
         sent = json.loads(body.decode())

@@ -113,7 +113,7 @@ def test_container_endpoint_full_uri_with_token_file(tmp_path, files):
                                                                      "t-container")
     assert credentials.expiration == s.parse_timestamp(LATER)
     assert base.source == "container endpoint"
-    (method, path, headers), = stand_in.requests
+    (method, path, headers, _), = stand_in.requests
     assert (method, path, headers["authorization"]) == ("GET", "/creds", "the-token")
 
 
@@ -189,7 +189,7 @@ def test_sso_profile(files, tmp_path, monkeypatch, session_form):
         portal.stop()
     assert credentials == s.Credentials("ASIASSO", "s-sso", "t-sso", expiration_ms / 1000.0)
     assert base.source == "SSO profile dev"
-    (method, got_path, headers), = portal.requests
+    (method, got_path, headers, _), = portal.requests
     assert (method, got_path, headers["x-amz-sso_bearer_token"]) == ("GET", path, "sso-bearer")
     assert s.resolve_region(args_for("--profile", "dev"), env) == "eu-west-1"
 
