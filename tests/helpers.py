@@ -363,3 +363,11 @@ def run_script(args, env, python=sys.executable, timeout=60):
                             stderr=subprocess.PIPE, timeout=timeout)
     return (result.returncode, result.stdout.decode("utf-8", "replace"),
             result.stderr.decode("utf-8", "replace"))
+
+
+def aws_calls(proxy):
+    """proxy.actions() with the bucket checks first: they run alongside the other
+    start-up calls, so their place among them is not fixed."""
+    actions = proxy.actions()
+    heads = [action for action in actions if action.startswith("S3 ")]
+    return heads + [action for action in actions if not action.startswith("S3 ")]
