@@ -2616,7 +2616,10 @@ def main(argv=None, environ=None):
     cache.start()
     if hasattr(signal, "SIGHUP"):  # not on Windows
         signal.signal(signal.SIGHUP, lambda signum, frame: cache.request_refresh())
-    threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
+    # serve_forever sees a shutdown only when its select() times out: in exec mode,
+    # where the command's exit stops the server, a short poll lets us exit at once.
+    threading.Thread(target=server.serve_forever, name="server", daemon=True,
+                     kwargs={"poll_interval": 0.05 if args.command else 0.5}).start()
     # The URL SDKs accept over plain http names a loopback address: for a server
     # bound to every address (0.0.0.0, ::), that is the loopback one.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
