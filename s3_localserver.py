@@ -9,9 +9,9 @@ one S3 bucket.  The JSON suits curl, the AWS CLI's ``credential_process`` and
 the container-credentials provider of every AWS SDK.
 
 One file, standard library only, CPython 3.6 or newer: copy it anywhere.
-It signs its own requests (SigV4), sends them with urllib, parses the XML with
-ElementTree, caches the credentials behind a lock and refreshes them in a
-background thread well before they expire.
+It signs its own requests (SigV4), sends them over kept-alive http.client
+connections, parses the XML with ElementTree, caches the credentials behind a
+lock and refreshes them in a background thread well before they expire.
 
 Sections, top to bottom: errors; durations and validation; policies;
 timestamps; credentials; SigV4; endpoints; XML answers; the AWS client; where
@@ -36,7 +36,7 @@ import queue
 import random
 import re
 import secrets
-import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -559,6 +559,15 @@ def certificate_failure(error):
     return None
 
 
+def _dropped(sock):
+    """True if an idle connection reads as ready: the server closed it (EOF) or sent
+    what nobody asked for; either way it cannot carry a request."""
+    # A selector, not select(): the server may hold over 1024 descriptors.
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        return bool(selector.select(0))
+
+
 class _Answer(object):
     """A whole HTTP answer, as urllib's response objects present it."""
 
@@ -640,10 +649,8 @@ class ConnectionPool(object):
                 if not idle:
                     return None
                 connection, since = idle.pop()
-            sock = connection.sock
-            # A closed connection reads as ready (EOF): drop it rather than fail on it.
-            if sock is not None and now - since < self.max_idle_seconds and not \
-                    select.select([sock], [], [], 0)[0]:
+            if connection.sock is not None and now - since < self.max_idle_seconds and \
+                    not _dropped(connection.sock):
                 return connection
             connection.close()
 
@@ -693,13 +700,6 @@ class ConnectionPool(object):
             else:
                 self._give_back(key, connection)
             return _Answer(response.status, response.msg, body)
-
-    def close(self):
-        with self._lock:
-            idle, self._idle = self._idle, {}
-        for connections in idle.values():
-            for connection, _ in connections:
-                connection.close()
 
 
 def default_opener(ca_bundle=None, environ=None):
@@ -2562,6 +2562,7 @@ def start_server(args, environ, say):
             _, error = bucket_check()
             if error is not None and not isinstance(error, BucketDenied):
                 raise error
+
         def first_credentials():
             maker.prepare(before_create=bucket_found)
             cache.refresh()
