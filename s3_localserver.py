@@ -599,17 +599,13 @@ class ConnectionPool(object):
     """
 
     max_idle = 4  # per host: more than the calls start-up makes at once
-    # AWS's load balancers drop connections idle for about a minute, and a NAT may do
-    # so silently; an older one would cost a timeout, so it is closed, not reused.
-    max_idle_seconds = 50.0
 
-    def __init__(self, ca_bundle=None, environ=None, clock=time.monotonic):
+    def __init__(self, ca_bundle=None, environ=None):
         self.ca_bundle = ca_bundle
         self.environ = os.environ if environ is None else environ
-        self.clock = clock
-        self.opened = 0  # connections made, for tests and the benchmark
+        self.opened = 0  # connections made (tests check that calls share them)
         self._lock = threading.Lock()  # guards _idle, opened and _context
-        self._idle = {}  # (scheme, host, port) -> [(connection, idle since)]
+        self._idle = {}  # (scheme, host, port) -> idle connections
         self._context = None
 
     def _ssl_context(self):
@@ -641,16 +637,18 @@ class ConnectionPool(object):
         return connection
 
     def _take(self, key):
-        """An idle connection to ``key`` that is still open, or None."""
-        now = self.clock()
+        """An idle connection to ``key`` that is still open, or None.
+
+        As urllib3 (botocore's pool) does, a connection is kept however long it
+        idles, and dropped once the server has closed it: AWS closes idle ones.
+        """
         while True:
             with self._lock:
                 idle = self._idle.get(key)
                 if not idle:
                     return None
-                connection, since = idle.pop()
-            if connection.sock is not None and now - since < self.max_idle_seconds and \
-                    not _dropped(connection.sock):
+                connection = idle.pop()
+            if connection.sock is not None and not _dropped(connection.sock):
                 return connection
             connection.close()
 
@@ -658,7 +656,7 @@ class ConnectionPool(object):
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.max_idle:
-                idle.append((connection, self.clock()))
+                idle.append(connection)
                 return
         connection.close()
 

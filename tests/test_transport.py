@@ -363,6 +363,18 @@ def test_untrusted_certificate_is_one_line_and_never_retried(tester_env, tls_end
     assert tls_endpoint.connections == 2
 
 
+def test_untrusted_certificate_is_one_attempt(moto, tls_endpoint):
+    """One call, one connection attempt, no backoff: retrying cannot help."""
+    sleeps = []
+    made = s.AWSClient(s.Credentials(moto.tester["AccessKeyId"],
+                                     moto.tester["SecretAccessKey"]), "us-east-1",
+                       tls_endpoint.url, environ={}, sleep=sleeps.append)
+    with pytest.raises(s.AWSError) as caught:
+        made.get_caller_identity()
+    assert caught.value.code == "CertificateError" and not caught.value.transient
+    assert (tls_endpoint.connections, sleeps, caught.value.attempts) == (1, [], 1)
+
+
 def test_untrusted_certificate_with_the_wrong_bundle(tester_env, tls_endpoint, throwaway_ca):
     code, _, err = run_script([BUCKET, "-d", "1h", "-p", "0", "--endpoint-url",
                                tls_endpoint.url, "--ca-bundle", throwaway_ca["other.pem"]],
