@@ -438,6 +438,17 @@ def test_missing_bundle_file(tester_env, tmp_path):
                                 "file".format(tmp_path / "nope.pem")]
 
 
+def test_bundle_that_is_not_pem(tester_env, tls_endpoint, tmp_path):
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text("not a certificate\n")
+    code, _, err = run_script([BUCKET, "-d", "1h", "-p", "0", "--endpoint-url",
+                               tls_endpoint.url], tester_env(AWS_CA_BUNDLE=bundle))
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("Error: cannot use the CA bundle {}: ".format(
+        bundle)), err
+    assert tls_endpoint.connections == 0
+
+
 # ---------------------------------------------------------------------------
 #  Start-up: concurrent calls, least-privilege callers, refused keys
 # ---------------------------------------------------------------------------
