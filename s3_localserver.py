@@ -9,9 +9,9 @@ one S3 bucket.  The JSON suits curl, the AWS CLI's ``credential_process`` and
 the container-credentials provider of every AWS SDK.
 
 One file, standard library only, CPython 3.6 or newer: copy it anywhere.
-It signs its own requests (SigV4), sends them with urllib, parses the XML with
-ElementTree, caches the credentials behind a lock and refreshes them in a
-background thread well before they expire.
+It signs its own requests (SigV4), sends them over kept-alive http.client
+connections, parses the XML with ElementTree, caches the credentials behind a
+lock and refreshes them in a background thread well before they expire.
 
 Sections, top to bottom: errors; durations and validation; policies;
 timestamps; credentials; SigV4; endpoints; XML answers; the AWS client; where
@@ -36,10 +36,12 @@ import queue
 import random
 import re
 import secrets
+import selectors
 import shlex
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -619,18 +621,212 @@ def parse_credentials(root, result_name):
 
 
 ######################################################################
-#  AWS client: STS, IAM and S3 over urllib
+#  AWS client: STS, IAM and S3 over kept-alive http.client connections
 ######################################################################
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # S3 answers 301 for a bucket in another region; we want to see that answer.
-    def redirect_request(self, *args, **kwargs):
+def proxy_for(url, environ):
+    """The proxy URL for an AWS call to ``url``, or None.
+
+    urllib's rules (getproxies_environment, proxy_bypass_environment), read from
+    ``environ``: HTTPS_PROXY / HTTP_PROXY by the URL's scheme, lower-case names
+    first, NO_PROXY exempting hosts and domains.
+    """
+    proxies = {}
+    for lower_case_first in (False, True):
+        for name, value in environ.items():
+            if value and name.lower().endswith("_proxy") and (
+                    not lower_case_first or name == name.lower()):
+                proxies[name.lower()[:-len("_proxy")]] = value
+    if "REQUEST_METHOD" in environ:
+        proxies.pop("http", None)  # a CGI request can set Proxy: (httpoxy)
+    parts = urllib.parse.urlsplit(url)
+    proxy = proxies.get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass_environment(parts.netloc, proxies):
         return None
+    return proxy if "://" in proxy else "http://" + proxy
 
 
-def default_opener():
-    return urllib.request.build_opener(_NoRedirect())
+def form_body(items):
+    """The query-protocol body, encoded byte for byte as botocore does.
+
+    botocore sends ``urlencode(params)``: quote_plus, space as '+', only
+    ``A-Za-z0-9_.-~`` left as they are.  AWS accepts other encodings, but emulators
+    that re-encode the form to check the signature (moto) do not.  '~' is named
+    because Python 3.6's quote_plus still escaped it.
+    """
+    return "&".join("{}={}".format(urllib.parse.quote_plus(str(key), safe="~"),
+                                   urllib.parse.quote_plus(str(value), safe="~"))
+                    for key, value in items).encode("ascii")
+
+
+def _proxy_authorization(proxy):
+    """Basic Proxy-Authorization for a proxy URL with user:password@, as urllib sends."""
+    parts = urllib.parse.urlsplit(proxy)
+    if parts.username is None:
+        return {}
+    userinfo = "{}:{}".format(urllib.parse.unquote(parts.username),
+                              urllib.parse.unquote(parts.password or ""))
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(
+        userinfo.encode("utf-8")).decode("ascii")}
+
+
+def certificate_failure(error):
+    """Why the peer's TLS certificate did not verify, if that is what ``error`` (or the
+    error urllib wraps in it) says; else None."""
+    if isinstance(error, urllib.error.URLError) and isinstance(error.reason, Exception):
+        error = error.reason
+    # Python 3.7+ raises SSLCertVerificationError (a CertificateError); 3.6 an SSLError
+    # for an unknown issuer and a CertificateError (a ValueError) for a wrong host name.
+    if isinstance(error, ssl.CertificateError) or (
+            isinstance(error, ssl.SSLError) and error.reason == "CERTIFICATE_VERIFY_FAILED"):
+        return getattr(error, "verify_message", None) or str(error)
+    return None
+
+
+def _dropped(sock):
+    """True if an idle connection reads as ready: the server closed it (EOF) or sent
+    what nobody asked for; either way it cannot carry a request."""
+    # A selector, not select(): the server may hold over 1024 descriptors.
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        return bool(selector.select(0))
+
+
+class _Answer(object):
+    """A whole HTTP answer, as urllib's response objects present it."""
+
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self._body = body
+
+    def read(self):
+        return self._body
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class ConnectionPool(object):
+    """Kept-alive connections to AWS hosts, shared by every call and every refresh.
+
+    ``open(request, timeout)`` is the urllib opener's interface, but every status
+    comes back as an answer (S3's 301 says where a bucket lives: never follow it).
+    Idle connections wait per (scheme, host, port): a call takes one or opens a new
+    one, so calls made at the same time each get their own and later ones reuse
+    them; a TLS handshake is the most expensive part of a call.  HTTPS_PROXY and
+    NO_PROXY are honoured (a CONNECT tunnel for https), and ``ca_bundle`` replaces
+    the default trust store.
+    """
+
+    max_idle = 4  # per host: more than the calls start-up makes at once
+
+    def __init__(self, ca_bundle=None, environ=None):
+        self.ca_bundle = ca_bundle
+        self.environ = os.environ if environ is None else environ
+        self.opened = 0  # connections made (tests check that calls share them)
+        self._lock = threading.Lock()  # guards _idle, opened and _context
+        self._idle = {}  # (scheme, host, port) -> idle connections
+        self._context = None
+
+    def _ssl_context(self):
+        with self._lock:
+            if self._context is None:
+                try:
+                    self._context = ssl.create_default_context(cafile=self.ca_bundle)
+                except (OSError, ssl.SSLError) as error:
+                    raise LocalServerError("cannot use the CA bundle {}: {}".format(
+                        self.ca_bundle, getattr(error, "strerror", None) or error))
+            return self._context
+
+    def _connect(self, parts, proxy, timeout):
+        host, port = parts.hostname, parts.port
+        context = self._ssl_context() if parts.scheme == "https" else None
+        with self._lock:
+            self.opened += 1
+        if proxy is None:
+            if context is None:
+                return http.client.HTTPConnection(host, port, timeout=timeout)
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        proxy_parts = urllib.parse.urlsplit(proxy)
+        if context is None:
+            return http.client.HTTPConnection(proxy_parts.hostname, proxy_parts.port or 80,
+                                              timeout=timeout)
+        connection = http.client.HTTPSConnection(proxy_parts.hostname, proxy_parts.port or 80,
+                                                 timeout=timeout, context=context)
+        connection.set_tunnel(host, port or 443, headers=_proxy_authorization(proxy))
+        return connection
+
+    def _take(self, key):
+        """An idle connection to ``key`` that is still open, or None.
+
+        As urllib3 (botocore's pool) does, a connection is kept however long it
+        idles, and dropped once the server has closed it: AWS closes idle ones.
+        """
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                connection = idle.pop()
+            if connection.sock is not None and not _dropped(connection.sock):
+                return connection
+            connection.close()
+
+    def _give_back(self, key, connection):
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.max_idle:
+                idle.append(connection)
+                return
+        connection.close()
+
+    def open(self, request, timeout=REQUEST_TIMEOUT):
+        parts = urllib.parse.urlsplit(request.full_url)
+        key = (parts.scheme, parts.hostname, parts.port)
+        proxy = proxy_for(request.full_url, self.environ)
+        target = request.selector
+        # Names as urllib sends them (Request keeps 'X-amz-date'; the wire has 'X-Amz-Date').
+        headers = {name.title(): value for name, value in request.header_items()}
+        if proxy is not None and parts.scheme == "http":
+            # Plain http through a proxy: the absolute URL goes in the request line.
+            target = request.full_url
+            headers.update(_proxy_authorization(proxy))
+        connection = self._take(key)
+        reused = connection is not None
+        while True:
+            if connection is None:
+                connection = self._connect(parts, proxy, timeout)
+            connection.timeout = timeout
+            if connection.sock is not None:
+                connection.sock.settimeout(timeout)
+            try:
+                connection.request(request.get_method(), target, request.data, headers)
+                response = connection.getresponse()
+                body = response.read()
+            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+                connection.close()
+                if not reused:
+                    raise
+                # The server closed a kept-alive connection as we sent: once more, anew.
+                connection, reused = None, False
+                continue
+            except BaseException:
+                connection.close()
+                raise
+            if response.will_close:
+                connection.close()
+            else:
+                self._give_back(key, connection)
+            return _Answer(response.status, response.msg, body)
+
+
+def default_opener(ca_bundle=None, environ=None):
+    return ConnectionPool(ca_bundle, environ)
 
 
 class AWSClient(object):
@@ -655,7 +851,11 @@ class AWSClient(object):
         self.endpoint_url = endpoint_url
         self.endpoints = endpoints  # the config file's endpoints (AWSFiles.endpoints)
         self.environ = os.environ if environ is None else environ
-        self.opener = opener or default_opener()
+        # AWS_CA_BUNDLE holds the trust store chosen by --ca-bundle, the variable or the
+        # profile (see trust_environment); a client of an assume-role profile reads it too.
+        self.opener = opener or default_opener(
+            _expand(self.environ["AWS_CA_BUNDLE"]) if self.environ.get("AWS_CA_BUNDLE")
+            else None, self.environ)
         self.clock = Clock.of(clock)  # shared with the credential cache: AWS's time
         self.sleep = sleep
         self.timeout = timeout
@@ -687,9 +887,16 @@ class AWSClient(object):
                 except (OSError, http.client.HTTPException):
                     data = b""
                 return error.code, error.headers, data
-        except (OSError, http.client.HTTPException) as error:
+        except (OSError, http.client.HTTPException, ssl.CertificateError) as error:
             # URLError, timeouts, resets and truncated answers all land here.
             reason = getattr(error, "reason", None) or error
+            why = certificate_failure(error)
+            if why:
+                # Sending again cannot help: the trust store is wrong for this host.
+                raise AWSError("CertificateError", "the TLS certificate of {} did not verify "
+                               "({}); if a proxy or private endpoint uses its own certificate "
+                               "authority, give its PEM file with --ca-bundle or "
+                               "AWS_CA_BUNDLE".format(host_header(url), why), transient=False)
             raise AWSError("ConnectionError", "could not reach {}: {}".format(
                 host_header(url), reason), transient=True)
 
@@ -747,7 +954,7 @@ class AWSClient(object):
         """A query-protocol call (STS, IAM): POST form data, parse the XML."""
         url, region = self.endpoint(service)
         items = [("Action", action), ("Version", version)] + list(params)
-        body = urllib.parse.urlencode(items, quote_via=urllib.parse.quote).encode("utf-8")
+        body = form_body(items)
         content_type = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
 
         def check(status, headers, data):
@@ -860,12 +1067,25 @@ class AWSClient(object):
             if status == 404:
                 raise LocalServerError("bucket '{}' does not exist".format(bucket))
             if status == 403:
-                raise LocalServerError(
+                raise BucketDenied(
                     "access to bucket '{}' is denied to these credentials (it may exist, "
                     "but they cannot see it)".format(bucket))
             raise LocalServerError("HeadBucket on '{}' failed with HTTP {}".format(bucket, status))
         raise LocalServerError("bucket '{}' could not be found in region {}".format(
             bucket, region))
+
+
+class BucketDenied(LocalServerError):
+    """HeadBucket answered 403: the bucket may exist, but these credentials may not see
+    it (S3 says no more: a HEAD answer has no body)."""
+
+
+# Errors that say the access key itself was refused, whatever the call.
+REFUSED_KEY_CODES = frozenset([
+    "InvalidClientTokenId", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "UnrecognizedClientException", "InvalidSignatureException", "IncompleteSignature",
+    "AuthFailure",
+])
 
 
 def _check_status(status, headers, data):
@@ -1659,12 +1879,16 @@ class CredentialMaker(object):
         self.role_created_at = None
         self.log = log or (lambda message: None)
 
-    def prepare(self):
-        """One-off set-up before the first credentials (IAM calls for 'role')."""
+    def prepare(self, before_create=None):
+        """One-off set-up before the first credentials (IAM calls for 'role').
+
+        ``before_create()`` may raise to stop the role from being created."""
         if self.mode != "role" or self.role_arn:
             return
         arn = self.client.get_role_arn(DEFAULT_ROLE_NAME)
         if arn is None:
+            if before_create is not None:
+                before_create()
             account = self.client.get_caller_identity()["Account"]
             self.log("Creating IAM role {}...".format(DEFAULT_ROLE_NAME))
             arn = self.client.create_default_role(DEFAULT_ROLE_NAME, account)
@@ -2783,6 +3007,10 @@ def build_parser(prog="s3_localserver.py"):
                                        "the profile's region)")
     base.add_argument("--endpoint-url", metavar="URL",
                       help="send STS, IAM and S3 calls here, e.g. http://127.0.0.1:5000")
+    base.add_argument("--ca-bundle", metavar="FILE",
+                      help="PEM file of the certificate authorities to trust for AWS calls, "
+                           "e.g. a TLS-inspecting proxy's (else AWS_CA_BUNDLE, the "
+                           "profile's ca_bundle)")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return parser
 
@@ -3017,6 +3245,7 @@ def wait_for_signal(stop):
 
 def print_identity(args, environ):
     """--print-identity: which credentials the script would use, and whose they are."""
+    environ = trust_environment(args, environ)
     region = resolve_region(args, environ)
     base = resolve_credentials(args, environ, region)
     identity = AWSClient(base, region, args.endpoint_url, environ,
@@ -3042,6 +3271,58 @@ def print_policy(args, environ, say):
     return 0
 
 
+def trust_environment(args, environ):
+    """``environ`` with AWS_CA_BUNDLE naming the trust store for AWS calls.
+
+    botocore's order: --ca-bundle, AWS_CA_BUNDLE, the profile's ca_bundle.  Every
+    AWSClient reads it from there, the one an assume-role profile makes included.
+    """
+    bundle, origin = args.ca_bundle, "--ca-bundle"
+    if not bundle:
+        bundle, origin = environ.get("AWS_CA_BUNDLE"), "AWS_CA_BUNDLE"
+    if not bundle:
+        name = selected_profile(args, environ)
+        config, credentials = AWSFiles(environ).profile(name)
+        settings = dict(config or {})
+        settings.update(credentials or {})
+        bundle, origin = settings.get("ca_bundle"), "ca_bundle of profile " + name
+    if not bundle:
+        return environ
+    if not os.path.isfile(_expand(bundle)):
+        raise LocalServerError("the CA bundle {} (from {}) is not a file".format(bundle, origin))
+    return dict(environ, AWS_CA_BUNDLE=bundle)
+
+
+def _in_background(function, *args):
+    """Start function(*args) on a thread; return a callable that waits for it and
+    returns its result or raises its exception."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append((function(*args), None))
+        except Exception as error:
+            outcome.append((None, error))
+    thread = threading.Thread(target=run, name="start-up", daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        value, error = outcome[0]
+        if error is not None:
+            raise error
+        return value
+    return result
+
+
+def _outcome(call, *args):
+    """(result, None) or (None, the AWSError or LocalServerError it raised)."""
+    try:
+        return call(*args), None
+    except (AWSError, LocalServerError) as error:
+        return None, error
+
+
 def start_server(args, environ, say):
     """Everything before serving: checks, the first credentials, the bound socket.
 
@@ -3055,6 +3336,7 @@ def start_server(args, environ, say):
                                    "(--require-token); set --auth-token".format(args.host))
         say("Warning: serving on {} without --auth-token: anyone who can reach this port "
             "gets the credentials".format(args.host))
+    environ = trust_environment(args, environ)
     region = resolve_region(args, environ)
     policy = policy_json(session_policy(args, region))  # too long: say so before any call
     clock = Clock()  # AWS's time, learnt by the client, used by the cache
@@ -3074,11 +3356,41 @@ def start_server(args, environ, say):
         raise LocalServerError("cannot listen on {}:{}: {}".format(
             args.host, args.port, getattr(error, "strerror", None) or error))
     try:
-        bucket_regions = [client.head_bucket(bucket) for bucket in args.buckets]
-        server.region = bucket_regions[0]  # what instance metadata says, as EC2 would
+        # The bucket checks do not depend on the credential calls: all at once, so
+        # start-up costs the longest round trip, not their sum.
+        bucket_checks = [_in_background(_outcome, client.head_bucket, bucket)
+                         for bucket in args.buckets]
+
+        def buckets_found():
+            # A role is created only once every bucket is known to exist.
+            for check in bucket_checks:
+                _, error = check()
+                if error is not None and not isinstance(error, BucketDenied):
+                    raise error
+
+        def first_credentials():
+            maker.prepare(before_create=buckets_found)
+            cache.refresh()
         say("Generating initial credentials...")
-        maker.prepare()
-        cache.refresh()
+        _, failure = _outcome(first_credentials)
+        buckets = [check() for check in bucket_checks]  # (region, error) of each
+        for index, (_, error) in enumerate(buckets):
+            if isinstance(error, BucketDenied) and failure is None:
+                # Callers that may only assume the role: the served credentials must
+                # reach the bucket anyway, so they are the ones that decide.
+                served = AWSClient(cache.current()[0], region, args.endpoint_url, environ,
+                                   opener=client.opener, log=say)
+                buckets[index] = _outcome(served.head_bucket, args.buckets[index])
+        bucket_failure = next((error for _, error in buckets if error is not None), None)
+        # The most useful error first: refused keys, then the role, then the bucket.
+        for error in (failure, bucket_failure):
+            if getattr(error, "code", None) in REFUSED_KEY_CODES:
+                raise LocalServerError("AWS refused the access key of the script's own "
+                                       "credentials (from {}): {}".format(
+                                           client.base.source, explain(error)))
+        if failure is not None or bucket_failure is not None:
+            raise failure or bucket_failure
+        server.region = buckets[0][0]  # what instance metadata says, as EC2 would
         server.server_activate()
     except BaseException:
         server.server_close()
@@ -3090,7 +3402,7 @@ def start_server(args, environ, say):
             "an assumed role's, and AWS lets those assume another role for 1 hour at most "
             "(role chaining)".format(args.duration, client.base.source))
         args.duration = maker.duration
-    return server, cache, region or bucket_regions[0], token_origin
+    return server, cache, region or server.region, token_origin
 
 
 def describe_buckets(buckets):
@@ -3136,7 +3448,10 @@ def main(argv=None, environ=None):
     cache.start()
     if hasattr(signal, "SIGHUP"):  # not on Windows
         signal.signal(signal.SIGHUP, lambda signum, frame: cache.request_refresh())
-    threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
+    # serve_forever sees a shutdown only when its select() times out: in exec mode,
+    # where the command's exit stops the server, a short poll lets us exit at once.
+    threading.Thread(target=server.serve_forever, name="server", daemon=True,
+                     kwargs={"poll_interval": 0.05 if args.command else 0.5}).start()
     # The URL SDKs accept over plain http names a loopback address: for a server
     # bound to every address (0.0.0.0, ::), that is the loopback one.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)

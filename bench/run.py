@@ -11,11 +11,13 @@ on its targets; the table is the result.
 import argparse
 import datetime
 import http.client
+import http.server
 import os
 import platform
 import re
 import shutil
 import socket
+import socketserver
 import statistics
 import subprocess
 import sys
@@ -33,6 +35,81 @@ from helpers import MotoServer, RecordingProxy, free_port  # noqa: E402
 BUCKET = "bench-bucket"
 BIN = os.path.dirname(sys.executable)
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+CONNECT_DELAY = 0.050  # what a new connection to a far-away AWS costs (TCP + TLS)
+ONE_WAY_DELAY = 0.025  # and each request or answer
+
+
+# --- a far-away AWS -------------------------------------------------------------------
+
+class LatencyRelay(object):
+    """An HTTP relay on 127.0.0.1 in front of moto that makes AWS far away: a new
+    connection waits CONNECT_DELAY seconds before its first request is read (the TCP
+    and TLS handshakes), and each request and each answer take ONE_WAY_DELAY seconds
+    to arrive.  Connections are kept alive as AWS keeps them (moto closes every one,
+    so each request goes to moto on a fresh local connection).  Counts the connections
+    it accepts."""
+
+    def __init__(self, target_port):
+        self.connections = 0
+        self.lock = threading.Lock()
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                with relay.lock:
+                    relay.connections += 1
+                time.sleep(CONNECT_DELAY)
+                http.server.BaseHTTPRequestHandler.setup(self)
+                # Headers and body go out in two writes: without this, Nagle's algorithm
+                # and the client's delayed ACK add 40 ms to every answer on a reused
+                # connection, a delay no AWS endpoint has.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def log_message(self, *args):
+                pass
+
+            def relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                time.sleep(ONE_WAY_DELAY)
+                upstream = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
+                try:
+                    upstream.putrequest(self.command, self.path, skip_host=True,
+                                        skip_accept_encoding=True)
+                    for name, value in self.headers.items():
+                        if name.lower() not in ("connection", "content-length"):
+                            upstream.putheader(name, value)
+                    upstream.putheader("Content-Length", str(len(body)))
+                    upstream.endheaders(body)
+                    response = upstream.getresponse()
+                    data = response.read()
+                    headers = response.getheaders()
+                finally:
+                    upstream.close()
+                time.sleep(ONE_WAY_DELAY)
+                self.send_response_only(response.status)
+                for name, value in headers:
+                    if name.lower() not in ("connection", "content-length", "transfer-encoding"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_POST = do_HEAD = do_PUT = relay
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            request_queue_size = 64
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:{}".format(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # --- the two servers ---------------------------------------------------------------
@@ -71,6 +148,8 @@ OURS_MODULE = Target("python3 -m s3_localserver", [sys.executable, "-m", "s3_loc
                                                     BUCKET, "-d", "1h", "-p", "{port}",
                                                     "--host", "127.0.0.1", "--endpoint-url",
                                                     "{endpoint}"])
+OURS_ROLE_ARN = Target("s3_localserver --role-arn", OURS.argv + [
+    "--role-arn", "arn:aws:iam::123456789012:role/bench-uploader"])
 REFERENCE = Target("s3-credentials 0.17", [os.path.join(BIN, "s3-credentials"), "localserver",
                                            BUCKET, "--duration", "1h", "--port", "{port}",
                                            "--host", "127.0.0.1", "--endpoint-url",
@@ -84,6 +163,16 @@ def stop(process):
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def exec_mode(endpoint, env):
+    """Exec mode with a command that does nothing: seconds from start to exit."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(ROOT, "s3_localserver.py"), BUCKET, "-d",
+                    "1h", "--endpoint-url", endpoint, "--", "true"], env=env, cwd=ROOT,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - started
 
 
 # --- clients ------------------------------------------------------------------------
@@ -276,7 +365,11 @@ def main():
            "AWS_CONFIG_FILE": os.path.join(tmp, "none"),
            "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "none")}
     moto.client("s3").create_bucket(Bucket=BUCKET)
-    results = {target.name: {} for target in (OURS, OURS_MODULE, REFERENCE)}
+    moto.client("iam").create_role(RoleName="bench-uploader", AssumeRolePolicyDocument=(
+        '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": '
+        '"arn:aws:iam::123456789012:root"}, "Action": "sts:AssumeRole"}]}'))
+    relay = LatencyRelay(moto.port)
+    results = {target.name: {} for target in (OURS, OURS_MODULE, OURS_ROLE_ARN, REFERENCE)}
     generator = "wrk -t2 -c8 (Connection: close)" if shutil.which("wrk") else \
         "built-in, 8 processes"
 
@@ -293,6 +386,18 @@ def main():
             process, port, seconds = target.start(proxy.url, env)
             record(target, "cold", seconds)
             stop(process)
+
+    print("starts through the latency relay...", file=sys.stderr)
+    far = (OURS, OURS_ROLE_ARN, REFERENCE)
+    for index in range(options.starts):
+        for target in far[index % 3:] + far[:index % 3]:  # each goes first in turn
+            relay.connections = 0
+            process, port, seconds = target.start(relay.url, env)
+            record(target, "far", seconds)
+            record(target, "far_connections", relay.connections)
+            stop(process)
+        record(OURS, "far_exec", exec_mode(relay.url, env))
+    relay.stop()
 
     with ProcessPoolExecutor(8) as pool:
         for index in range(options.rounds):
@@ -355,6 +460,16 @@ def main():
         ("answered within 1 s with 50 idle connections held, %", "avail", "{:.0f}", OURS.name),
         ("STS calls during a 200-client burst", "sts", "{:.0f}", OURS.name),
         ("import time of the module, ms", "import", "{:.1f}", OURS.name),
+        ("through the latency relay: start to first credentials, default mode, s", "far",
+         "{:.3f}", OURS.name),
+        ("through the latency relay: start to first credentials, --role-arn, s", "far",
+         "{:.3f}", OURS_ROLE_ARN.name),
+        ("through the latency relay: AWS connections opened, default mode", "far_connections",
+         "{:.0f}", OURS.name),
+        ("through the latency relay: AWS connections opened, --role-arn", "far_connections",
+         "{:.0f}", OURS_ROLE_ARN.name),
+        ("through the latency relay: exec mode `-- true`, start to exit, s", "far_exec",
+         "{:.3f}", OURS.name),
     ]
     rows[2:2] = [
         ("cold start, as `python3 -m s3_localserver` (bytecode cached), s", "cold", "{:.3f}",
@@ -368,6 +483,9 @@ def main():
     ]
     for label, key, fmt, which in rows:
         mine, mine_text = summary(results.get(which, ours)[key], fmt)
+        if key not in ref:  # exec mode: the reference has none
+            lines.append("| {} | {} | | |".format(label, mine_text))
+            continue
         theirs, theirs_text = summary(ref[key], fmt)
         ratio = "{:.2f}x".format(mine / theirs) if theirs else ("=" if mine == theirs else "n/a")
         lines.append("| {} | {} | {} | {} |".format(label, mine_text, theirs_text, ratio))
@@ -384,6 +502,13 @@ def main():
         "which server goes first. Load generator for new connections: {}; keep-alive: 8 "
         "processes with http.client, 500 requests each.".format(
             options.starts, options.rounds, generator),
+        "The latency relay, an HTTP relay in front of moto (not the recording proxy) that "
+        "keeps connections alive as AWS does, adds {:.0f} ms to each new connection and "
+        "{:.0f} ms to each request and each answer; the reference runs in its default "
+        "mode in both of its rows, against ours in default mode and with --role-arn. "
+        "Connections: those the relay accepted from start to the first credentials "
+        "served.".format(
+            CONNECT_DELAY * 1000, ONE_WAY_DELAY * 1000),
         "The reference speaks HTTP/1.0 and closes every connection, so its keep-alive rows "
         "measure a client reconnecting each time; it serves one connection at a time, so "
         "an idle connection blocks it.",

@@ -416,3 +416,11 @@ def add_trusted(moto, role_name, principal_arn):
     if principal_arn not in principals:
         statement["Principal"]["AWS"] = principals + [principal_arn]
         iam.update_assume_role_policy(RoleName=role_name, PolicyDocument=json.dumps(trust))
+
+
+def aws_calls(proxy):
+    """proxy.actions() with the bucket checks first: they run alongside the other
+    start-up calls, so their place among them is not fixed."""
+    actions = proxy.actions()
+    heads = [action for action in actions if action.startswith("S3 ")]
+    return heads + [action for action in actions if not action.startswith("S3 ")]
