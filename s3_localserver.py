@@ -310,14 +310,17 @@ class Clock(object):
 
     ``aws_now()`` is the local wall clock plus ``offset`` (AWS's time minus
     ours), learnt from AWS's answers, so expiry is judged as AWS judges it even
-    on a machine whose clock is off.  ``monotonic()`` measures delays: it is
-    never stepped, and stands still while the machine sleeps.
+    on a machine whose clock is off.  ``elapsed()`` measures delays: the
+    monotonic clock, which is never stepped, plus the time the machine slept,
+    which the monotonic clock does not count.
 
     The wall clock moving against the monotonic one is a jump.  Forward, it is
     usually a suspend and resume, and AWS's time moved on too: the offset
-    stays.  Backward it can only be a step of the local clock, and AWS's time
-    never goes back: the offset absorbs it.  Either way the next AWS answer
-    sets the offset right again.
+    stays, and the jump counts as time slept, so a delay between STS calls
+    that the sleep outlasted is over (were it a step, one call comes early).
+    Backward it can only be a step of the local clock, and AWS's time never
+    goes back: the offset absorbs it.  Either way the next AWS answer sets
+    the offset right again.
 
     Calling a Clock gives the local wall time, so it stands in for time.time.
     """
@@ -328,7 +331,8 @@ class Clock(object):
         self.wall = wall
         self.monotonic = monotonic
         self.offset = 0.0
-        self._lock = threading.Lock()  # guards offset and _gap
+        self.slept = 0.0  # forward jumps seen: time the monotonic clock missed
+        self._lock = threading.Lock()  # guards offset, slept and _gap
         self._gap = wall() - monotonic()  # wall minus monotonic, as last seen
 
     @classmethod
@@ -341,15 +345,27 @@ class Clock(object):
     def __call__(self):
         return self.wall()
 
+    def _look(self):
+        # With _lock held: (wall, monotonic) now, after taking in a jump since the last look.
+        wall, mono = self.wall(), self.monotonic()
+        gap = wall - mono
+        if gap < self._gap - self.resolution:
+            self.offset += self._gap - gap
+        elif gap > self._gap + self.resolution:
+            self.slept += gap - self._gap
+        self._gap = gap
+        return wall, mono
+
     def aws_now(self):
         """AWS's time now (epoch seconds), as far as we know it."""
         with self._lock:
-            wall = self.wall()
-            gap = wall - self.monotonic()
-            if gap < self._gap - self.resolution:
-                self.offset += self._gap - gap
-            self._gap = gap
-            return wall + self.offset
+            return self._look()[0] + self.offset
+
+    def elapsed(self):
+        """Seconds on a clock that never goes back and runs on while the machine
+        sleeps (Linux's CLOCK_BOOTTIME, portably): for delays between STS calls."""
+        with self._lock:
+            return self._look()[1] + self.slept
 
     def learn(self, aws_time):
         """AWS said it is ``aws_time`` now; return how far the offset moved."""
@@ -1969,7 +1985,7 @@ class CredentialCache(object):
     on STS is tried every ``outage_retry`` seconds, so serving resumes as soon
     as STS answers again.
 
-    Expiry is judged on AWS's clock, delays on the monotonic one (see Clock).
+    Expiry is judged on AWS's clock, delays on Clock.elapsed (see Clock).
     Successful refreshes are at least ``min_interval`` apart, so credentials
     that arrive already due (a clock that is off) cannot start a storm of STS
     calls.
@@ -2001,8 +2017,8 @@ class CredentialCache(object):
         self._last_refresh = None
         self._failures = 0
         self._refreshing = False
-        self._last_attempt = None  # monotonic time the last attempt ended
-        self._next_attempt = None  # monotonic time of the next one: backoff, min_interval
+        self._last_attempt = None  # Clock.elapsed time the last attempt ended
+        self._next_attempt = None  # ... and of the next one: backoff, min_interval
         self.refresh_count = 0
         self._last_logged = None  # the failure last reported, so each is logged once
         self._early_logged = False  # credentials arrived inside the refresh window
@@ -2019,7 +2035,7 @@ class CredentialCache(object):
         return current[0].expiration - self.min_lifetime - self.lead
 
     def _attempt_at(self, mono, valid):
-        """Monotonic time the next attempt may start; with nothing valid, soon."""
+        """Clock.elapsed time the next attempt may start; with nothing valid, soon."""
         if self._last_attempt is None:
             return mono
         if valid:
@@ -2040,7 +2056,7 @@ class CredentialCache(object):
         with self._lock:
             while True:
                 current = self._current
-                now, mono = self.clock.aws_now(), self.clock.monotonic()
+                now, mono = self.clock.aws_now(), self.clock.elapsed()
                 valid = self._valid(current, now)
                 next_at = self._attempt_at(mono, valid)
                 if valid and current[0].expiration - now >= self.min_lifetime:
@@ -2062,7 +2078,8 @@ class CredentialCache(object):
                     break
                 self._changed.wait(deadline - mono)
             last_error = self._last_error
-            retry_after = 1.0 if self._refreshing else next_at - mono
+            under_way = self._refreshing or next_at <= mono
+            retry_after = 1.0 if under_way else next_at - mono
         if valid:
             return current
         retry_after = max(1, int(retry_after + 0.999))
@@ -2070,7 +2087,11 @@ class CredentialCache(object):
             raise Unavailable(getattr(last_error, "code", "RefreshFailed"),
                               "no valid credentials: the last refresh failed: {}".format(
                                   explain(last_error)), retry_after)
-        raise Unavailable("NotReady", "no valid credentials yet", retry_after)
+        # Nothing has failed: say what the client waits for.
+        raise Unavailable("NotReady", "{}: {}".format(
+            "no valid credentials" if current else "no credentials yet",
+            "a refresh is under way" if under_way
+            else "the next refresh starts in {}s".format(retry_after)), retry_after)
 
     @property
     def last_refresh(self):
@@ -2110,7 +2131,7 @@ class CredentialCache(object):
         """Fetch new credentials now (raises on failure, and records it)."""
         with self._lock:
             self._refreshing = True
-        started = self.clock.monotonic()
+        started = self.clock.elapsed()
         try:
             credentials = self.fetch()
             if credentials.expiration is None:
@@ -2126,9 +2147,9 @@ class CredentialCache(object):
                 if self._valid(self._current, now):
                     delay = min(self.max_retry_delay, 5.0 * 2 ** min(self._failures - 1, 10))
                     delay *= random.uniform(0.5, 1.0)
-                self._ended(self.clock.monotonic(), delay)
+                self._ended(self.clock.elapsed(), delay)
             raise
-        ended = self.clock.monotonic()
+        ended = self.clock.elapsed()
         self._check_clock(credentials.expiration, ended - started)
         body = credential_document(credentials)
         now = self.clock.aws_now()
@@ -2177,7 +2198,7 @@ class CredentialCache(object):
 
     def step(self):
         """Refresh if due; return seconds until the refresher should look again."""
-        now, mono = self.clock.aws_now(), self.clock.monotonic()
+        now, mono = self.clock.aws_now(), self.clock.elapsed()
         with self._lock:
             current = self._current
         valid = self._valid(current, now)
@@ -2199,7 +2220,7 @@ class CredentialCache(object):
                 self.log("Refreshing credentials failed (will retry): {}".format(
                     explain(error)))
                 self._last_logged = getattr(error, "code", repr(error))
-            mono = self.clock.monotonic()
+            mono = self.clock.elapsed()
             with self._lock:
                 return self._attempt_at(mono, valid) - mono
         if self._last_logged is not None:

@@ -185,6 +185,19 @@ def test_first_request_after_resume_gets_fresh_credentials(sleep, first_left):
     assert logged == []
 
 
+def test_resume_moments_after_a_refresh_refreshes_at_once():
+    """The monotonic clock stands still while the machine sleeps: a suspend one second
+    (by it) after a refresh is still two hours, so the first request's refresh starts at
+    once, not when the outage cadence would next allow one (at the end of its wait)."""
+    world, sts, cache, refresher, logged = setup()
+    world.run(1)
+    world.suspend(2 * 3600)
+    assert answer(cache, world) == ("ok", DURATION)
+    assert sts.times == [0, 2 * 3600 + 1]
+    health_matches(cache, world)
+    assert logged == []
+
+
 def test_local_clock_stepped_2h_forward_costs_one_refresh():
     """A step looks like a suspend until AWS's next answer says otherwise."""
     world, sts, cache, refresher, logged = setup()
@@ -443,10 +456,38 @@ def test_wait_is_bounded():
         with pytest.raises(s.Unavailable) as caught:
             cache.current()
         assert caught.value.code == "NotReady" and caught.value.retry_after == 1
+        assert caught.value.message == "no credentials yet: a refresh is under way"
         assert sts.entered.wait(10)
         sts.gate.set()
         cache.request_wait = 30.0
         assert cache.current()[0].access_key_id == "ASIA000001"
+    finally:
+        sts.gate.set()
+        cache.stop()
+        thread.join(10)
+
+
+def test_refresh_outlasting_the_wait_after_resume_says_it_is_under_way():
+    """Credentials existed: the 503 says a refresh is under way, not that none came yet."""
+    world = World()
+    clock = s.Clock(wall=world.clock.wall, monotonic=time.monotonic)
+    sts = FakeSTS(world)
+    cache = s.CredentialCache(sts, DURATION, clock=clock)
+    cache.refresh()
+    sts.entered.clear()
+    world.suspend(2 * 3600)  # nothing valid left
+    cache.request_wait = 0.05
+    sts.gate = threading.Event()
+    thread = cache.start()
+    try:
+        assert sts.entered.wait(10)  # the refresher is in STS and stays there
+        with pytest.raises(s.Unavailable) as caught:
+            cache.current()
+        assert caught.value.code == "NotReady" and caught.value.retry_after == 1
+        assert caught.value.message == "no valid credentials: a refresh is under way"
+        sts.gate.set()
+        cache.request_wait = 30.0
+        assert cache.current()[0].access_key_id == "ASIA000002"
     finally:
         sts.gate.set()
         cache.stop()

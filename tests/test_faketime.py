@@ -7,6 +7,7 @@ change while the script runs, as a laptop's clock does when it wakes.
 
 import glob
 import json
+import os
 import signal
 import time
 
@@ -26,13 +27,20 @@ def shifted(moto, start, tester_env, proxy, tmp_path):
         pytest.skip("libfaketime is not installed (apt-get install faketime)")
     shift = tmp_path / "faketime"
 
+    def set_offset(offset):
+        # At once (a temp file, then a rename): libfaketime reads the file at every
+        # clock call, and a half-written one would be a different shift.
+        partial = tmp_path / "faketime.tmp"
+        partial.write_text(offset)
+        os.replace(str(partial), str(shift))
+
     def run(offset):
-        shift.write_text(offset)
+        set_offset(offset)
         env = tester_env(AWS_ENDPOINT_URL=moto.url, AWS_ENDPOINT_URL_STS=proxy.url,
                          LD_PRELOAD=LIBRARIES[0], FAKETIME_TIMESTAMP_FILE=str(shift),
                          FAKETIME_NO_CACHE="1", FAKETIME_DONT_FAKE_MONOTONIC="1")
         return start([BUCKET, "-d", "1h", "--role-arn", moto.uploader_arn], env)
-    run.shift = shift
+    run.set_offset = set_offset
     return run
 
 
@@ -70,7 +78,7 @@ def test_jump_2h_forward_while_running_serves_fresh_credentials(shifted, proxy):
     server = shifted("+0")
     first = server.fetch_json()
     assert assume_calls(proxy) == 1
-    shifted.shift.write_text("+2h")  # the script's clock jumps as after a 2-hour sleep
+    shifted.set_offset("+2h")  # the script's clock jumps as after a 2-hour sleep
     status, _, body = server.fetch()
     assert status == 200, body
     document = json.loads(body.decode())
