@@ -183,8 +183,9 @@ def check_bucket(name):
         bucket, _, prefix = name.partition("/")
         raise ValueError("a bucket name has no '/': {!r} (for keys under a prefix, try "
                          "{} --prefix {})".format(name, bucket, prefix))
-    # S3's rules, loosely: legacy us-east-1 buckets may hold capitals and underscores.
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$", name):
+    # S3's rules, loosely: legacy us-east-1 buckets may hold capitals and underscores,
+    # and up to 255 characters.
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,254}$", name):
         raise ValueError("not a valid bucket name: {!r}".format(name))
     return name
 
@@ -841,8 +842,12 @@ class ConnectionPool(object):
             return _Answer(response.status, response.msg, body)
 
 
-def default_opener(ca_bundle=None, environ=None):
-    return ConnectionPool(ca_bundle, environ)
+def default_opener(environ=None):
+    """The pool for AWS calls: proxies from ``environ``, and its AWS_CA_BUNDLE (set by
+    --ca-bundle, the variable or the profile: see trust_environment) as trust store."""
+    environ = os.environ if environ is None else environ
+    bundle = environ.get("AWS_CA_BUNDLE")
+    return ConnectionPool(_expand(bundle) if bundle else None, environ)
 
 
 class AWSClient(object):
@@ -867,11 +872,7 @@ class AWSClient(object):
         self.endpoint_url = endpoint_url
         self.endpoints = endpoints  # the config file's endpoints (AWSFiles.endpoints)
         self.environ = os.environ if environ is None else environ
-        # AWS_CA_BUNDLE holds the trust store chosen by --ca-bundle, the variable or the
-        # profile (see trust_environment); a client of an assume-role profile reads it too.
-        self.opener = opener or default_opener(
-            _expand(self.environ["AWS_CA_BUNDLE"]) if self.environ.get("AWS_CA_BUNDLE")
-            else None, self.environ)
+        self.opener = opener or default_opener(self.environ)
         self.clock = Clock.of(clock)  # shared with the credential cache: AWS's time
         self.sleep = sleep
         self.timeout = timeout
@@ -1335,16 +1336,16 @@ def environment_source(environ):
     return None
 
 
-def _fetch_local(url, headers, what, timeout=2.0, method="GET", direct=True, data=None):
+def _fetch_local(url, headers, what, timeout=2.0, method="GET", opener=None, data=None):
     """GET (or PUT, or POST ``data``) a credential endpoint; (status, body bytes).
 
-    ``direct``: bypass any HTTP proxy, as the link-local container and instance
-    metadata addresses must be reached from this host itself.
+    Without an ``opener`` (the AWS calls' pool, for the SSO services), any HTTP
+    proxy is bypassed: the link-local container and instance metadata addresses
+    must be reached from this host itself.
     """
     request = urllib.request.Request(url, headers=headers, method=method,
                                      data=b"" if data is None and method == "PUT" else data)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if direct else \
-        urllib.request.build_opener()
+    opener = opener or urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=timeout) as response:
             status, body = response.status, response.read()
@@ -1523,13 +1524,13 @@ def sso_token_needs_refresh(cached, now):
         cached.get(key) for key in ("refreshToken", "clientId", "clientSecret"))
 
 
-def refresh_sso_token(cached, url, start_url, sso_region, now):
+def refresh_sso_token(cached, url, start_url, sso_region, now, opener):
     """SSO OIDC CreateToken with the refresh token: the cache entry the CLI would write,
     or None if the service refused (the user must log in again)."""
     body = json.dumps({"clientId": cached["clientId"], "clientSecret": cached["clientSecret"],
                        "grantType": "refresh_token", "refreshToken": cached["refreshToken"]})
     status, answer = _fetch_local(url, {"Content-Type": "application/json"}, "SSO OIDC",
-                                  timeout=REQUEST_TIMEOUT, method="POST", direct=False,
+                                  timeout=REQUEST_TIMEOUT, method="POST", opener=opener,
                                   data=body.encode("utf-8"))
     if 400 <= status < 500:
         return None
@@ -1598,6 +1599,8 @@ def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
             or "https://oidc.{}.{}".format(sso_region, suffix)).rstrip("/") + "/token"
     login = "run 'aws sso login --profile {}'".format(name)
 
+    pool = default_opener(environ)  # AWS's services: proxies and CA bundle apply
+
     def load():
         try:
             with open(cache_file, encoding="utf-8") as handle:
@@ -1608,7 +1611,7 @@ def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
         # botocore refreshes only tokens of sso_session logins; legacy ones hold no
         # refresh token anyway.
         if session and sso_token_needs_refresh(cached, clock()):
-            fresh = refresh_sso_token(cached, oidc, start_url, sso_region, clock())
+            fresh = refresh_sso_token(cached, oidc, start_url, sso_region, clock(), pool)
             if fresh is not None:
                 _write_json_atomically(cache_file, fresh)
                 token, expires = fresh["accessToken"], fresh["expiresAt"]
@@ -1622,7 +1625,7 @@ def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
         url = "{}/federation/credentials?{}".format(portal, urllib.parse.urlencode(
             [("role_name", role), ("account_id", account)]))
         status, body = _fetch_local(url, {"x-amz-sso_bearer_token": token}, "the SSO portal",
-                                    timeout=REQUEST_TIMEOUT, direct=False)
+                                    timeout=REQUEST_TIMEOUT, opener=pool)
         if status in (401, 403):
             raise LocalServerError("the SSO portal refused the login of profile '{}': "
                                    "{}".format(name, login))

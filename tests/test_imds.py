@@ -256,8 +256,8 @@ def test_script_serves_the_buckets_region(moto, start, tester_env, home, tmp_pat
         server.fetch_json()  # records the secrets
     finally:
         proxy.stop()
-    assert [(r["method"], r["fault"]) for r in proxy.requests[:2]] == [("HEAD", "status"),
-                                                                        ("HEAD", "status")]
+    heads = [r["fault"] for r in proxy.requests if r["method"] == "HEAD"]
+    assert heads == ["status", "status"]  # S3's redirect was followed
     for kind in ("go-v2", "go-v1", "java"):
         assert sdk_region(server.local_url, kind) == "eu-west-1"
     for name, value in clean_env(home, AWS_EC2_METADATA_SERVICE_ENDPOINT=server.local_url,

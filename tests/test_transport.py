@@ -603,7 +603,46 @@ def test_environment_is_not_changed_by_the_bundle(tmp_path):
     bundle.write_text("x")
     environ = {"AWS_CONFIG_FILE": str(tmp_path / "none"),
                "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
-    args = s.parse_args(["b", "-d", "1h", "--ca-bundle", str(bundle)])
+    args = s.parse_args(["bkt", "-d", "1h", "--ca-bundle", str(bundle)])
     assert s.trust_environment(args, environ)["AWS_CA_BUNDLE"] == str(bundle)
     assert "AWS_CA_BUNDLE" not in environ
-    assert s.trust_environment(s.parse_args(["b", "-d", "1h"]), environ) is environ
+    assert s.trust_environment(s.parse_args(["bkt", "-d", "1h"]), environ) is environ
+
+
+def test_sso_portal_is_reached_with_the_ca_bundle(throwaway_ca, tmp_path, monkeypatch):
+    """The SSO portal is an AWS service too: behind a TLS-inspecting proxy it needs the
+    same CA bundle as STS, or no SSO login works there."""
+    import hashlib
+    import time
+
+    from helpers import StandIn
+    portal = StandIn({("GET", "/federation/credentials?role_name=dev&account_id="
+                       "123456789012"): (200, json.dumps({"roleCredentials": {
+                           "accessKeyId": "ASIASSOPORTAL", "secretAccessKey": "s",
+                           "sessionToken": "t",
+                           "expiration": int(time.time() + 3600) * 1000}}).encode())})
+    relay = Relay(("127.0.0.1", portal.server.server_address[1]),
+                  (throwaway_ca["server.pem"], throwaway_ca["server.key"]))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cache = tmp_path / ".aws" / "sso" / "cache"
+    cache.mkdir(parents=True)
+    (cache / (hashlib.sha1(b"corp").hexdigest() + ".json")).write_text(json.dumps({
+        "accessToken": "a", "expiresAt": s.format_timestamp(time.time() + 3600)}))
+    config = tmp_path / "config"
+    config.write_text("[profile dev]\nsso_session = corp\nsso_account_id = 123456789012\n"
+                      "sso_role_name = dev\n[sso-session corp]\nsso_region = us-east-1\n"
+                      "sso_start_url = https://corp.example/start\n")
+    environ = {"AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": str(
+        tmp_path / "none"), "AWS_ENDPOINT_URL_SSO": "https://localhost:{}".format(relay.port)}
+    files = s.AWSFiles(environ)
+    try:
+        untrusted = s.sso_source(files, "dev", files.section("profile", "dev"), environ)
+        with pytest.raises(s.LocalServerError) as refused:
+            untrusted.get()
+        assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+        environ["AWS_CA_BUNDLE"] = throwaway_ca["ca.pem"]
+        trusted = s.sso_source(files, "dev", files.section("profile", "dev"), environ)
+        assert trusted.get().access_key_id == "ASIASSOPORTAL"
+    finally:
+        relay.stop()
+        portal.stop()
