@@ -3364,8 +3364,10 @@ def start_server(args, environ, say):
     region = resolve_region(args, environ)
     policy = policy_json(session_policy(args, region))  # too long: say so before any call
     clock = Clock()  # AWS's time, learnt by the client, used by the cache
-    client = AWSClient(resolve_credentials(args, environ, region), region, args.endpoint_url,
-                       environ, clock=clock, log=say, endpoints=configured_endpoints(args, environ))
+    # Base credentials from STS or SSO expire on AWS's clock too.
+    base = resolve_credentials(args, environ, region, clock=clock.aws_now)
+    client = AWSClient(base, region, args.endpoint_url, environ, clock=clock, log=say,
+                       endpoints=configured_endpoints(args, environ))
     mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
     maker = CredentialMaker(client, mode, policy, args.duration, args.permission, args.buckets,
                             role_arn=args.role_arn, log=say)
