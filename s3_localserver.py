@@ -170,6 +170,17 @@ def session_name(permission, buckets, limit):
     return re.sub(r"[^\w+=,.@-]", "-", text)[:limit]
 
 
+# botocore's validate_region_name: a region goes into host names and signatures.
+_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
+
+
+def check_region(region, origin="--region"):
+    if not _REGION_RE.match(region):
+        raise ValueError("{} must be a region name like eu-west-1, not {!r}".format(
+            origin, region))
+    return region
+
+
 _ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 
 
@@ -1276,11 +1287,16 @@ class AWSFiles(object):
         return "{} and {}".format(self.credentials_path, self.config_path)
 
 
-def _static(settings):
-    if settings and settings.get("aws_access_key_id") and settings.get("aws_secret_access_key"):
-        return Credentials(settings["aws_access_key_id"], settings["aws_secret_access_key"],
-                           settings.get("aws_session_token"))
-    return None
+def _static(settings, where="", key="aws_access_key_id", secret="aws_secret_access_key",
+            token=("aws_session_token",)):
+    """Static keys from ``settings``, or None; a key id without its secret is an error,
+    as botocore's PartialCredentialsError, not a reason to look further."""
+    if not settings or not settings.get(key):
+        return None
+    if not settings.get(secret):
+        raise LocalServerError("{} has {} but no {}".format(where, key, secret))
+    return Credentials(settings[key], settings[secret],
+                       next((settings[name] for name in token if settings.get(name)), None))
 
 
 def _has_static(settings):
@@ -1328,12 +1344,9 @@ def read_auth_file(path):
 
 def environment_source(environ):
     """AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with a session token), if set."""
-    if environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY"):
-        return BaseCredentials.fixed(Credentials(
-            environ["AWS_ACCESS_KEY_ID"], environ["AWS_SECRET_ACCESS_KEY"],
-            environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN")),
-            "environment")
-    return None
+    credentials = _static(environ, "the environment", "AWS_ACCESS_KEY_ID",
+                          "AWS_SECRET_ACCESS_KEY", ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"))
+    return BaseCredentials.fixed(credentials, "environment") if credentials else None
 
 
 def _fetch_local(url, headers, what, timeout=2.0, method="GET", opener=None, data=None):
@@ -1688,13 +1701,12 @@ class ProfileResolver(object):
         if settings.get("sso_session") or settings.get("sso_start_url"):
             return sso_source(self.files, name, settings, self.environ, self.clock,
                               self.endpoints)
-        if _static(credentials):
-            return BaseCredentials.fixed(_static(credentials), "profile " + name)
-        if settings.get("credential_process"):
+        keys = _static(credentials, "profile '{}' in {}".format(
+            name, self.files.credentials_path))
+        if keys is None and settings.get("credential_process"):
             return process_source(settings["credential_process"], name)
-        if _static(config):
-            return BaseCredentials.fixed(_static(config), "profile " + name)
-        return None
+        keys = keys or _static(config, "profile '{}' in {}".format(name, self.files.config_path))
+        return BaseCredentials.fixed(keys, "profile " + name) if keys else None
 
     def web_identity(self, name, settings, use_environ):
         """Each setting from its variable (unless --profile was given), else the profile."""
@@ -1858,11 +1870,20 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=
 
 def resolve_region(args, environ):
     """--region, AWS_REGION, AWS_DEFAULT_REGION, then the profile's region."""
-    region = args.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
-    if region:
-        return region
-    config, _ = AWSFiles(environ).profile(selected_profile(args, environ))
-    return (config or {}).get("region")
+    candidates = (("--region", args.region), ("AWS_REGION", environ.get("AWS_REGION")),
+                  ("AWS_DEFAULT_REGION", environ.get("AWS_DEFAULT_REGION")))
+    origin, region = next(((origin, region) for origin, region in candidates if region),
+                          (None, None))
+    if region is None:
+        name = selected_profile(args, environ)
+        origin = "the region of profile '{}'".format(name)
+        region = (AWSFiles(environ).profile(name)[0] or {}).get("region")
+    if not region:
+        return None
+    try:
+        return check_region(region, origin)
+    except ValueError as error:
+        raise LocalServerError(str(error))
 
 
 def configured_endpoints(args, environ):
@@ -2483,6 +2504,10 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     def parse_request(self):
         if not http.server.BaseHTTPRequestHandler.parse_request(self):
             return False
+        if self.request_version == "HTTP/0.9":
+            # No status line, no headers: nothing a credentials client sends.
+            self.send_error(400, "HTTP/0.9 is not served")
+            return False
         # The request is in: the connection's deadline is lifted while we answer.
         self.server.touch(self.connection, None)
         # Bodies are never read, so a request with one cannot be followed by another.
@@ -2603,8 +2628,15 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own errors (bad request line, oversized headers...) as JSON.
+        # Its messages quote the request line: keep them short, in the answer and the log.
         self.close_connection = True
+        if message and len(message) > 200:
+            message = message[:200] + "..."
         self.reason = message
+        # A request line it could not read leaves HTTP/0.9 set, which means "send no
+        # status line": every answer here has one.
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
         try:
             self.send_json(code, {"code": "HTTP{}".format(code),
                                   "message": message or self.responses.get(code, ("",))[0]})
@@ -2857,7 +2889,7 @@ class CredentialServer(http.server.HTTPServer):
             line = "{} {} {} {} {}".format(format_timestamp(time.time()), client,
                                            method[:16], path[:200], status)
             if reason:
-                line += " " + reason
+                line += " " + reason[:300]
             self.log(printable(line))
 
     def handle_error(self, request, client_address):
@@ -2891,16 +2923,18 @@ EPILOG = """examples:
 then: curl -sSf http://localhost:8094/
   or, in ~/.aws/config: credential_process = curl -sSf http://localhost:8094/
   or: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:8094/ any-aws-sdk-program
-  or: AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:8094/ an-older-aws-tool
+  or: AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:8094/ NO_PROXY=127.0.0.1 a-tool
 """
 
 # Variables that outrank the container provider in some SDK's chain, or redirect
 # it: a program meant to use the served credentials must not see them.
 OUTRANKING_VARIABLES = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AWS_ACCESS_KEY", "AWS_SECRET_KEY",  # the Java SDK's older names
     "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
     "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
     "AWS_ROLE_SESSION_NAME",
+    "AWS_CREDENTIAL_FILE",  # botocore's legacy EC2-tools key file
 )
 # What the child's generated config keeps of the profile the server used: settings
 # that shape requests, never one that is, names or obtains credentials.  A list of
@@ -3050,7 +3084,10 @@ def split_command(argv):
 
 def check_endpoint_url(url):
     """An endpoint must be an absolute http(s) URL: '127.0.0.1:5000' is a common slip."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as error:  # '[::1' and the like
+        raise ValueError("--endpoint-url is not a valid URL: {!r} ({})".format(url, error))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("--endpoint-url must be a URL starting with http:// or https://, "
                          "not {!r} (try http://{})".format(url, url.split("://")[-1]))
@@ -3079,6 +3116,10 @@ def validate(args):
         raise ValueError("--session-token needs --access-key and --secret-key")
     if args.role_arn:
         check_role_arn(args.role_arn)
+    if args.region is not None:
+        check_region(args.region)
+    if not args.prefix:
+        raise ValueError("--prefix must not be empty (leave it out for the whole bucket)")
     if args.endpoint_url:
         check_endpoint_url(args.endpoint_url)
     args.statements = [parse_statement(text) for text in args.statement]
@@ -3187,6 +3228,9 @@ def client_environment(environ, url, token, region, files):
         env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
     env["AWS_CONFIG_FILE"] = files.config
     env["AWS_SHARED_CREDENTIALS_FILE"] = files.credentials
+    # botocore also reads boto 2's ~/.boto and /etc/boto.cfg, before the container
+    # provider, unless BOTO_CONFIG names another file: the empty one.
+    env["BOTO_CONFIG"] = files.credentials
     if region:
         env["AWS_REGION"] = region
         env.setdefault("AWS_DEFAULT_REGION", region)
@@ -3197,7 +3241,7 @@ def shell_setup(env):
     """Shell lines that give a shell ``env``'s AWS settings (for --auth-token generate)."""
     import shlex
     names = ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-             "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+             "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "BOTO_CONFIG")
     lines = ["export {}={}".format(name, shlex.quote(env[name])) for name in names
              if name in env]
     lines.append("unset " + " ".join(OUTRANKING_VARIABLES))
@@ -3354,12 +3398,10 @@ def start_server(args, environ, say):
     none is configured.  Raises LocalServerError or AWSError.
     """
     token, token_origin = resolve_auth_token(args, environ)
-    if not is_loopback(args.host) and token is None:
-        if args.require_token:
-            raise LocalServerError("refusing to serve on {} without an auth token "
-                                   "(--require-token); set --auth-token".format(args.host))
-        say("Warning: serving on {} without --auth-token: anyone who can reach this port "
-            "gets the credentials".format(args.host))
+    unguarded = not is_loopback(args.host) and token is None
+    if unguarded and args.require_token:
+        raise LocalServerError("refusing to serve on {} without an auth token "
+                               "(--require-token); set --auth-token".format(args.host))
     environ = trust_environment(args, environ)
     region = resolve_region(args, environ)
     policy = policy_json(session_policy(args, region))  # too long: say so before any call
@@ -3379,8 +3421,13 @@ def start_server(args, environ, say):
                                   max_connections=args.max_connections,
                                   idle_timeout=args.idle_timeout)
     except (OSError, OverflowError) as error:
-        raise LocalServerError("cannot listen on {}:{}: {}".format(
-            args.host, args.port, getattr(error, "strerror", None) or error))
+        hint = " (--host must be a name or address of this machine)" if isinstance(
+            error, socket.gaierror) else ""
+        raise LocalServerError("cannot listen on {}:{}: {}{}".format(
+            args.host, args.port, getattr(error, "strerror", None) or error, hint))
+    if unguarded:
+        say("Warning: serving on {} without --auth-token: anyone who can reach this port "
+            "gets the credentials".format(args.host))
     try:
         # The bucket checks do not depend on the credential calls: all at once, so
         # start-up costs the longest round trip, not their sum.

@@ -410,6 +410,12 @@ def test_port_in_use(moto, tester_env):
      "--role-arn must be an IAM role ARN"),
     (["other/uploads", "-d", "1h"], 2, "try other --prefix uploads"),
     (["s3://other", "-d", "1h"], 2, "not a URL or ARN: 's3://other' (try 'other')"),
+    (["-d", "1h", "--region", "us east 1"], 2, "--region must be a region name"),
+    (["-d", "1h", "--region", ""], 2, "--region must be a region name"),
+    (["-d", "1h", "--prefix", ""], 2, "--prefix must not be empty"),
+    (["-d", "1h", "--endpoint-url", "http://[::1"], 2, "--endpoint-url is not a valid URL"),
+    (["-d", "1h", "--host", "nosuchhost.invalid", "-p", "0"], 1,
+     "(--host must be a name or address of this machine)"),
     (["-d", "1h"] + ["--statement", json.dumps(
         {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::" + "x" * 200})]
      * 10, 1, "the session policy is"),
@@ -434,3 +440,24 @@ def test_version_and_help(home):
                    "--quiet", "--version"):
         assert option in out
     assert "curl -sSf http://localhost:8094/" in out
+
+
+def test_bad_region_from_the_environment(home):
+    env = clean_env(home, AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE",
+                    AWS_SECRET_ACCESS_KEY="region-secret", AWS_REGION="us-east-1/../x")
+    line = bad([BUCKET, "-d", "1h", "-p", "0"], env)
+    assert line == "Error: AWS_REGION must be a region name like eu-west-1, not 'us-east-1/../x'"
+
+
+@pytest.mark.parametrize("where", ["environment", "credentials file"])
+def test_key_id_without_secret_is_named(home, tmp_path, where):
+    env = clean_env(home, AWS_SHARED_CREDENTIALS_FILE=tmp_path / "credentials",
+                    AWS_CONFIG_FILE=tmp_path / "config")
+    if where == "environment":
+        env["AWS_ACCESS_KEY_ID"] = "AKIAONLYTHEKEYID0000"
+        expected = "Error: the environment has AWS_ACCESS_KEY_ID but no AWS_SECRET_ACCESS_KEY"
+    else:
+        (tmp_path / "credentials").write_text("[default]\naws_access_key_id = AKIAONLY\n")
+        expected = ("Error: profile 'default' in {} has aws_access_key_id but no "
+                    "aws_secret_access_key".format(tmp_path / "credentials"))
+    assert bad([BUCKET, "-d", "1h", "-p", "0"], env) == expected

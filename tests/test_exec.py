@@ -70,6 +70,14 @@ def user_login(moto, home, tmp_path):
                               "expiresAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(
                                   time.time() + 7200))}))
             extra["AWS_ENDPOINT_URL_SSO"] = portal.url
+        elif kind == "boto":  # boto 2's file, which botocore still reads
+            write(home / ".boto", "[Credentials]\naws_access_key_id = {}\n"
+                  "aws_secret_access_key = {}\n".format(keys["AccessKeyId"],
+                                                          keys["SecretAccessKey"]))
+        elif kind == "ec2-credential-file":
+            extra["AWS_CREDENTIAL_FILE"] = write(tmp_path / "ec2-keys", "AWSAccessKeyId={}\n"
+                                                 "AWSSecretKey={}\n".format(
+                                                     keys["AccessKeyId"], keys["SecretAccessKey"]))
         elif kind == "web-identity":
             extra.update(AWS_ROLE_ARN=moto.uploader_arn, AWS_ROLE_SESSION_NAME="ci-job",
                          AWS_WEB_IDENTITY_TOKEN_FILE=write(tmp_path / "token", "oidc-token"))
@@ -81,7 +89,8 @@ def user_login(moto, home, tmp_path):
     portal.stop()
 
 
-@pytest.mark.parametrize("kind", ["keys", "process", "sso", "web-identity"])
+@pytest.mark.parametrize("kind", ["keys", "process", "sso", "web-identity", "boto",
+                                  "ec2-credential-file"])
 @pytest.mark.parametrize("client", ["aws-cli", "boto3"])
 def test_child_acts_only_as_the_role(moto, user_login, kind, client):
     env, auth = user_login(kind)
@@ -100,7 +109,8 @@ def test_child_gets_harmless_settings_and_no_credentials(moto, user_login):
     probe = ("import os, json; print(json.dumps({'config': open(os.environ['AWS_CONFIG_FILE'])"
              ".read(), 'credentials': open(os.environ['AWS_SHARED_CREDENTIALS_FILE']).read(), "
              "'names': sorted(k for k in os.environ if k.startswith('AWS_'))}))")
-    env["AWS_PROFILE"] = "default"
+    env.update(AWS_PROFILE="default", AWS_ACCESS_KEY="AKIAJAVASTYLE", AWS_SECRET_KEY="java-secret",
+               AWS_CREDENTIAL_FILE="/elsewhere/keys")
     code, out, err = run_script([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-a", auth,
                                  "--", sys.executable, "-c", probe], env)
     assert code == 0, err
@@ -109,7 +119,8 @@ def test_child_gets_harmless_settings_and_no_credentials(moto, user_login):
     assert "output = json" in seen["config"]
     assert "s3 = \n    addressing_style = path" in seen["config"]
     assert "aws_access_key_id" not in seen["config"] and moto.tester["AccessKeyId"] not in out
-    for name in ("AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+    for name in ("AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                 "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "AWS_CREDENTIAL_FILE"):
         assert name not in seen["names"]
 
 

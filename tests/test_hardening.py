@@ -252,3 +252,19 @@ def test_posix_keeps_reuse_address(monkeypatch):
 def test_second_server_cannot_take_the_port(server):
     with pytest.raises(OSError):
         s.CredentialServer(("127.0.0.1", server.server_port), server.cache)
+
+
+# --- http.server's own errors: short, with a status line (review findings) ----------------
+
+def test_unreadable_request_line_gets_a_short_answer_and_log_line(server):
+    answer = raw(server, b"GET / X" + b"\x01" * 65000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert len(answer) < 1000
+    line = [text for text in server.log_text.getvalue().splitlines() if " 400 " in text][0]
+    assert len(line) < 600
+
+
+def test_http09_request_is_refused_with_a_status_line(server):
+    answer = raw(server, b"GET /\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"AccessKeyId" not in answer and b"HTTP/0.9 is not served" in answer
