@@ -21,22 +21,6 @@ class Answer(object):
         self.headers = headers or {}
 
 
-class Response(object):
-    def __init__(self, answer):
-        self.status = answer.status
-        self.headers = answer.headers
-        self._body = answer.body
-
-    def read(self):
-        return self._body
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 class ScriptedOpener(object):
     """Plays back answers (or raises exceptions) and records each request."""
 
@@ -53,7 +37,7 @@ class ScriptedOpener(object):
         if answer.status >= 300:
             raise urllib.error.HTTPError(request.full_url, answer.status, "x",
                                          answer.headers, io.BytesIO(answer.body))
-        return Response(answer)
+        return s._Answer(answer.status, answer.headers, answer.body)
 
 
 def client(*answers, **kwargs):
