@@ -407,7 +407,7 @@ def test_sso_session_serves_with_refresh_end_to_end(moto, roles, start, home, tm
     assert world.portal.requests[0][2]["x-amz-sso_bearer_token"] == "access-1"
     sso_key = world.minted[0][0]
     assert [signer(record) for record in proxy.requests] == [sso_key, sso_key]
-    assert params(proxy.requests[1])["DurationSeconds"] == "3600"
+    assert proxy.params("AssumeRole")["DurationSeconds"] == "3600"
     assert 3000 < lifetime <= 3600
     assert any("(SSO profile dev) are an assumed role's" in line for line in server.lines)
 

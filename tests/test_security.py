@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import s3_localserver as s
 from conftest import BUCKET
-from helpers import clean_env, run_script
+from helpers import clean_env, free_port, run_script
 
 
 def request(server, method="GET", path="/", headers=None, host=None):
@@ -187,11 +187,19 @@ def test_generated_token(moto, start, tester_env):
 
 
 def test_non_loopback_without_token(home):
-    env = clean_env(home)  # no credentials: fails after the warning, before binding
-    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "0.0.0.0"], env)
+    # Keys, but no AWS to answer: the warning comes once the port is bound, then the error.
+    env = clean_env(home, AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE",
+                    AWS_SECRET_ACCESS_KEY="warning-secret",
+                    AWS_ENDPOINT_URL="http://127.0.0.1:{}".format(free_port()))
+    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "0.0.0.0", "-p", "0"], env)
     lines = err.splitlines()
     assert lines[0] == ("Warning: serving on 0.0.0.0 without --auth-token: anyone who can "
                         "reach this port gets the credentials")
+    assert code == 1 and lines[-1].startswith("Error: ConnectionError: could not reach")
+    # A server that cannot bind gets no warning, only the error.
+    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "nosuchhost.invalid", "-p", "0"],
+                                env)
+    assert code == 1 and len(err.splitlines()) == 1
     code, out, err = run_script([BUCKET, "-d", "1h", "--host", "0.0.0.0", "--require-token"],
                                 env)
     assert code == 1 and err.splitlines() == [
