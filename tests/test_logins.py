@@ -89,14 +89,10 @@ def roles(moto):
 
 
 @pytest.fixture
-def files(tmp_path):
-    def write(config="", credentials=""):
-        (tmp_path / "config").write_text(config)
-        (tmp_path / "credentials").write_text(credentials)
-        return {"AWS_CONFIG_FILE": str(tmp_path / "config"),
-                "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"),
-                "AWS_EC2_METADATA_DISABLED": "true", "AWS_REGION": "us-east-1"}
-    return write
+def files(files):
+    """conftest's files, in us-east-1."""
+    return lambda config="", credentials="": dict(files(config, credentials),
+                                                  AWS_REGION="us-east-1")
 
 
 def static_keys_of(moto):

@@ -27,16 +27,6 @@ def container_json(key="ASIACONTAINER"):
                        "Token": "t-container", "Expiration": LATER}).encode()
 
 
-@pytest.fixture
-def files(tmp_path):
-    """Writes a config and a credentials file; returns the environment naming them."""
-    def write(config="", credentials=""):
-        (tmp_path / "config").write_text(config)
-        (tmp_path / "credentials").write_text(credentials)
-        return {"AWS_CONFIG_FILE": str(tmp_path / "config"),
-                "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"),
-                "AWS_EC2_METADATA_DISABLED": "true"}
-    return write
 
 
 # --- BaseCredentials: reloading ahead of expiry ------------------------------------------
