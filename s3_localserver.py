@@ -5,7 +5,7 @@
 
 starts an HTTP server on http://localhost:8094/ that answers ``GET /`` with
 temporary credentials from AWS STS, restricted by an inline session policy to
-one S3 bucket.  The JSON suits curl, the AWS CLI's ``credential_process`` and
+one S3 bucket or several.  The JSON suits curl, the AWS CLI's ``credential_process`` and
 the container-credentials provider of every AWS SDK.
 
 One file, standard library only, CPython 3.6 or newer: copy it anywhere.
