@@ -946,14 +946,16 @@ class AWSClient(object):
                 sent = sign_request(method, url, sent, body, self.base.get(), region, service,
                                     self.clock.aws_now())
             sent["User-Agent"] = USER_AGENT  # never signed: proxies may rewrite it
-            shift = 0.0
+            answer_headers = None
             try:
                 status, answer_headers, data = self._send_once(method, url, sent, body)
-                shift = self._fix_clock_skew(answer_headers)
+                if 200 <= status < 300:
+                    self._fix_clock_skew(answer_headers)
                 return check(status, answer_headers, data)
             except AWSError as error:
                 # Refused for its time: worth one retry signed with AWS's time.
-                if not skew_fixed and error.code in AWSError.SKEW_CODES and abs(shift) >= 60:
+                if (not skew_fixed and error.code in AWSError.SKEW_CODES
+                        and abs(self._fix_clock_skew(answer_headers)) >= 60):
                     skew_fixed = True
                     attempt -= 1
                     continue
@@ -963,8 +965,11 @@ class AWSClient(object):
                 self.sleep(random.uniform(0, min(self.max_backoff, 2.0 ** attempt / 2)))
 
     def _fix_clock_skew(self, headers):
-        """Learn AWS's time from the Date header of every answer; return the offset's move.
+        """Learn AWS's time from an answer's Date header; return the offset's move.
 
+        Called for every success, and for errors that blame our clock: those
+        Dates are AWS's own.  Never for other errors, whose Date may be a proxy's
+        or a stale error page's, and would make expired credentials look fresh.
         The credential cache judges expiry by the same clock, so a local clock
         that is off never makes fresh credentials look expired, or expired ones
         fresh.

@@ -354,6 +354,47 @@ def test_client_learns_aws_time_from_every_answer():
     assert logged == ["the local clock is +7200s off AWS's; signing with AWS's time"]
 
 
+def test_error_answers_with_a_stale_date_teach_nothing():
+    """A 503 (a proxy's page, a stale error) whose Date is 2 h old must not move AWS's
+    time back: that would make expired credentials look fresh for 2 hours."""
+    from test_units import ASSUME_ROLE
+    world = World()
+    client = s.AWSClient(s.Credentials("AKIDEXAMPLE", "secret"), "us-east-1", environ={},
+                         clock=world.clock, sleep=lambda _: None)
+    answers = [(200, world.aws, ASSUME_ROLE)] + [(503, world.aws - 7200, b"busy")] * 3
+
+    def send(method, url, headers, body):
+        status, date, data = answers.pop(0)
+        answer_headers = http.client.HTTPMessage()
+        answer_headers["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(date))
+        return status, answer_headers, data
+    client._send_once = send
+    client.assume_role("arn:aws:iam::1:role/r", "s3.read-write.b", "{}", 3600)
+    with pytest.raises(s.AWSError):
+        client.assume_role("arn:aws:iam::1:role/r", "s3.read-write.b", "{}", 3600)
+    assert answers == [] and world.clock.offset == 0
+
+
+def test_skew_error_still_teaches_and_is_retried_once():
+    from test_units import ASSUME_ROLE
+    world = World(fast=2 * 3600)
+    client = s.AWSClient(s.Credentials("AKIDEXAMPLE", "secret"), "us-east-1", environ={},
+                         clock=world.clock, sleep=lambda _: None)
+    skew = (b"<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code><Message>Signature "
+            b"expired</Message></Error></ErrorResponse>")
+    answers = [(403, skew), (200, ASSUME_ROLE)]
+
+    def send(method, url, headers, body):
+        status, data = answers.pop(0)
+        answer_headers = http.client.HTTPMessage()
+        answer_headers["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S GMT",
+                                               time.gmtime(world.aws))
+        return status, answer_headers, data
+    client._send_once = send
+    client.assume_role("arn:aws:iam::1:role/r", "s3.read-write.b", "{}", 3600)
+    assert answers == [] and world.clock.offset == -7200
+
+
 # --- requests wait for a refresh (threads, no sleeping) -------------------------------
 
 @pytest.fixture
