@@ -88,6 +88,14 @@ class LocalServerError(Exception):
     """A problem the user can act on; main() prints it as one 'Error:' line."""
 
 
+class CommandError(LocalServerError):
+    """Exec mode's command could not be started; ``exit_code`` is what shells use."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class AWSError(LocalServerError):
     """An error answer from AWS, or no usable answer at all.
 
@@ -2513,6 +2521,11 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             # No status line, no headers: nothing a credentials client sends.
             self.send_error(400, "HTTP/0.9 is not served")
             return False
+        for name in ("Host", "Content-Length", "Authorization"):
+            if len(self.headers.get_all(name, ())) > 1:
+                # Which copy counts is ambiguous (RFC 9112 says: refuse).
+                self.send_error(400, "more than one {} header".format(name))
+                return False
         # The request is in: the connection's deadline is lifted while we answer.
         self.server.touch(self.connection, None)
         # Bodies are never read, so a request with one cannot be followed by another.
@@ -3296,8 +3309,10 @@ def run_command(command, env):
         try:
             child.append(subprocess.Popen(command, env=env))
         except OSError as error:
-            raise LocalServerError("cannot run {}: {}".format(
-                command[0], error.strerror or error))
+            # 127 and 126, as shells, env and timeout say for these.
+            code = 127 if isinstance(error, FileNotFoundError) else 126
+            raise CommandError("cannot run {}: {}".format(command[0], error.strerror or error),
+                               code)
         for signum in missed:
             forward(signum, None)
         code = child[0].wait()
@@ -3558,7 +3573,7 @@ def main(argv=None, environ=None):
             wait_for_signal(stop)
     except LocalServerError as error:
         say("Error: {}".format(error))
-        code = 1
+        code = getattr(error, "exit_code", 1)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         cache.stop()

@@ -143,11 +143,21 @@ def test_exec_passes_exit_code(moto, exec_env):
     assert code not in (0, 1) and "NoSuchBucket" in err
 
 
+def test_exec_command_not_executable(moto, exec_env, tmp_path):
+    env, auth = exec_env
+    plain = tmp_path / "not-a-program"
+    plain.write_text("just text\n")
+    code, out, err = run_script([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-a", auth,
+                                 "--", str(plain)], env)
+    assert code == 126
+    assert err.splitlines()[-1] == "Error: cannot run {}: Permission denied".format(plain)
+
+
 def test_exec_missing_command(moto, exec_env):
     env, auth = exec_env
     code, out, err = run_script([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-a", auth,
                                  "--", "no-such-command-here"], env)
-    assert code == 1
+    assert code == 127  # as shells, env and timeout say
     assert err.splitlines()[-1] == (
         "Error: cannot run no-such-command-here: No such file or directory")
 

@@ -268,3 +268,16 @@ def test_http09_request_is_refused_with_a_status_line(server):
     answer = raw(server, b"GET /\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"AccessKeyId" not in answer and b"HTTP/0.9 is not served" in answer
+
+
+@pytest.mark.parametrize("name, values", [("Content-Length", ("0", "5")),
+                                          ("Host", ("127.0.0.1", "evil.example")),
+                                          ("Authorization", ("a", "b"))])
+def test_repeated_framing_and_identity_headers_refused(server, name, values):
+    lines = "".join("{}: {}\r\n".format(name, value) for value in values)
+    if name != "Host":
+        lines += "Host: 127.0.0.1\r\n"
+    answer = raw(server, "GET / HTTP/1.1\r\n{}Connection: close\r\n\r\nhello".format(
+        lines).encode())
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"more than one " + name.encode() in answer and b"AccessKeyId" not in answer
