@@ -1,4 +1,5 @@
-"""The script runs unmodified on every CPython from 3.6 to 3.13: one start and fetch each."""
+"""The script runs unmodified on every CPython from 3.6 to 3.13: one start and fetch each,
+and one exec-mode run (child process, generated config files, signals) each."""
 
 import glob
 import os
@@ -7,6 +8,7 @@ import subprocess
 import pytest
 
 from conftest import BUCKET
+from helpers import run_script
 
 MINORS = range(6, 14)
 
@@ -32,15 +34,33 @@ def find_python(minor):
     return None
 
 
-@pytest.mark.parametrize("minor", MINORS, ids=["3.{}".format(m) for m in MINORS])
-def test_runs_on_interpreter(minor, moto, start, tester_env):
+def required_python(minor):
     python = find_python(minor)
     if python is None:
         if os.environ.get("CI") == "true":
             pytest.fail("CPython 3.{} is required in CI but was not found".format(minor))
         pytest.skip("CPython 3.{} not installed".format(minor))
+    return python
+
+
+@pytest.mark.parametrize("minor", MINORS, ids=["3.{}".format(m) for m in MINORS])
+def test_runs_on_interpreter(minor, moto, start, tester_env):
+    python = required_python(minor)
     server = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url], tester_env(),
                    python=python)
     doc = server.fetch_json()
     assert doc["Version"] == 1 and doc["Token"] == doc["SessionToken"]
     assert server.fetch("/nope")[0] == 404
+
+
+@pytest.mark.parametrize("minor", MINORS, ids=["3.{}".format(m) for m in MINORS])
+def test_exec_mode_on_interpreter(minor, moto, tester_env):
+    python = required_python(minor)
+    probe = ("import os, sys; print(open(os.environ['AWS_CONFIG_FILE']).read().startswith("
+             "'# Written by s3_localserver'), os.environ['AWS_REGION']); sys.exit(3)")
+    code, out, err = run_script([BUCKET, "mine-too", "-d", "1h", "--endpoint-url", moto.url,
+                                 "--print-policy"], tester_env(), python=python)
+    assert code == 0 and '"arn:aws:s3:::mine-too"' in out, err
+    code, out, err = run_script([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "--", python,
+                                 "-c", probe], tester_env(), python=python)
+    assert (code, out.split()) == (3, ["True", "us-east-1"]), err
