@@ -366,14 +366,17 @@ class Clock(object):
         return self.wall()
 
     def _look(self):
-        # With _lock held: (wall, monotonic) now, after taking in a jump since the last look.
+        # With _lock held: (wall, monotonic) now, after taking in a jump since the gap
+        # was last taken in.  Drift below the resolution adds up until it counts, so a
+        # wall clock that runs slow is followed as a series of small steps back.
         wall, mono = self.wall(), self.monotonic()
         gap = wall - mono
         if gap < self._gap - self.resolution:
             self.offset += self._gap - gap
+            self._gap = gap
         elif gap > self._gap + self.resolution:
             self.slept += gap - self._gap
-        self._gap = gap
+            self._gap = gap
         return wall, mono
 
     def aws_now(self):

@@ -354,6 +354,20 @@ def test_client_learns_aws_time_from_every_answer():
     assert logged == ["the local clock is +7200s off AWS's; signing with AWS's time"]
 
 
+def test_wall_clock_running_slow_is_followed():
+    """A wall clock running at 0.3x (found with libfaketime by a review): drift under
+    the resolution at every look still adds up, so AWS's time keeps pace with the
+    monotonic clock and expiry is not judged hours late."""
+    now = {"mono": 1000.0, "wall": START}
+    clock = s.Clock(wall=lambda: now["wall"], monotonic=lambda: now["mono"])
+    begin = clock.aws_now()
+    for _ in range(1000):  # 1000 s, looked at every second
+        now["mono"] += 1.0
+        now["wall"] += 0.3
+        clock.aws_now()
+    assert 1000 - s.Clock.resolution <= clock.aws_now() - begin <= 1000
+
+
 def test_error_answers_with_a_stale_date_teach_nothing():
     """A 503 (a proxy's page, a stale error) whose Date is 2 h old must not move AWS's
     time back: that would make expired credentials look fresh for 2 hours."""
