@@ -3199,9 +3199,10 @@ def resolve_auth_token(args, environ):
     return token, (origin if token is not None else None)
 
 
-def _ini_value(value):
+def _ini_lines(settings):
     # Nested settings ("s3 =" with indented sub-keys) keep their indentation.
-    return "\n    ".join(value.split("\n"))
+    return ["{} = {}".format(key, "\n    ".join(value.split("\n")))
+            for key, value in sorted(settings.items())]
 
 
 def client_config(files, profile):
@@ -3211,14 +3212,13 @@ def client_config(files, profile):
     settings = settings or {}
     lines = ["# Written by s3_localserver: settings of profile '{}', without any "
              "credentials.".format(profile), "[default]"]
-    lines += ["{} = {}".format(key, _ini_value(value)) for key, value in sorted(settings.items())
-              if key in CHILD_PROFILE_SETTINGS]
+    lines += _ini_lines({key: value for key, value in settings.items()
+                         if key in CHILD_PROFILE_SETTINGS})
     services = settings.get("services")
     section = files.section("services", services) if services else None
     if section:
         lines.append("[services {}]".format(services))
-        lines += ["{} = {}".format(key, _ini_value(value)) for key, value in
-                  sorted(section.items())]
+        lines += _ini_lines(section)
     return "\n".join(lines) + "\n"
 
 
@@ -3260,7 +3260,6 @@ def client_environment(environ, url, token, region, files):
 
 def shell_setup(env):
     """Shell lines that give a shell ``env``'s AWS settings (for --auth-token generate)."""
-    import shlex
     names = ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
              "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "BOTO_CONFIG")
     lines = ["export {}={}".format(name, shlex.quote(env[name])) for name in names
