@@ -1834,7 +1834,8 @@ def _ask_on_terminal(prompt):
     return getpass.getpass(prompt)
 
 
-def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=time.time):
+def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=time.time,
+                        files=None):
     """Find the base credentials the way the AWS CLI does: BaseCredentials.
 
     First match wins: --access-key/--secret-key, -a/--auth, the environment
@@ -1855,7 +1856,7 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=
         source = environment_source(environ)
         if source is not None:
             return source
-    files = AWSFiles(environ)
+    files = files or AWSFiles(environ)
     profile = selected_profile(args, environ)
     resolver = ProfileResolver(files, environ, region, args.endpoint_url,
                                getattr(args, "mfa_code", None), ask, files.endpoints(profile),
@@ -1884,7 +1885,7 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=
     raise LocalServerError("no AWS credentials found; looked in " + ", ".join(looked))
 
 
-def resolve_region(args, environ):
+def resolve_region(args, environ, files=None):
     """--region, AWS_REGION, AWS_DEFAULT_REGION, then the profile's region."""
     candidates = (("--region", args.region), ("AWS_REGION", environ.get("AWS_REGION")),
                   ("AWS_DEFAULT_REGION", environ.get("AWS_DEFAULT_REGION")))
@@ -1893,7 +1894,7 @@ def resolve_region(args, environ):
     if region is None:
         name = selected_profile(args, environ)
         origin = "the region of profile '{}'".format(name)
-        region = (AWSFiles(environ).profile(name)[0] or {}).get("region")
+        region = ((files or AWSFiles(environ)).profile(name)[0] or {}).get("region")
     if not region:
         return None
     try:
@@ -1902,9 +1903,9 @@ def resolve_region(args, environ):
         raise LocalServerError(str(error))
 
 
-def configured_endpoints(args, environ):
+def configured_endpoints(args, environ, files=None):
     """The selected profile's endpoint_url and services section (see custom_endpoint)."""
-    return AWSFiles(environ).endpoints(selected_profile(args, environ))
+    return (files or AWSFiles(environ)).endpoints(selected_profile(args, environ))
 
 
 ######################################################################
@@ -3335,11 +3336,13 @@ def wait_for_signal(stop):
 
 def print_identity(args, environ):
     """--print-identity: which credentials the script would use, and whose they are."""
-    environ = trust_environment(args, environ)
-    region = resolve_region(args, environ)
-    base = resolve_credentials(args, environ, region)
+    files = AWSFiles(environ)  # read once; the calls below only look things up
+    environ = trust_environment(args, environ, files)
+    region = resolve_region(args, environ, files)
+    base = resolve_credentials(args, environ, region, files=files)
     identity = AWSClient(base, region, args.endpoint_url, environ,
-                         endpoints=configured_endpoints(args, environ)).get_caller_identity()
+                         endpoints=configured_endpoints(args, environ, files)
+                         ).get_caller_identity()
     sys.stdout.write("{} (account {}, credentials from {})\n".format(
         identity["Arn"], identity["Account"], base.source))
     return 0
@@ -3361,7 +3364,7 @@ def print_policy(args, environ, say):
     return 0
 
 
-def trust_environment(args, environ):
+def trust_environment(args, environ, files=None):
     """``environ`` with AWS_CA_BUNDLE naming the trust store for AWS calls.
 
     botocore's order: --ca-bundle, AWS_CA_BUNDLE, the profile's ca_bundle.  Every
@@ -3372,7 +3375,7 @@ def trust_environment(args, environ):
         bundle, origin = environ.get("AWS_CA_BUNDLE"), "AWS_CA_BUNDLE"
     if not bundle:
         name = selected_profile(args, environ)
-        config, credentials = AWSFiles(environ).profile(name)
+        config, credentials = (files or AWSFiles(environ)).profile(name)
         settings = dict(config or {})
         settings.update(credentials or {})
         bundle, origin = settings.get("ca_bundle"), "ca_bundle of profile " + name
@@ -3413,7 +3416,7 @@ def _outcome(call, *args):
         return None, error
 
 
-def start_server(args, environ, say):
+def start_server(args, environ, say, files):
     """Everything before serving: checks, the first credentials, the bound socket.
 
     Returns (server, cache, region, token origin); the region is the bucket's when
@@ -3424,14 +3427,14 @@ def start_server(args, environ, say):
     if unguarded and args.require_token:
         raise LocalServerError("refusing to serve on {} without an auth token "
                                "(--require-token); set --auth-token".format(args.host))
-    environ = trust_environment(args, environ)
-    region = resolve_region(args, environ)
+    environ = trust_environment(args, environ, files)
+    region = resolve_region(args, environ, files)
     policy = policy_json(session_policy(args, region))  # too long: say so before any call
     clock = Clock()  # AWS's time, learnt by the client, used by the cache
     # Base credentials from STS or SSO expire on AWS's clock too.
-    base = resolve_credentials(args, environ, region, clock=clock.aws_now)
+    base = resolve_credentials(args, environ, region, clock=clock.aws_now, files=files)
     client = AWSClient(base, region, args.endpoint_url, environ, clock=clock, log=say,
-                       endpoints=configured_endpoints(args, environ))
+                       endpoints=configured_endpoints(args, environ, files))
     mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
     maker = CredentialMaker(client, mode, policy, args.duration, args.permission, args.buckets,
                             role_arn=args.role_arn, log=say)
@@ -3520,7 +3523,8 @@ def main(argv=None, environ=None):
             return print_identity(args, environ)
         if args.print_policy:
             return print_policy(args, environ, say)
-        server, cache, region, token_origin = start_server(args, environ, say)
+        files = AWSFiles(environ)  # the config and credentials files, read once
+        server, cache, region, token_origin = start_server(args, environ, say, files)
     except (AWSError, LocalServerError) as error:
         say("Error: {}".format(explain(error)))
         return 1
@@ -3553,12 +3557,12 @@ def main(argv=None, environ=None):
     full_uri = "http://{}:{}/".format(
         "[{}]".format(host) if ":" in host else host, server.server_port)
     code = 0
-    files = None
+    client_files = None
     try:
         if args.command or token_origin == "generated":
-            files = ClientFiles(client_config(AWSFiles(environ),
-                                              selected_profile(args, environ)))
-            env = client_environment(environ, full_uri, server.rules.token, region, files)
+            client_files = ClientFiles(client_config(files, selected_profile(args, environ)))
+            env = client_environment(environ, full_uri, server.rules.token, region,
+                                     client_files)
         if args.command:
             code = run_command(args.command, env) if not stop.is_set() else (
                 128 + signal.SIGTERM)
@@ -3581,8 +3585,8 @@ def main(argv=None, environ=None):
         cache.stop()
         server.shutdown()
         server.server_close()
-        if files is not None:
-            files.remove()
+        if client_files is not None:
+            client_files.remove()
     if not args.command:
         say("Stopped.")
     return code
