@@ -330,27 +330,37 @@ def test_with_nothing_valid_retry_every_few_seconds_and_say_when(no_jitter):
 
 # --- the AWS client learns AWS's time from every answer ------------------------------
 
+def scripted_client(world, answers, **kwargs):
+    """An AWSClient whose transport plays ``answers``, (status, Date epoch, body) each,
+    and records the X-Amz-Date of each request in ``client.signed_at``."""
+    client = s.AWSClient(s.Credentials("AKIDEXAMPLE", "secret"), "us-east-1", environ={},
+                         clock=world.clock, sleep=lambda _: None, **kwargs)
+    client.signed_at = []
+
+    def send(method, url, headers, body):
+        client.signed_at.append(headers["X-Amz-Date"])
+        status, date, data = answers.pop(0)
+        answer_headers = http.client.HTTPMessage()
+        answer_headers["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(date))
+        return status, answer_headers, data
+    client._send_once = send
+    return client
+
+
 def test_client_learns_aws_time_from_every_answer():
     from test_units import ASSUME_ROLE
     world = World(fast=2 * 3600)
-    logged, signed_at = [], []
-    client = s.AWSClient(s.Credentials("AKIDEXAMPLE", "secret"), "us-east-1", environ={},
-                         clock=world.clock, log=logged.append, sleep=lambda _: None)
-
-    def send(method, url, headers, body):
-        signed_at.append(headers["X-Amz-Date"])
-        answer_headers = http.client.HTTPMessage()
-        answer_headers["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S GMT",
-                                               time.gmtime(world.aws))
-        return 200, answer_headers, ASSUME_ROLE
-    client._send_once = send
+    logged = []
+    answers = []
+    client = scripted_client(world, answers, log=logged.append)
     for _ in range(2):
+        answers.append((200, world.aws, ASSUME_ROLE))
         client.assume_role("arn:aws:iam::1:role/r", "s3.read-write.b", "{}", 3600)
         world.run(30)
     assert world.clock.offset == -7200 and client.clock_offset == -7200
     # The first call is signed with the local time; from its answer on, with AWS's.
-    assert signed_at == [time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t))
-                         for t in (START + 7200, START + 30)]
+    assert client.signed_at == [time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t))
+                                for t in (START + 7200, START + 30)]
     assert logged == ["the local clock is +7200s off AWS's; signing with AWS's time"]
 
 
@@ -373,16 +383,8 @@ def test_error_answers_with_a_stale_date_teach_nothing():
     time back: that would make expired credentials look fresh for 2 hours."""
     from test_units import ASSUME_ROLE
     world = World()
-    client = s.AWSClient(s.Credentials("AKIDEXAMPLE", "secret"), "us-east-1", environ={},
-                         clock=world.clock, sleep=lambda _: None)
     answers = [(200, world.aws, ASSUME_ROLE)] + [(503, world.aws - 7200, b"busy")] * 3
-
-    def send(method, url, headers, body):
-        status, date, data = answers.pop(0)
-        answer_headers = http.client.HTTPMessage()
-        answer_headers["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(date))
-        return status, answer_headers, data
-    client._send_once = send
+    client = scripted_client(world, answers)
     client.assume_role("arn:aws:iam::1:role/r", "s3.read-write.b", "{}", 3600)
     with pytest.raises(s.AWSError):
         client.assume_role("arn:aws:iam::1:role/r", "s3.read-write.b", "{}", 3600)
@@ -392,19 +394,10 @@ def test_error_answers_with_a_stale_date_teach_nothing():
 def test_skew_error_still_teaches_and_is_retried_once():
     from test_units import ASSUME_ROLE
     world = World(fast=2 * 3600)
-    client = s.AWSClient(s.Credentials("AKIDEXAMPLE", "secret"), "us-east-1", environ={},
-                         clock=world.clock, sleep=lambda _: None)
     skew = (b"<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code><Message>Signature "
             b"expired</Message></Error></ErrorResponse>")
-    answers = [(403, skew), (200, ASSUME_ROLE)]
-
-    def send(method, url, headers, body):
-        status, data = answers.pop(0)
-        answer_headers = http.client.HTTPMessage()
-        answer_headers["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S GMT",
-                                               time.gmtime(world.aws))
-        return status, answer_headers, data
-    client._send_once = send
+    answers = [(403, world.aws, skew), (200, world.aws, ASSUME_ROLE)]
+    client = scripted_client(world, answers)
     client.assume_role("arn:aws:iam::1:role/r", "s3.read-write.b", "{}", 3600)
     assert answers == [] and world.clock.offset == -7200
 
