@@ -413,7 +413,7 @@ def test_bad_allow_client_is_one_line(home, value):
                                 clean_env(home))
     assert code == 2
     assert err.strip().splitlines() == [err.strip()] and err.startswith("Error: ")
-    assert "--allow-client" in err
+    assert "--allow-client takes an address or network such as 172.17.0.0/16" in err
 
 
 def test_container_environment():
