@@ -3559,6 +3559,13 @@ def container_environment(host, port, token, region):
     return "".join("{}={}\n".format(name, value) for name, value in settings)
 
 
+def describe_clients(networks):
+    """Who --allow-client lets in, for a warning: 'anyone', 'any client in 10.0.0.0/8'."""
+    if not networks:
+        return "anyone"
+    return "any client in " + ", ".join(str(network) for network in networks)
+
+
 def metadata_note(url, port, rules):
     """What a server on instance metadata's own address offers, and to whom."""
     if rules.token is not None:
@@ -3566,10 +3573,9 @@ def metadata_note(url, port, rules):
                 "(leave out --auth-token, and limit who is answered with --allow-client)")
     how = ("with no AWS settings at all" if port == 80 else
            "with AWS_EC2_METADATA_SERVICE_ENDPOINT={}".format(url))
-    who = ("clients in " + ", ".join(str(network) for network in rules.clients)
-           if rules.clients else "anyone who can reach this address")
     return ("Instance metadata: containers {} get these credentials, as on EC2; no token "
-            "can be asked of them, so {} can".format(how, who))
+            "can be asked of them, so {} who can reach this address can".format(
+                how, describe_clients(rules.clients)))
 
 
 def start_server(args, environ, say, files):
@@ -3607,8 +3613,8 @@ def start_server(args, environ, say, files):
             args.host, args.port, getattr(error, "strerror", None) or error,
             " (" + advice + ")" if advice else ""))
     if unguarded:
-        say("Warning: serving on {} without --auth-token: anyone who can reach this port "
-            "gets the credentials".format(args.host))
+        say("Warning: serving on {} without --auth-token: {} who can reach this port "
+            "gets the credentials".format(args.host, describe_clients(args.allow_client)))
     try:
         # The bucket checks do not depend on the credential calls: all at once, so
         # start-up costs the longest round trip, not their sum.

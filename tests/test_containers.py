@@ -227,7 +227,9 @@ def test_client_outside_allow_client_gets_403(lab, moto, start, tester_env):
 
 def test_metadata_with_allow_client_outside(lab, moto, start, tester_env):
     server = serve(start, moto, tester_env, METADATA, 80, "--allow-client", "10.99.0.0/16")
-    assert "clients in 10.99.0.0/16 can" in server.output
+    assert "so any client in 10.99.0.0/16 who can reach this address can" in server.output
+    assert "Warning: serving on 169.254.169.254 without --auth-token: any client in " \
+        "10.99.0.0/16 who can reach this port" in server.output
     env = lab.env(AWS_METADATA_SERVICE_TIMEOUT="10", AWS_METADATA_SERVICE_NUM_ATTEMPTS="1")
     refused_both(lab, env)
     assert "not in --allow-client" in server.output
