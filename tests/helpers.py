@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -450,52 +451,64 @@ def ip(*args, check=True):
     return result
 
 
-class TcpRelay(object):
-    """Forwards every connection to ``listen`` (host, port 0 for any) on to ``target``:
-    the one way a namespace's clients reach moto on the host's 127.0.0.1."""
-
-    def __init__(self, listen, target):
-        self.target = target
-        self.sock = socket.socket(socket.AF_INET6 if ":" in listen[0] else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(listen)
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
+def pump(source, target):
+    try:
         while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, target):
             try:
-                client, _ = self.sock.accept()
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
-                return  # closed
-            try:
-                upstream = socket.create_connection(self.target, timeout=30)
-            except OSError:
-                client.close()
-                continue
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+                pass
 
-    @staticmethod
-    def _pump(source, sink):
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock, how in ((sink, socket.SHUT_WR), (source, socket.SHUT_RD)):
-                try:
-                    sock.shutdown(how)
-                except OSError:
-                    pass
+
+class Relay(object):
+    """A TCP relay on ``listen`` (127.0.0.1 by default) to ``target`` (host, port),
+    counting connections; with ``certificate`` (cert, key) it terminates TLS first, as
+    an endpoint with a private CA (or a TLS-inspecting proxy) does.  On the host's end
+    of a veth pair, it is a namespace's only way to moto."""
+
+    def __init__(self, target, certificate=None, listen=("127.0.0.1", 0)):
+        self.connections = 0
+        context = None
+        if certificate:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*certificate)
+        relay = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                relay.connections += 1
+                client = self.request
+                if context is not None:
+                    try:
+                        client = context.wrap_socket(client, server_side=True)
+                    except (ssl.SSLError, OSError):
+                        return  # the client refused our certificate
+                upstream = socket.create_connection(target)
+                thread = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+                thread.start()
+                pump(client, upstream)
+                thread.join(30)
+                upstream.close()
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(listen, Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self):
-        self.sock.close()
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class Namespace(object):

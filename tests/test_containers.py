@@ -26,7 +26,7 @@ from helpers import (
     SCRIPT,
     HostAddresses,
     Namespace,
-    TcpRelay,
+    Relay,
     clean_env,
     netns_unavailable,
     run_script,
@@ -120,7 +120,7 @@ def lab(moto, tmp_path_factory):
             pytest.skip("cannot make a network namespace here: {}".format(error))
         undo.append(namespace.remove)
         namespace.add_host_name("host.docker.internal", namespace.host_ip)
-        relay = TcpRelay((namespace.host_ip, 0), ("127.0.0.1", moto.port))
+        relay = Relay(("127.0.0.1", moto.port), listen=(namespace.host_ip, 0))
         undo.append(relay.stop)
         moto.client("s3", access_key=moto.tester["AccessKeyId"],
                     secret_key=moto.tester["SecretAccessKey"]).put_object(
