@@ -2368,8 +2368,8 @@ def client_network(text):
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
-        raise ValueError("--allow-client takes an address or network such as "
-                         "172.17.0.0/16, not {!r}".format(text))
+        raise ValueError("{!r} is not an address or network such as "
+                         "172.17.0.0/16".format(text))
 
 
 class AccessRules(object):
@@ -3528,14 +3528,14 @@ def listen_advice(host, port, error, platform=sys.platform):
     if number in (errno.EACCES, 10013) and 0 < port < 1024:
         # Never "run the script as root": it would serve with root's files and keys.
         url_host = "[{}]".format(host) if ":" in host else host
-        ways = ["serve on a port above 1023 and give clients the full URI (e.g. --port "
-                "8094 and AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{}:8094/)".format(url_host),
-                "or forward port {0} to it with a privileged forwarder (e.g. sudo socat "
-                "TCP-LISTEN:{0},bind={1},fork,reuseaddr TCP:{1}:8094)".format(port, url_host)]
+        ways = ["serve on a port above 1023 and give clients the full URI ('--port 8094' "
+                "and AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{}:8094/)".format(url_host),
+                "put a privileged forwarder on port {0} in front of it ('sudo socat "
+                "TCP-LISTEN:{0},bind={1},fork,reuseaddr TCP:{1}:8094')".format(port, url_host)]
         if platform.startswith("linux"):
-            ways.insert(0, "ports below 1024 need privilege: allow them with sudo sysctl -w "
-                           "net.ipv4.ip_unprivileged_port_start={},".format(port))
-        return " ".join(ways)
+            ways.insert(0, "allow them with 'sudo sysctl -w "
+                           "net.ipv4.ip_unprivileged_port_start={}'".format(port))
+        return "ports below 1024 need privilege: " + ", or ".join(ways)
     return ""
 
 
