@@ -2348,6 +2348,7 @@ def split_host(value):
 CONTAINER_HOSTS = ("169.254.170.2", "169.254.170.23", "fd00:ec2::23")
 # The one host and port SDKs resolve AWS_CONTAINER_CREDENTIALS_RELATIVE_URI against.
 RELATIVE_URI_HOST = "169.254.170.2"
+RELATIVE_URI_PREFIX = "/v2/credentials/"  # as on ECS; the rest of the path is the secret
 # Instance metadata's addresses: SDKs look there with no settings at all.
 METADATA_HOSTS = ("169.254.169.254", "fd00:ec2::254")
 
@@ -2359,7 +2360,7 @@ def relative_uri(token):
     the same for the same token after a restart, so containers keep working."""
     mac = hmac.new(token.encode("utf-8"), b"s3_localserver relative URI",
                    hashlib.sha256).digest()
-    return "/v2/credentials/" + base64.urlsafe_b64encode(mac).decode("ascii").rstrip("=")
+    return RELATIVE_URI_PREFIX + base64.urlsafe_b64encode(mac).decode("ascii").rstrip("=")
 
 
 def client_network(text):
@@ -2428,7 +2429,7 @@ class AccessRules(object):
     def redact(self, text):
         """``text`` without the secret path, which must never reach a log."""
         if self.relative_uri is not None and self.relative_uri in text:
-            text = text.replace(self.relative_uri, "/v2/credentials/<relative-uri>")
+            text = text.replace(self.relative_uri, RELATIVE_URI_PREFIX + "<relative-uri>")
         return text
 
     def refusal(self, headers, needs_token=True, client=None, local=None):
