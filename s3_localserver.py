@@ -25,6 +25,7 @@ import base64
 import calendar
 import configparser
 import email.utils
+import errno
 import hashlib
 import hmac
 import http.client
@@ -2342,19 +2343,54 @@ def split_host(value):
     return value if _ip(value) else ""  # bare IPv6, which has no room for a port
 
 
+# Link-local addresses SDKs accept for plain-http container credentials, as ECS and
+# EKS use them: the door a container knocks on.
+CONTAINER_HOSTS = ("169.254.170.2", "169.254.170.23", "fd00:ec2::23")
+# The one host and port SDKs resolve AWS_CONTAINER_CREDENTIALS_RELATIVE_URI against.
+RELATIVE_URI_HOST = "169.254.170.2"
+RELATIVE_URI_PREFIX = "/v2/credentials/"  # as on ECS; the rest of the path is the secret
+# Instance metadata's addresses: SDKs look there with no settings at all.
+METADATA_HOSTS = ("169.254.169.254", "fd00:ec2::254")
+
+
+def relative_uri(token):
+    """The path that serves the credentials without the Authorization header, for
+    SDKs that send none with AWS_CONTAINER_CREDENTIALS_RELATIVE_URI (on ECS the path
+    itself is the secret).  An HMAC of the token: as hard to guess as the token, and
+    the same for the same token after a restart, so containers keep working."""
+    mac = hmac.new(token.encode("utf-8"), b"s3_localserver relative URI",
+                   hashlib.sha256).digest()
+    return RELATIVE_URI_PREFIX + base64.urlsafe_b64encode(mac).decode("ascii").rstrip("=")
+
+
+def client_network(text):
+    """An --allow-client value as a network: '172.17.0.0/16', '10.0.0.5' (one address),
+    'fd00::/64'.  ValueError for anything else."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError("{!r} is not an address or network such as "
+                         "172.17.0.0/16".format(text))
+
+
 class AccessRules(object):
-    """Decides, from a request's headers alone, whether it may be answered.
+    """Decides, from a request's client address and headers, whether it may be answered.
 
     ``allowed_hosts`` are the Host names accepted besides localhost and IP
     literals (which a DNS-rebinding page cannot send); ``token`` is the
-    Authorization value required, or None.
+    Authorization value required, or None; ``clients`` are the networks
+    answered besides this host's own processes (empty: every client).
     """
 
-    def __init__(self, allowed_hosts=(), token=None):
+    def __init__(self, allowed_hosts=(), token=None, clients=()):
         self.allowed_hosts = frozenset(["localhost"] + [h.lower().strip("[]") for h in
                                                         allowed_hosts])
         self.token = token
+        self.clients = tuple(clients)
+        # The path that stands for the token (None: there is no token to stand for).
+        self.relative_uri = None if token is None else relative_uri(token)
         self._verdicts = {}  # Host header value -> allowed; clients send few distinct ones
+        self._client_verdicts = {}  # (client, local) address -> allowed
 
     def host_allowed(self, host_header):
         host_header = host_header or ""
@@ -2366,8 +2402,40 @@ class AccessRules(object):
                 self._verdicts[host_header] = allowed
         return allowed
 
-    def refusal(self, headers, needs_token=True):
+    def client_allowed(self, client, local):
+        """True if ``client`` (the peer's address) may be answered on a connection
+        that reached ``local``.  This host's processes always may: they connect from
+        127.0.0.1, or from the very address they connect to (169.254.170.2 on lo)."""
+        if not self.clients:
+            return True
+        allowed = self._client_verdicts.get((client, local))
+        if allowed is None:
+            address = _ip(client.partition("%")[0])  # fe80::1%eth0: the zone is no part
+            if address is not None and address.version == 6 and address.ipv4_mapped:
+                address = address.ipv4_mapped  # an IPv4 client of a dual-stack socket
+            allowed = address is not None and (
+                address.is_loopback or client == local
+                or any(address in network for network in self.clients
+                       if network.version == address.version))
+            if len(self._client_verdicts) < 1024:
+                self._client_verdicts[(client, local)] = allowed
+        return allowed
+
+    def is_relative_uri(self, path):
+        """True for the secret path; compared in constant time, as the token is."""
+        return self.relative_uri is not None and hmac.compare_digest(
+            path.encode("latin-1", "replace"), self.relative_uri.encode("ascii"))
+
+    def redact(self, text):
+        """``text`` without the secret path, which must never reach a log."""
+        if self.relative_uri is not None and self.relative_uri in text:
+            text = text.replace(self.relative_uri, RELATIVE_URI_PREFIX + "<relative-uri>")
+        return text
+
+    def refusal(self, headers, needs_token=True, client=None, local=None):
         """None if the request may proceed, else (status, code, reason)."""
+        if client is not None and not self.client_allowed(client, local):
+            return 403, "Forbidden", "client {} is not in --allow-client".format(client)
         for name in headers.keys():
             reason = REFUSED_HEADERS.get(name.lower())
             if reason:
@@ -2558,8 +2626,13 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     def answer(self):
         """Checks first, then the path decides."""
         path = self.path.partition("?")[0]
-        refused = self.server.rules.refusal(self.headers,
-                                            needs_token=path in self.CREDENTIAL_PATHS)
+        rules = self.server.rules
+        # The relative URI needs no token: the path is the secret.
+        secret_path = rules.is_relative_uri(path)
+        refused = rules.refusal(
+            self.headers, needs_token=path in self.CREDENTIAL_PATHS,
+            client=self.client_address[0],
+            local=self.connection.getsockname()[0] if rules.clients else None)
         if refused:
             status, code, reason = refused
             self.reason = reason
@@ -2569,7 +2642,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         elif self.command not in ("GET", "HEAD"):
             self.send_json(405, {"code": "MethodNotAllowed", "message": "use GET or HEAD"},
                            {"Allow": "GET, HEAD"})
-        elif path in self.CREDENTIAL_PATHS:
+        elif path in self.CREDENTIAL_PATHS or secret_path:
             try:
                 _, body = self.server.cache.current()
             except Unavailable as error:
@@ -2908,10 +2981,11 @@ class CredentialServer(http.server.HTTPServer):
     def log_access(self, client, method, path, status, reason=None):
         # Rejections are always logged; -q silences only the ordinary lines.
         if reason or not self.quiet:
+            redact = self.rules.redact  # before cutting: no part of the secret path either
             line = "{} {} {} {} {}".format(format_timestamp(time.time()), client,
-                                           method[:16], path[:200], status)
+                                           method[:16], redact(path)[:200], status)
             if reason:
-                line += " " + reason[:300]
+                line += " " + redact(reason)[:300]
             self.log(printable(line))
 
     def handle_error(self, request, client_address):
@@ -2986,6 +3060,13 @@ def _duration_arg(text):
         raise argparse.ArgumentTypeError(str(error))
 
 
+def _network_arg(text):
+    try:
+        return client_network(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
 def _bounded_int(low, high, what):
     def parse(text):
         try:
@@ -3039,6 +3120,10 @@ def build_parser(prog="s3_localserver.py"):
     guard.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                        help="also answer requests whose Host is NAME (repeatable); localhost "
                             "and IP addresses are always answered")
+    guard.add_argument("--allow-client", action="append", default=[], type=_network_arg,
+                       metavar="CIDR",
+                       help="answer only clients in this network (repeatable), e.g. "
+                            "172.17.0.0/16; this host's own processes always")
     guard.add_argument("--max-connections", type=_bounded_int(1, 10000, "--max-connections"),
                        default=256, help="open connections at most (default %(default)s); "
                                          "more get 503")
@@ -3416,6 +3501,84 @@ def _outcome(call, *args):
         return None, error
 
 
+def _add_address_command(address, platform):
+    """The command that gives this machine ``address`` (an ip_address) on its loopback
+    interface, where containers reach it through their gateway."""
+    if platform.startswith("linux"):
+        return "sudo ip addr add {}/{} dev lo".format(address, address.max_prefixlen)
+    if platform == "darwin":
+        return "sudo ifconfig lo0 {}alias {}".format(
+            "inet6 " if address.version == 6 else "", address)
+    if platform == "win32":
+        return ('netsh interface {} add address "NAME" {} {}, as administrator, NAME being '
+                'an adapter from: netsh interface show interface').format(
+                    "ipv6" if address.version == 6 else "ipv4", address,
+                    "" if address.version == 6 else "255.255.255.255")
+    return "add {} to an interface of this machine".format(address)
+
+
+def listen_advice(host, port, error, platform=sys.platform):
+    """What to do when binding (host, port) failed with ``error``, or ''."""
+    if isinstance(error, socket.gaierror):
+        return "--host must be a name or address of this machine"
+    number = getattr(error, "errno", None)
+    address = _ip(host)
+    if number in (errno.EADDRNOTAVAIL, 10049) and address is not None:  # 10049: Windows
+        return "this machine does not have the address {}; add it with: {}".format(
+            address, _add_address_command(address, platform))
+    if number in (errno.EACCES, 10013) and 0 < port < 1024:
+        # Never "run the script as root": it would serve with root's files and keys.
+        url_host = "[{}]".format(host) if ":" in host else host
+        ways = ["serve on a port above 1023 and give clients the full URI ('--port 8094' "
+                "and AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{}:8094/)".format(url_host),
+                "put a privileged forwarder on port {0} in front of it ('sudo socat "
+                "TCP-LISTEN:{0},bind={1},fork,reuseaddr TCP:{1}:8094')".format(port, url_host)]
+        if platform.startswith("linux"):
+            ways.insert(0, "allow them with 'sudo sysctl -w "
+                           "net.ipv4.ip_unprivileged_port_start={}'".format(port))
+        return "ports below 1024 need privilege: " + ", or ".join(ways)
+    return ""
+
+
+def container_environment(host, port, token, region):
+    """What a container needs to fetch credentials from a server bound to a container
+    door (169.254.170.2 and the like), as NAME=value lines (the form of docker run
+    --env-file and compose's env_file); '' for any other address."""
+    if host not in CONTAINER_HOSTS:
+        return ""
+    settings = []
+    if host == RELATIVE_URI_HOST and port == 80:
+        # SDKs send the relative URI to port 80 of that one address, some with no token.
+        settings.append(("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                         relative_uri(token) if token is not None else "/"))
+    settings.append(("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://{}:{}/".format(
+        "[{}]".format(host) if ":" in host else host, port)))
+    if token is not None:
+        settings.append(("AWS_CONTAINER_AUTHORIZATION_TOKEN", token))
+    if region:
+        settings += [("AWS_REGION", region), ("AWS_DEFAULT_REGION", region)]
+    return "".join("{}={}\n".format(name, value) for name, value in settings)
+
+
+def describe_clients(networks):
+    """Who --allow-client lets in, for a warning: 'anyone', 'any client in 10.0.0.0/8'."""
+    if not networks:
+        return "anyone"
+    return "any client in " + ", ".join(str(network) for network in networks)
+
+
+def metadata_note(url, port, rules):
+    """What a server on instance metadata's own address offers, and to whom."""
+    if rules.token is not None:
+        return ("Instance metadata is not served: its clients cannot send the auth token "
+                "(leave out --auth-token, and limit who is answered with --allow-client)")
+    how = ("with no AWS settings at all" if port == 80 else
+           "with AWS_EC2_METADATA_SERVICE_ENDPOINT={}".format(url))
+    return ("Instance metadata: containers {} get these credentials, as on EC2; no token "
+            "can be asked of them, so {} who can reach this address can".format(
+                how, describe_clients(rules.clients)))
+
+
 def start_server(args, environ, say, files):
     """Everything before serving: checks, the first credentials, the bound socket.
 
@@ -3439,20 +3602,20 @@ def start_server(args, environ, say, files):
     maker = CredentialMaker(client, mode, policy, args.duration, args.permission, args.buckets,
                             role_arn=args.role_arn, log=say)
     cache = CredentialCache(maker, maker.duration, clock=clock, log=say)
-    rules = AccessRules([args.host] + args.allow_host, token)
+    rules = AccessRules([args.host] + args.allow_host, token, args.allow_client)
     try:
         server = CredentialServer((args.host, args.port), cache, rules,
                                   quiet=args.quiet or bool(args.command), listen=False,
                                   max_connections=args.max_connections,
                                   idle_timeout=args.idle_timeout)
     except (OSError, OverflowError) as error:
-        hint = " (--host must be a name or address of this machine)" if isinstance(
-            error, socket.gaierror) else ""
+        advice = listen_advice(args.host, args.port, error)
         raise LocalServerError("cannot listen on {}:{}: {}{}".format(
-            args.host, args.port, getattr(error, "strerror", None) or error, hint))
+            args.host, args.port, getattr(error, "strerror", None) or error,
+            " (" + advice + ")" if advice else ""))
     if unguarded:
-        say("Warning: serving on {} without --auth-token: anyone who can reach this port "
-            "gets the credentials".format(args.host))
+        say("Warning: serving on {} without --auth-token: {} who can reach this port "
+            "gets the credentials".format(args.host, describe_clients(args.allow_client)))
     try:
         # The bucket checks do not depend on the credential calls: all at once, so
         # start-up costs the longest round trip, not their sum.
@@ -3567,7 +3730,14 @@ def main(argv=None, environ=None):
             code = run_command(args.command, env) if not stop.is_set() else (
                 128 + signal.SIGTERM)
         else:
-            if token_origin == "generated":
+            door = container_environment(host, server.server_port, server.rules.token,
+                                         region)
+            if door:
+                say("Containers: the lines on stdout are their environment (docker run "
+                    "--env-file FILE; see CONTAINERS.md)")
+                sys.stdout.write(door)
+                sys.stdout.flush()
+            elif token_origin == "generated":
                 say("Clients must send the generated token as the Authorization header: "
                     "the lines on stdout set up a shell for that")
                 sys.stdout.write(shell_setup(env))
@@ -3575,6 +3745,8 @@ def main(argv=None, environ=None):
             elif token_origin:
                 say("Clients must send the token from {} as the Authorization "
                     "header".format(token_origin))
+            if host in METADATA_HOSTS:
+                say(metadata_note(full_uri, server.server_port, server.rules))
             say("Press Ctrl+C to stop")
             wait_for_signal(stop)
     except LocalServerError as error:

@@ -85,9 +85,8 @@ def start(moto):
     and its output must hold no traceback and no secret."""
     started = []
 
-    def run(args, env, **kwargs):
-        process = ScriptProcess(list(args) + ["-p", "0", "--host", "127.0.0.1"], env,
-                                **kwargs)
+    def run(args, env, host="127.0.0.1", port=0, **kwargs):
+        process = ScriptProcess(list(args) + ["-p", port, "--host", host], env, **kwargs)
         started.append((process, env))
         return process
 

@@ -9,9 +9,11 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -424,3 +426,180 @@ def aws_calls(proxy):
     actions = proxy.actions()
     heads = [action for action in actions if action.startswith("S3 ")]
     return heads + [action for action in actions if not action.startswith("S3 ")]
+
+
+# --- network namespaces standing in for containers (tests/test_containers.py) ----------
+
+def netns_unavailable():
+    """Why a network namespace joined by a veth pair cannot be made here, or ''."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "needs root (CAP_NET_ADMIN) for ip netns and veth pairs"
+    if not any(os.access(os.path.join(folder, "ip"), os.X_OK)
+               for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin",
+                                                                           "/sbin"]):
+        return "needs the ip command (iproute2)"
+    return ""
+
+
+def ip(*args, check=True):
+    """Run `ip ARGS`; raise with its message when it fails and ``check`` is set."""
+    result = subprocess.run(["ip"] + [str(arg) for arg in args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, timeout=30)
+    if check and result.returncode != 0:
+        raise RuntimeError("ip {}: {}".format(" ".join(map(str, args)),
+                                              result.stderr.decode("utf-8", "replace")))
+    return result
+
+
+def pump(source, target):
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class Relay(object):
+    """A TCP relay on ``listen`` (127.0.0.1 by default) to ``target`` (host, port),
+    counting connections; with ``certificate`` (cert, key) it terminates TLS first, as
+    an endpoint with a private CA (or a TLS-inspecting proxy) does.  On the host's end
+    of a veth pair, it is a namespace's only way to moto."""
+
+    def __init__(self, target, certificate=None, listen=("127.0.0.1", 0)):
+        self.connections = 0
+        context = None
+        if certificate:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*certificate)
+        relay = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                relay.connections += 1
+                client = self.request
+                if context is not None:
+                    try:
+                        client = context.wrap_socket(client, server_side=True)
+                    except (ssl.SSLError, OSError):
+                        return  # the client refused our certificate
+                upstream = socket.create_connection(target)
+                thread = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+                thread.start()
+                pump(client, upstream)
+                thread.join(30)
+                upstream.close()
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(listen, Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Namespace(object):
+    """A network namespace joined to the host by a veth pair, as a container is by its
+    bridge: its own loopback, one /30 of link-local addresses (and a /64 of unique local
+    IPv6 ones) that exist only on this pair, and a default route to the host's end.
+    Names are unique per run; remove() undoes every step that was made."""
+
+    def __init__(self):
+        tag = "{}{}".format(os.getpid() % 10000, os.urandom(2).hex())
+        self.name = "s3ls-" + tag
+        self.host_link, self.inside_link = "s3h" + tag, "s3c" + tag  # at most 15 bytes
+        third = 200 + int.from_bytes(os.urandom(1), "big") % 50
+        fourth = 4 * (int.from_bytes(os.urandom(1), "big") % 63)
+        self.network = "169.254.{}.{}/30".format(third, fourth)
+        self.host_ip = "169.254.{}.{}".format(third, fourth + 1)
+        self.inside_ip = "169.254.{}.{}".format(third, fourth + 2)
+        self.host_ip6 = "fd00:5e:{:x}::1".format(third * 256 + fourth)
+        self.inside_ip6 = "fd00:5e:{:x}::2".format(third * 256 + fourth)
+        self.hosts_folder = os.path.join("/etc/netns", self.name)
+        self.made = []  # undo steps, last first
+        try:
+            self._make()
+        except BaseException:
+            self.remove()
+            raise
+
+    def _make(self):
+        ip("netns", "add", self.name)
+        self.made.append(lambda: ip("netns", "delete", self.name, check=False))
+        ip("link", "add", self.host_link, "type", "veth", "peer", "name", self.inside_link)
+        # Deleting one end deletes both (and the namespace's deletion the inside one).
+        self.made.append(lambda: ip("link", "delete", self.host_link, check=False))
+        ip("link", "set", self.inside_link, "netns", self.name)
+        ip("addr", "add", self.host_ip + "/30", "dev", self.host_link)
+        ip("addr", "add", self.host_ip6 + "/64", "dev", self.host_link, "nodad")
+        ip("link", "set", self.host_link, "up")
+        inside = ("netns", "exec", self.name, "ip")
+        ip(*inside, "link", "set", "lo", "up")
+        ip(*inside, "addr", "add", self.inside_ip + "/30", "dev", self.inside_link)
+        ip(*inside, "addr", "add", self.inside_ip6 + "/64", "dev", self.inside_link, "nodad")
+        ip(*inside, "link", "set", self.inside_link, "up")
+        ip(*inside, "route", "add", "default", "via", self.host_ip)
+        ip(*inside, "-6", "route", "add", "default", "via", self.host_ip6)
+
+    def add_host_name(self, name, address):
+        """Make ``name`` resolve to ``address`` inside the namespace (ip netns exec
+        mounts /etc/netns/NAME/hosts over /etc/hosts), as host.docker.internal does."""
+        if not os.path.isdir("/etc/netns"):
+            os.mkdir("/etc/netns")
+            self.made.append(lambda: os.rmdir("/etc/netns") if not os.listdir(
+                "/etc/netns") else None)
+        if not os.path.isdir(self.hosts_folder):
+            os.mkdir(self.hosts_folder)
+            folder = self.hosts_folder
+            self.made.append(lambda: shutil.rmtree(folder, ignore_errors=True))
+        with open(os.path.join(self.hosts_folder, "hosts"), "a") as handle:
+            handle.write("127.0.0.1 localhost\n{} {}\n".format(address, name))
+
+    def run(self, command, env, timeout=90):
+        """Run ``command`` inside the namespace; return (exit code, stdout, stderr)."""
+        result = subprocess.run(["ip", "netns", "exec", self.name] + list(command), env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=timeout)
+        return (result.returncode, result.stdout.decode("utf-8", "replace"),
+                result.stderr.decode("utf-8", "replace"))
+
+    def remove(self):
+        while self.made:
+            self.made.pop()()
+
+
+class HostAddresses(object):
+    """Addresses put on the host's lo for the length of a test module (169.254.170.2 and
+    the like), each removed afterwards unless it was there before."""
+
+    def __init__(self, addresses):
+        self.added = []
+        try:
+            for address in addresses:
+                prefix = 128 if ":" in address else 32
+                listed = ip("addr", "show", "dev", "lo").stdout.decode()
+                if " {}/{} ".format(address, prefix) in listed:
+                    continue
+                ip("addr", "add", "{}/{}".format(address, prefix), "dev", "lo",
+                   *(["nodad"] if prefix == 128 else []))
+                self.added.append("{}/{}".format(address, prefix))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self):
+        while self.added:
+            ip("addr", "del", self.added.pop(), "dev", "lo", check=False)

@@ -6,7 +6,6 @@ import http.server
 import json
 import socket
 import socketserver
-import ssl
 import subprocess
 import threading
 
@@ -15,7 +14,16 @@ import pytest
 
 import s3_localserver as s
 from conftest import BUCKET, S3_POLICY, trusting
-from helpers import ACCOUNT, MotoServer, RecordingProxy, aws_calls, clean_env, run_script
+from helpers import (
+    ACCOUNT,
+    MotoServer,
+    RecordingProxy,
+    Relay,
+    aws_calls,
+    clean_env,
+    pump,
+    run_script,
+)
 
 ASSUME_ROLE_ANSWER = (
     b"<AssumeRoleResponse><AssumeRoleResult><Credentials><AccessKeyId>ASIAX</AccessKeyId>"
@@ -87,65 +95,6 @@ class KeepAliveAWS(object):
         self.server.server_close()
 
 
-def _pump(source, target):
-    try:
-        while True:
-            data = source.recv(65536)
-            if not data:
-                break
-            target.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (source, target):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-class Relay(object):
-    """A TCP relay on 127.0.0.1 to ``target`` (host, port), counting connections; with
-    ``certificate`` (cert, key) it terminates TLS first, as an endpoint with a private
-    CA (or a TLS-inspecting proxy) does."""
-
-    def __init__(self, target, certificate=None):
-        self.connections = 0
-        context = None
-        if certificate:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*certificate)
-        relay = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self):
-                relay.connections += 1
-                client = self.request
-                if context is not None:
-                    try:
-                        client = context.wrap_socket(client, server_side=True)
-                    except (ssl.SSLError, OSError):
-                        return  # the client refused our certificate
-                upstream = socket.create_connection(target)
-                thread = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
-                thread.start()
-                _pump(client, upstream)
-                thread.join(30)
-                upstream.close()
-
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 class ConnectProxy(object):
     """An HTTP proxy that only tunnels (CONNECT), recording each target."""
 
@@ -164,10 +113,10 @@ class ConnectProxy(object):
                 upstream = socket.create_connection(("127.0.0.1", int(port)))
                 self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 self.wfile.flush()
-                thread = threading.Thread(target=_pump, args=(upstream, self.connection),
+                thread = threading.Thread(target=pump, args=(upstream, self.connection),
                                           daemon=True)
                 thread.start()
-                _pump(self.connection, upstream)
+                pump(self.connection, upstream)
                 thread.join(30)
                 upstream.close()
 

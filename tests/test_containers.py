@@ -1,0 +1,438 @@
+"""Containers: the container door at 169.254.170.2 (full URI with the token, relative
+URI without it), instance metadata at 169.254.169.254, --allow-client, IPv6, exec mode
+wrapping a container's command, and start-up errors that say what to do.
+
+A network namespace joined to the host by a veth pair stands in for a container: its
+127.0.0.1 is its own, it reaches the host through its gateway, and it reaches moto only
+through a relay on the host's end of the pair.  The real AWS CLI and boto3 run inside
+it.  Those tests need root (CI runs as root) and skip, saying why, elsewhere.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import s3_localserver as s
+from conftest import BUCKET
+from helpers import (
+    BIN,
+    SCRIPT,
+    HostAddresses,
+    Namespace,
+    Relay,
+    clean_env,
+    netns_unavailable,
+    run_script,
+)
+
+KEY = "container.txt"
+CONTENT = "read inside the namespace"
+DOOR, DOOR6 = "169.254.170.2", "fd00:ec2::23"
+METADATA, METADATA6 = "169.254.169.254", "fd00:ec2::254"
+
+# What a client inside the namespace runs: read the object with the SDK's default chain.
+BOTO3_READ = ("import sys, boto3\n"
+              "s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1')\n"
+              "body = s3.get_object(Bucket=sys.argv[2], Key=sys.argv[3])['Body'].read()\n"
+              "print(body.decode())\n")
+# A bare HTTP client, for answers no SDK would show: (status, body).
+FETCH = ("import sys, json, urllib.request, urllib.error\n"
+         "headers = json.loads(sys.argv[2])\n"
+         "try:\n"
+         "    answer = urllib.request.urlopen(urllib.request.Request(sys.argv[1],\n"
+         "        headers=headers), timeout=20)\n"
+         "    print(answer.status, answer.read().decode())\n"
+         "except urllib.error.HTTPError as error:\n"
+         "    print(error.code, error.read().decode())\n")
+
+
+# --- the laboratory: a namespace, addresses on the host's lo, a relay to moto ----------
+
+class Lab(object):
+    def __init__(self, namespace, relay, home):
+        self.ns = namespace
+        self.endpoint = "http://{}:{}".format(namespace.host_ip, relay.port)
+        self.home = home
+
+    def env(self, **settings):
+        """A container's environment: nothing from the host but these settings.
+        Instance metadata is left enabled (clean_env disables it for other tests)."""
+        env = clean_env(self.home, **settings)
+        if "AWS_EC2_METADATA_DISABLED" not in settings:
+            del env["AWS_EC2_METADATA_DISABLED"]
+        return env
+
+    def boto3(self, env):
+        """(exit code, stdout, stderr) of boto3 reading the object inside the namespace."""
+        return self.ns.run([sys.executable, "-c", BOTO3_READ, self.endpoint, BUCKET, KEY],
+                           env)
+
+    def cli(self, env):
+        return self.ns.run([os.path.join(BIN, "aws"), "s3", "cp", "s3://{}/{}".format(
+            BUCKET, KEY), "-", "--endpoint-url", self.endpoint, "--region", "us-east-1"],
+            env)
+
+    def fetch(self, url, headers=None):
+        """(status, body text) of one GET from inside the namespace."""
+        code, out, err = self.ns.run([sys.executable, "-c", FETCH, url,
+                                      json.dumps(headers or {})], self.env())
+        assert code == 0, err
+        status, _, body = out.strip().partition(" ")
+        return int(status), body
+
+
+def read_both(lab, env):
+    """The AWS CLI and boto3 both read the object with ``env``."""
+    for name, (code, out, err) in (("boto3", lab.boto3(env)), ("aws cli", lab.cli(env))):
+        assert code == 0 and out.strip() == CONTENT, (name, code, out, err[-2000:])
+
+
+def refused_both(lab, env):
+    """Neither the AWS CLI nor boto3 gets anything with ``env``."""
+    for name, (code, out, err) in (("boto3", lab.boto3(env)), ("aws cli", lab.cli(env))):
+        assert code != 0 and CONTENT not in out, (name, code, out)
+        assert "Unable to locate credentials" in err or "NoCredentialsError" in err or (
+            "Error when retrieving credentials" in err), (name, err[-2000:])
+
+
+@pytest.fixture(scope="module")
+def lab(moto, tmp_path_factory):
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    # One laboratory at a time on this machine: the addresses and port 80 are shared.
+    lock = open(os.path.join("/tmp", "s3_localserver-netns.lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    undo = [lock.close]
+    try:
+        addresses = HostAddresses([DOOR, DOOR6, METADATA, METADATA6])
+        undo.append(addresses.remove)
+        try:
+            namespace = Namespace()
+        except RuntimeError as error:
+            pytest.skip("cannot make a network namespace here: {}".format(error))
+        undo.append(namespace.remove)
+        namespace.add_host_name("host.docker.internal", namespace.host_ip)
+        relay = Relay(("127.0.0.1", moto.port), listen=(namespace.host_ip, 0))
+        undo.append(relay.stop)
+        moto.client("s3", access_key=moto.tester["AccessKeyId"],
+                    secret_key=moto.tester["SecretAccessKey"]).put_object(
+            Bucket=BUCKET, Key=KEY, Body=CONTENT.encode())
+        home = tmp_path_factory.mktemp("container-home")
+        yield Lab(namespace, relay, str(home))
+    finally:
+        while undo:
+            undo.pop()()
+
+
+def door_settings(process, timeout=30):
+    """The NAME=value lines the server printed on stdout for containers."""
+    deadline = time.monotonic() + timeout
+    while b"AWS_CONTAINER_CREDENTIALS_FULL_URI=" not in process.stdout:
+        assert time.monotonic() < deadline, (process.output, process.stdout)
+        time.sleep(0.05)
+    lines = process.stdout.decode().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def serve(start, moto, tester_env, host, port, *extra):
+    return start([BUCKET, "-d", "1h", "--endpoint-url", moto.url] + list(extra),
+                 tester_env(), host=host, port=port)
+
+
+# --- the container door: full URI and token, any port ----------------------------------
+
+def test_container_door_full_uri_with_token(lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate",
+                   "--allow-client", lab.ns.network)
+    door = door_settings(server)
+    port = int(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/"))
+    assert door["AWS_CONTAINER_CREDENTIALS_FULL_URI"] == "http://{}:{}/".format(DOOR, port)
+    assert "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI" not in door  # only port 80 has one
+    assert door["AWS_REGION"] == "us-east-1"
+    read_both(lab, lab.env(**door))
+    # Without the token: nothing, from the SDKs or a bare request.
+    without = dict(door)
+    del without["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
+    refused_both(lab, lab.env(**without))
+    status, body = lab.fetch(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"])
+    assert status == 401 and "AccessKeyId" not in body
+
+
+# --- the relative URI at 169.254.170.2:80, with no token sent -------------------------
+
+def test_relative_uri_without_token_stable_and_not_logged(lab, moto, start, tester_env):
+    token = "container-door-" + os.urandom(8).hex()
+    first = serve(start, moto, tester_env, DOOR, 80, "--auth-token", token)
+    relative = door_settings(first)["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"]
+    assert relative.startswith("/v2/credentials/") and token not in relative
+    # Only the relative URI, as ECS gives it: no full URI, no token.
+    only_relative = lab.env(AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=relative)
+    read_both(lab, only_relative)
+    # Another path of the same shape, or GET / without the token, gets nothing.
+    status, body = lab.fetch("http://{}{}".format(DOOR, s.relative_uri("another token")))
+    assert status == 404 and "AccessKeyId" not in body
+    status, body = lab.fetch("http://{}/".format(DOOR))
+    assert status == 401 and "AccessKeyId" not in body
+    # The path is the secret: the access log shows that it was used, never what it is.
+    assert relative not in first.output and relative.split("/")[-1][:12] not in first.output
+    assert "GET /v2/credentials/<relative-uri> 200" in first.output
+    assert first.finish() == 0
+    # The same token after a restart: the same path, so running containers keep working.
+    second = serve(start, moto, tester_env, DOOR, 80, "--auth-token", token)
+    assert door_settings(second)["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"] == relative
+    code, out, err = lab.boto3(only_relative)
+    assert code == 0 and out.strip() == CONTENT, err[-2000:]
+
+
+# --- instance metadata at 169.254.169.254:80 for images with no settings ---------------
+
+def test_zero_configuration_metadata(lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, METADATA, 80)
+    assert "Instance metadata: containers with no AWS settings at all" in server.output
+    # No AWS variable at all but botocore's patience with a loaded machine (it gives
+    # instance metadata one second and one attempt by default).
+    patient = lab.env(AWS_METADATA_SERVICE_TIMEOUT="10", AWS_METADATA_SERVICE_NUM_ATTEMPTS="3")
+    read_both(lab, patient)
+    assert "/latest/api/token" in server.output
+
+
+# --- --allow-client ----------------------------------------------------------------------
+
+def test_client_outside_allow_client_gets_403(lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate",
+                   "--allow-client", "10.99.0.0/16", "--allow-client", "fd00:99::/64")
+    door = door_settings(server)
+    refused_both(lab, lab.env(**door))
+    status, body = lab.fetch(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"],
+                             {"Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+    assert status == 403 and "AccessKeyId" not in body
+    refusals = [line for line in server.lines if "not in --allow-client" in line]
+    assert refusals and all(" {} ".format(lab.ns.inside_ip) in line for line in refusals)
+    # A process on this host is answered: it connects from 169.254.170.2 itself.
+    request = urllib.request.Request(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], headers={
+        "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+    with urllib.request.urlopen(request, timeout=20) as answer:
+        served = json.loads(answer.read().decode())
+    server.secrets += [served["SecretAccessKey"], served["Token"]]
+    assert any(" {} GET / 200".format(DOOR) in line for line in server.lines)
+
+
+def test_metadata_with_allow_client_outside(lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, METADATA, 80, "--allow-client", "10.99.0.0/16")
+    assert "so any client in 10.99.0.0/16 who can reach this address can" in server.output
+    assert "Warning: serving on 169.254.169.254 without --auth-token: any client in " \
+        "10.99.0.0/16 who can reach this port" in server.output
+    env = lab.env(AWS_METADATA_SERVICE_TIMEOUT="10", AWS_METADATA_SERVICE_NUM_ATTEMPTS="1")
+    refused_both(lab, env)
+    assert "not in --allow-client" in server.output
+
+
+# --- Docker Desktop's route: host.docker.internal and instance metadata ----------------
+
+def test_host_docker_internal_through_metadata(lab, moto, start, tester_env):
+    # The host's end of the pair plays the address host.docker.internal names.
+    url = "http://host.docker.internal:{}/"
+    refusing = serve(start, moto, tester_env, lab.ns.host_ip, 0)
+    port = int(refusing.url.rsplit(":", 1)[1].strip("/"))
+    status, body = lab.fetch(url.format(port) + "latest/api/token")
+    assert status == 403 and "--allow-host" in body  # a name, not an IP: refused
+    assert refusing.finish() == 0
+    server = serve(start, moto, tester_env, lab.ns.host_ip, 0,
+                   "--allow-host", "host.docker.internal", "--allow-client", lab.ns.network)
+    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    env = lab.env(AWS_EC2_METADATA_SERVICE_ENDPOINT=url.format(port),
+                  AWS_METADATA_SERVICE_TIMEOUT="10", AWS_METADATA_SERVICE_NUM_ATTEMPTS="3")
+    read_both(lab, env)
+
+
+# --- IPv6: fd00:ec2::23 and fd00:ec2::254 ---------------------------------------------
+
+def test_ipv6_container_door(lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR6, 0, "--auth-token", "generate",
+                   "--allow-client", "fd00:5e::/32")
+    door = door_settings(server)
+    assert door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].startswith("http://[fd00:ec2::23]:")
+    read_both(lab, lab.env(**door))
+
+
+def test_ipv6_metadata(lab, moto, start, tester_env):
+    serve(start, moto, tester_env, METADATA6, 80)
+    env = lab.env(AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE="IPv6",
+                  AWS_METADATA_SERVICE_TIMEOUT="10", AWS_METADATA_SERVICE_NUM_ATTEMPTS="3")
+    read_both(lab, env)
+
+
+# --- exec mode wrapping the container's command ---------------------------------------
+
+def test_exec_mode_passes_the_door_to_the_container(lab, moto, tester_env):
+    # As `-- docker run -e AWS_CONTAINER_CREDENTIALS_FULL_URI -e ... image`: the child is
+    # started with the variables and hands them into the namespace.
+    inner = ["ip", "netns", "exec", lab.ns.name, "env", "-u", "AWS_CONFIG_FILE", "-u",
+             "AWS_SHARED_CREDENTIALS_FILE", "-u", "BOTO_CONFIG", sys.executable, "-c",
+             BOTO3_READ, lab.endpoint, BUCKET, KEY]
+    code, out, err = run_script([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "--host",
+                                 DOOR, "--"] + inner, tester_env(), timeout=120)
+    assert code == 0 and out.strip() == CONTENT, err[-2000:]
+
+
+# --- start-up errors that say what to do ------------------------------------------------
+
+def fake_keys_env(home):
+    return clean_env(home, AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE",
+                     AWS_SECRET_ACCESS_KEY="not-a-real-secret-0123456789",
+                     AWS_DEFAULT_REGION="us-east-1")
+
+
+def test_address_not_on_this_host_names_the_command(home):
+    # 169.254.170.99 is on no interface here (the lab above adds only .2).
+    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "169.254.170.99", "-p",
+                                 "8094"], fake_keys_env(home))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("Error: cannot listen on 169.254.170.99:8094: "), err
+    assert "sudo ip addr add 169.254.170.99/32 dev lo" in lines[-1]
+    assert "Traceback" not in err
+
+
+def _without_bind_privilege():
+    # Root keeps CAP_NET_BIND_SERVICE unless it is dropped from the bounding set before
+    # exec; others lack it already.
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(24, 10, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE
+            raise OSError(ctypes.get_errno(), "prctl")
+
+
+def test_port_80_refused_names_the_ways(home):
+    setting = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+    if not os.path.exists(setting):
+        pytest.skip("needs Linux: privileged ports are a Linux setting here")
+    with open(setting) as handle:
+        if int(handle.read()) <= 80:
+            pytest.skip("ports below 1024 are not privileged on this machine")
+    import subprocess
+    result = subprocess.run([sys.executable, SCRIPT, BUCKET, "-d", "1h", "--host",
+                             "127.0.0.1", "-p", "80"], env=fake_keys_env(home),
+                            preexec_fn=_without_bind_privilege, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("Error: cannot listen on 127.0.0.1:80: Permission denied"), err
+    assert "allow them with 'sudo sysctl -w net.ipv4.ip_unprivileged_port_start=80'" in line
+    assert "socat" in line and "AWS_CONTAINER_CREDENTIALS_FULL_URI" in line
+    assert "root" not in line.lower().replace("permission", "")
+
+
+@pytest.mark.parametrize("platform, address, command", [
+    ("linux", "169.254.170.2", "sudo ip addr add 169.254.170.2/32 dev lo"),
+    ("linux", "fd00:ec2::23", "sudo ip addr add fd00:ec2::23/128 dev lo"),
+    ("darwin", "169.254.170.2", "sudo ifconfig lo0 alias 169.254.170.2"),
+    ("darwin", "fd00:ec2::23", "sudo ifconfig lo0 inet6 alias fd00:ec2::23"),
+    ("win32", "169.254.170.2",
+     'netsh interface ipv4 add address "NAME" 169.254.170.2 255.255.255.255'),
+])
+def test_listen_advice_per_platform(platform, address, command):
+    error = OSError(errno.EADDRNOTAVAIL if platform != "win32" else 10049, "unavailable")
+    assert command in s.listen_advice(address, 80, error, platform)
+
+
+def test_listen_advice_for_port_80():
+    error = OSError(errno.EACCES, "Permission denied")
+    linux = s.listen_advice("169.254.170.2", 80, error, "linux")
+    assert "sudo sysctl -w net.ipv4.ip_unprivileged_port_start=80" in linux
+    assert "TCP-LISTEN:80,bind=169.254.170.2" in linux
+    assert "http://169.254.170.2:8094/" in linux
+    assert "sysctl" not in s.listen_advice("169.254.170.2", 80, error, "darwin")
+    assert s.listen_advice("127.0.0.1", 8094, error, "linux") == ""  # not a port matter
+    assert "[fd00:ec2::23]:8094" in s.listen_advice("fd00:ec2::23", 80, error, "linux")
+    assert "--host" in s.listen_advice("no-such.invalid", 80, socket.gaierror(-2, "x"))
+
+
+# --- pure parts ----------------------------------------------------------------------------
+
+def test_relative_uri_is_stable_per_token_and_unguessable():
+    one = s.relative_uri("token one")
+    assert one == s.relative_uri("token one")  # the same after a restart
+    assert one != s.relative_uri("token two")
+    secret = one[len("/v2/credentials/"):]
+    assert len(secret) == 43 and "token" not in secret  # 256 bits of HMAC
+
+
+def test_client_allowed():
+    rules = s.AccessRules(token="t", clients=[s.client_network("172.17.0.0/16"),
+                                              s.client_network("fd00:1::/64")])
+    assert rules.client_allowed("172.17.0.5", "169.254.170.2")
+    assert rules.client_allowed("::ffff:172.17.3.4", "::ffff:169.254.170.2")
+    assert rules.client_allowed("fd00:1::9", "fd00:ec2::23")
+    assert not rules.client_allowed("172.18.0.5", "169.254.170.2")
+    assert not rules.client_allowed("fd00:2::9", "fd00:ec2::23")
+    # This host's own processes: from loopback, or from the address they connect to.
+    assert rules.client_allowed("127.0.0.1", "127.0.0.1")
+    assert rules.client_allowed("169.254.170.2", "169.254.170.2")
+    assert not rules.client_allowed("169.254.170.3", "169.254.170.2")
+    assert s.AccessRules().client_allowed("203.0.113.9", "169.254.170.2")  # no list: all
+    refused = rules.refusal({"Host": "169.254.170.2"}, client="10.0.0.1", local="10.0.0.2")
+    assert refused[0] == 403 and "10.0.0.1 is not in --allow-client" in refused[2]
+
+
+def test_log_never_shows_the_relative_uri():
+    rules = s.AccessRules(token="t")
+    secret = rules.relative_uri
+    assert rules.is_relative_uri(secret) and not rules.is_relative_uri(secret + "x")
+    assert not rules.is_relative_uri("/v2/credentials/\u00e9")  # no error on non-ASCII
+    assert not s.AccessRules().is_relative_uri("/")
+    lines = []
+
+    class Stream(object):
+        def write(self, text):
+            lines.append(text)
+
+        def flush(self):
+            pass
+
+    server = s.CredentialServer(("127.0.0.1", 0), cache=None, rules=rules, stream=Stream(),
+                                listen=False)
+    try:
+        server.log_access("172.17.0.2", "GET", "x" * 190 + secret, 200)
+        server.log_access("172.17.0.2", "GET", "/", 400, "bad request ('GET {}')".format(secret))
+    finally:
+        server.server_close()
+    text = "".join(lines)
+    assert secret[-20:] not in text and secret[16:30] not in text
+    assert "<relative-uri>" in text
+
+
+@pytest.mark.parametrize("value", ["not-a-network", "172.17.0.0/33", ""])
+def test_bad_allow_client_is_one_line(home, value):
+    code, out, err = run_script([BUCKET, "-d", "1h", "--allow-client", value],
+                                clean_env(home))
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("Error: ")
+    assert err.startswith("Error: argument --allow-client: {!r} is not an address or "
+                          "network such as 172.17.0.0/16".format(value)), err
+
+
+def test_container_environment():
+    assert s.container_environment("127.0.0.1", 8094, "t", "eu-west-1") == ""
+    port80 = s.container_environment(DOOR, 80, "tok", "eu-west-1").splitlines()
+    assert port80 == ["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=" + s.relative_uri("tok"),
+                      "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://169.254.170.2:80/",
+                      "AWS_CONTAINER_AUTHORIZATION_TOKEN=tok",
+                      "AWS_REGION=eu-west-1", "AWS_DEFAULT_REGION=eu-west-1"]
+    # Without a token there is nothing to hide: the relative URI is '/'.
+    assert "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/\n" in s.container_environment(
+        DOOR, 80, None, None)
+    other = s.container_environment(DOOR6, 9000, "tok", None)
+    assert other == ("AWS_CONTAINER_CREDENTIALS_FULL_URI=http://[fd00:ec2::23]:9000/\n"
+                     "AWS_CONTAINER_AUTHORIZATION_TOKEN=tok\n")
+
