@@ -547,6 +547,190 @@ def sign_request(method, url, headers, body, credentials, region, service, now):
 
 
 ######################################################################
+#  ES256 for `aws login` (DPoP proofs)
+######################################################################
+# The sign-in service wants each token refresh to carry a DPoP proof (RFC 9449): a
+# JWT signed with ES256, ECDSA on the NIST P-256 curve (FIPS 186-4) over SHA-256.
+# The standard library has no elliptic curves, so here is the arithmetic, written
+# for clarity: it runs once per refresh (every 15 minutes at most).  Points are in
+# Jacobian coordinates (X, Y, Z) for x = X/Z^2, y = Y/Z^3; Z = 0 is the identity.
+
+P256_P = 2 ** 256 - 2 ** 224 + 2 ** 192 + 2 ** 96 - 1  # the field's prime
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # group order
+P256_G = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+          0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)  # generator
+# DER: the OIDs of an EC public key (1.2.840.10045.2.1) and of P-256 (1.2.840.10045.3.1.7).
+_OID_EC_PUBLIC_KEY = bytes.fromhex("2a8648ce3d0201")
+_OID_P256 = bytes.fromhex("2a8648ce3d030107")
+_IDENTITY = (1, 1, 0)
+
+
+def _inverse(value, modulus):
+    return pow(value, modulus - 2, modulus)  # Fermat: both moduli are prime
+
+
+def _point_double(point):
+    x, y, z = point
+    if z == 0 or y == 0:
+        return _IDENTITY
+    p = P256_P
+    delta, gamma = z * z % p, y * y % p
+    beta = x * gamma % p
+    alpha = 3 * (x - delta) * (x + delta) % p  # 3x^2 + a z^4 with the curve's a = -3
+    x3 = (alpha * alpha - 8 * beta) % p
+    z3 = ((y + z) ** 2 - gamma - delta) % p
+    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
+    return x3, y3, z3
+
+
+def _point_add(first, second):
+    x1, y1, z1 = first
+    x2, y2, z2 = second
+    if z1 == 0:
+        return second
+    if z2 == 0:
+        return first
+    p = P256_P
+    z1z1, z2z2 = z1 * z1 % p, z2 * z2 % p
+    u1, u2 = x1 * z2z2 % p, x2 * z1z1 % p
+    s1, s2 = y1 * z2 * z2z2 % p, y2 * z1 * z1z1 % p
+    if u1 == u2:
+        return _point_double(first) if s1 == s2 else _IDENTITY
+    h, r = (u2 - u1) % p, (s2 - s1) % p
+    hh = h * h % p
+    hhh = h * hh % p
+    x3 = (r * r - hhh - 2 * u1 * hh) % p
+    y3 = (r * (u1 * hh - x3) - s1 * hhh) % p
+    return x3, y3, h * z1 * z2 % p
+
+
+def p256_multiply(scalar, point=P256_G):
+    """scalar * point, as affine (x, y).  A Montgomery ladder: the same additions and
+    doublings whatever the bits, so the secret nonce does not set the amount of work."""
+    low, high = _IDENTITY, (point[0], point[1], 1)
+    for bit in range(255, -1, -1):
+        if (scalar >> bit) & 1:
+            low, high = _point_add(low, high), _point_double(high)
+        else:
+            low, high = _point_double(low), _point_add(low, high)
+    x, y, z = low
+    if z == 0:
+        raise ValueError("the point at infinity has no coordinates")
+    z_inverse = _inverse(z, P256_P)
+    return x * z_inverse ** 2 % P256_P, y * z_inverse ** 3 % P256_P
+
+
+def rfc6979_nonces(private_key, digest):
+    """The deterministic ECDSA nonces of RFC 6979 section 3.2 for P-256 and SHA-256
+    (the order and the hash are both 256 bits, which keeps bits2int trivial)."""
+    def mac(key, data):
+        return hmac.new(key, data, hashlib.sha256).digest()
+    secret = private_key.to_bytes(32, "big")
+    reduced = (int.from_bytes(digest, "big") % P256_N).to_bytes(32, "big")
+    v, k = b"\x01" * 32, b"\x00" * 32
+    k = mac(k, v + b"\x00" + secret + reduced)
+    v = mac(k, v)
+    k = mac(k, v + b"\x01" + secret + reduced)
+    v = mac(k, v)
+    while True:
+        v = mac(k, v)
+        candidate = int.from_bytes(v, "big")
+        if 1 <= candidate < P256_N:
+            yield candidate
+        k = mac(k, v + b"\x00")
+        v = mac(k, v)
+
+
+def es256_sign(private_key, message):
+    """ECDSA P-256/SHA-256 signature of ``message`` as JWS wants it: r || s, 64 bytes."""
+    digest = hashlib.sha256(message).digest()
+    e = int.from_bytes(digest, "big")
+    for nonce in rfc6979_nonces(private_key, digest):
+        r = p256_multiply(nonce)[0] % P256_N
+        s = _inverse(nonce, P256_N) * (e + r * private_key) % P256_N
+        if r and s:
+            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def _der_items(data):
+    """The (tag, content) pairs of a run of DER elements; ValueError if malformed."""
+    items, at = [], 0
+    while at < len(data):
+        if at + 2 > len(data):
+            raise ValueError("truncated DER")
+        tag, length = data[at], data[at + 1]
+        at += 2
+        if length & 0x80:  # long form: the next (length & 0x7f) bytes hold it
+            size = length & 0x7F
+            if size == 0 or size > 4 or at + size > len(data):
+                raise ValueError("bad DER length")
+            length = int.from_bytes(data[at:at + size], "big")
+            at += size
+        if at + length > len(data):
+            raise ValueError("truncated DER")
+        items.append((tag, data[at:at + length]))
+        at += length
+    return items
+
+
+def _der_sequence(data):
+    (tag, content), = _der_items(data)  # exactly one element
+    if tag != 0x30:
+        raise ValueError("not a DER SEQUENCE")
+    return _der_items(content)
+
+
+def read_ec_private_key(pem):
+    """The private scalar of a P-256 key in PEM: SEC1 ("EC PRIVATE KEY", RFC 5915)
+    or PKCS#8 ("PRIVATE KEY", RFC 5208).  ValueError for anything else."""
+    body = "".join(line.strip() for line in pem.strip().splitlines()
+                   if not line.startswith("-----"))
+    try:
+        der = base64.b64decode(body, validate=True)
+    except (ValueError, TypeError):
+        raise ValueError("not base64")
+    fields = _der_sequence(der)
+    if len(fields) >= 3 and fields[1][0] == 0x30:
+        # PKCS#8 PrivateKeyInfo: version 0, the algorithm, then the SEC1 key inside.
+        algorithm = _der_items(fields[1][1])
+        if algorithm != [(0x06, _OID_EC_PUBLIC_KEY), (0x06, _OID_P256)]:
+            raise ValueError("not a P-256 key")
+        if fields[2][0] != 0x04:
+            raise ValueError("no private key in PKCS#8")
+        fields = _der_sequence(fields[2][1])
+    # SEC1 ECPrivateKey: version 1, the key as 32 bytes, [0] the curve, [1] the public key.
+    if len(fields) < 2 or fields[0] != (0x02, b"\x01") or fields[1][0] != 0x04:
+        raise ValueError("not an EC private key")
+    curve = [content for tag, content in fields[2:] if tag == 0xA0]
+    if curve and _der_items(curve[0]) != [(0x06, _OID_P256)]:
+        raise ValueError("not a P-256 key")
+    scalar = int.from_bytes(fields[1][1], "big")
+    if not 1 <= scalar < P256_N:
+        raise ValueError("private key out of range")
+    return scalar
+
+
+def _b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _compact_json(value):
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def dpop_proof(private_key, url, now, jti):
+    """The DPoP header of a POST to ``url``: a JWT carrying the public key, signed with
+    the private one (the fields and their order as botocore's _build_dpop_header)."""
+    x, y = p256_multiply(private_key)
+    header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": {
+        "kty": "EC", "x": _b64url(x.to_bytes(32, "big")), "y": _b64url(y.to_bytes(32, "big")),
+        "crv": "P-256"}}
+    payload = {"htm": "POST", "htu": url, "iat": int(now), "jti": jti}
+    signed = "{}.{}".format(_b64url(_compact_json(header)), _b64url(_compact_json(payload)))
+    return "{}.{}".format(signed, _b64url(es256_sign(private_key, signed.encode("ascii"))))
+
+
+######################################################################
 #  Endpoints
 ######################################################################
 
