@@ -739,6 +739,90 @@ def _dns_suffix(partition):
     return "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
 
 
+def _dualstack_suffix(partition):
+    return "api.amazonwebservices.com.cn" if partition == "aws-cn" else "api.aws"
+
+
+# Where sts_regional_endpoints = legacy still sends STS calls to sts.amazonaws.com
+# (botocore's _LEGACY_GLOBAL_STS_REGIONS); every other region is regional anyway.
+_STS_LEGACY_GLOBAL_REGIONS = frozenset([
+    "ap-northeast-1", "ap-south-1", "ap-southeast-1", "ap-southeast-2", "aws-global",
+    "ca-central-1", "eu-central-1", "eu-north-1", "eu-west-1", "eu-west-2", "eu-west-3",
+    "sa-east-1", "us-east-1", "us-east-2", "us-west-1", "us-west-2"])
+
+
+def _true(value):
+    return str(value).strip().lower() == "true"  # botocore's ensure_boolean
+
+
+def endpoint_settings(environ, configured=None):
+    """The settings that choose AWS's hosts, each from its variable, else the profile
+    (``configured``, as AWSFiles.endpoints reads it): {"fips", "dualstack", "sts_legacy"}."""
+    configured = configured or {}
+
+    def setting(variable, key):
+        value = environ.get(variable)
+        return configured.get(key) if value is None else value
+    sts = (setting("AWS_STS_REGIONAL_ENDPOINTS", "sts_regional_endpoints") or "regional")
+    if sts.strip().lower() not in ("legacy", "regional"):
+        raise LocalServerError("sts_regional_endpoints must be legacy or regional, not "
+                               "{!r}".format(sts))
+    return {"fips": _true(setting("AWS_USE_FIPS_ENDPOINT", "use_fips_endpoint")),
+            "dualstack": _true(setting("AWS_USE_DUALSTACK_ENDPOINT", "use_dualstack_endpoint")),
+            "sts_legacy": sts.strip().lower() == "legacy"}
+
+
+def aws_endpoint(service, region, fips=False, dualstack=False, sts_legacy=False):
+    """(base URL, signing region) of 'sts', 'iam', 's3' or 'signin' in ``region``, as
+    botocore's endpoint rules give them for these settings.  For S3 the URL is the
+    path-style base; a bucket's virtual host is '<bucket>.' before its host."""
+    partition = partition_for_region(region)
+    regular, dual = _dns_suffix(partition), _dualstack_suffix(partition)
+    suffix = dual if dualstack else regular
+    if service == "iam":  # one endpoint per partition
+        if partition == "aws-cn":
+            if fips:
+                host = "iam-fips." + suffix
+            else:
+                host = "iam.global." + dual if dualstack else "iam.cn-north-1." + regular
+            return "https://" + host, "cn-north-1"
+        if partition == "aws-us-gov":  # GovCloud's IAM is FIPS already
+            return "https://iam.us-gov." + suffix, "us-gov-west-1"
+        return "https://iam{}.{}".format("-fips" if fips else "",
+                                         "global." + dual if dualstack else regular), "us-east-1"
+    if service == "sts":
+        if not (fips or dualstack) and (region is None or region == "aws-global" or (
+                sts_legacy and region in _STS_LEGACY_GLOBAL_REGIONS)):
+            return "https://sts.amazonaws.com", "us-east-1"
+        region = region or "us-east-1"
+        if fips and not dualstack and partition == "aws-us-gov":  # FIPS already
+            return "https://sts.{}.{}".format(region, regular), region
+        return "https://sts{}.{}.{}".format("-fips" if fips else "", region, suffix), region
+    if service == "s3":
+        region = "us-east-1" if region in (None, "aws-global") else region
+        if fips and partition == "aws-cn":
+            raise LocalServerError("S3 has no FIPS endpoints in China ({}): unset "
+                                   "use_fips_endpoint or give an endpoint URL".format(region))
+        if region == "us-east-1" and not (fips or dualstack):
+            return "https://s3.amazonaws.com", region  # botocore's us-east-1 default
+        return "https://s3{}{}.{}.{}".format("-fips" if fips else "",
+                                             ".dualstack" if dualstack else "",
+                                             region, regular), region
+    if service == "signin":
+        region = region or "us-east-1"
+        if fips or dualstack:
+            if fips and not dualstack and partition == "aws-us-gov":
+                host = ("signin-fips.amazonaws-us-gov.com" if region == "us-gov-west-1"
+                        else region + ".signin-fips.amazonaws-us-gov.com")
+                return "https://" + host, region
+            return "https://signin{}.{}.{}".format("-fips" if fips else "", region,
+                                                   suffix), region
+        return "https://{}.signin.{}".format(region, {
+            "aws-cn": "amazonaws.cn", "aws-us-gov": "amazonaws-us-gov.com"}.get(
+                partition, "aws.amazon.com")), region
+    raise ValueError("no endpoint rules for " + service)
+
+
 def custom_endpoint(service, endpoint_url=None, environ=os.environ, configured=None):
     """The endpoint URL the user set for a service ('sts', 'sso-oidc', ...), or None.
 
@@ -764,26 +848,16 @@ def custom_endpoint(service, endpoint_url=None, environ=os.environ, configured=N
 
 
 def service_endpoint(service, region, endpoint_url=None, environ=os.environ, configured=None):
-    """Return (base URL, signing region) for 'sts', 'iam' or 's3'.
+    """Return (base URL, signing region) for 'sts', 'iam', 's3' or 'signin'.
 
     A custom URL (see custom_endpoint) is used as given and signed with the
-    configured region.
+    configured region; otherwise the FIPS, dual-stack and STS settings choose
+    AWS's host (see aws_endpoint).
     """
     custom = custom_endpoint(service, endpoint_url, environ, configured)
-    signing_region = region or "us-east-1"
     if custom:
-        return custom.rstrip("/"), signing_region
-    partition = partition_for_region(region)
-    if service == "iam":
-        if partition == "aws-cn":
-            return "https://iam.cn-north-1.amazonaws.com.cn", "cn-north-1"
-        if partition == "aws-us-gov":
-            return "https://iam.us-gov.amazonaws.com", "us-gov-west-1"
-        return "https://iam.amazonaws.com", "us-east-1"
-    if service == "sts" and not region:
-        return "https://sts.amazonaws.com", "us-east-1"
-    url = "https://{}.{}.{}".format(service, signing_region, _dns_suffix(partition))
-    return url, signing_region
+        return custom.rstrip("/"), region or "us-east-1"
+    return aws_endpoint(service, region, **endpoint_settings(environ, configured))
 
 
 ######################################################################
@@ -1468,7 +1542,7 @@ class AWSFiles(object):
         return self.section("profile", name), credentials
 
     def endpoints(self, name):
-        """The profile's endpoint settings, for custom_endpoint."""
+        """The profile's endpoint settings, for custom_endpoint and endpoint_settings."""
         config = self.section("profile", name) or {}
         services = {}
         if config.get("services"):
@@ -1480,8 +1554,11 @@ class AWSFiles(object):
                 url = _nested(block).get("endpoint_url")
                 if url:
                     services[service_id] = url
-        return {"endpoint_url": config.get("endpoint_url"), "services": services,
-                "ignore_configured_endpoint_urls": config.get("ignore_configured_endpoint_urls")}
+        settings = {"endpoint_url": config.get("endpoint_url"), "services": services}
+        for key in ("ignore_configured_endpoint_urls", "use_fips_endpoint",
+                    "use_dualstack_endpoint", "sts_regional_endpoints"):
+            settings[key] = config.get(key)
+        return settings
 
     def where(self):
         return "{} and {}".format(self.credentials_path, self.config_path)
