@@ -1,12 +1,16 @@
 """use_fips_endpoint, use_dualstack_endpoint and sts_regional_endpoints choose the STS,
 IAM, S3 (and sign-in) hosts as botocore's endpoint rules do: botocore is the oracle."""
 
+import json
+import sys
+
 import boto3
 import pytest
 from botocore.config import Config
 from test_transport import ConnectProxy
 
 import s3_localserver as s
+from conftest import BUCKET
 from helpers import clean_env, run_script
 
 REGIONS = ["us-east-1", "us-west-2", "eu-central-1", "ca-central-1", "ap-east-1",
@@ -143,3 +147,21 @@ def test_script_calls_the_chosen_host(home, tmp_path, config, environ, host):
         proxy.stop()
     assert code == 1 and err.startswith("Error: ")
     assert proxy.tunnels and set(proxy.tunnels) == {("CONNECT", host)}
+
+
+def test_exec_child_keeps_the_settings(moto, home, tmp_path):
+    """Exec mode: the script's own calls go to --endpoint-url (explicit wins over the FIPS
+    setting), and the child's botocore, with the generated config and the environment it
+    is given, resolves the host the user's settings ask for."""
+    (tmp_path / "config").write_text("[default]\nregion = eu-west-1\nuse_fips_endpoint = true\n"
+                                     "sts_regional_endpoints = legacy\n")
+    (tmp_path / "auth.json").write_text(json.dumps(moto.tester))
+    probe = ("import boto3; print(boto3.client('sts').meta.endpoint_url, "
+             "boto3.client('s3').meta.endpoint_url)")
+    env = clean_env(home, AWS_CONFIG_FILE=tmp_path / "config", AWS_USE_DUALSTACK_ENDPOINT="true",
+                    AWS_SHARED_CREDENTIALS_FILE=tmp_path / "none")
+    code, out, err = run_script([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-a",
+                                 tmp_path / "auth.json", "--", sys.executable, "-c", probe], env)
+    assert code == 0, err
+    assert out.split() == ["https://sts-fips.eu-west-1.api.aws",
+                           "https://s3-fips.dualstack.eu-west-1.amazonaws.com"]
