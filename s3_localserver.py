@@ -48,6 +48,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 import xml.etree.ElementTree as ElementTree
 
 __version__ = "0.1.0"
@@ -1432,6 +1433,8 @@ def explain(error):
 CONTAINER_HOST = "http://169.254.170.2"  # where AWS_CONTAINER_CREDENTIALS_RELATIVE_URI points
 IMDS_DEFAULT = "http://169.254.169.254/"
 SSO_REFRESH_WINDOW = 15 * 60  # botocore refreshes an SSO token with less left than this
+LOGIN_REFRESH_WINDOW = 5 * 60  # and an `aws login` session's access token with less than this
+ERROR_BODY_LIMIT = 64 * 1024  # of a local or SSO endpoint's error answer, the most read
 MFA_SESSION_DURATION = 12 * 60 * 60  # GetSessionToken's default, as aws-vault uses it
 
 
@@ -1641,7 +1644,10 @@ def _fetch_local(url, headers, what, timeout=2.0, method="GET", opener=None, dat
             status, body = response.status, response.read()
     except urllib.error.HTTPError as error:
         with error:
-            status, body = error.code, b""
+            try:  # an error's body may say why (the sign-in service's "error" code)
+                status, body = error.code, error.read(ERROR_BODY_LIMIT)
+            except (OSError, http.client.HTTPException):
+                status, body = error.code, b""
     except (OSError, http.client.HTTPException) as error:
         raise LocalServerError("{} at {} did not answer: {}".format(
             what, host_header(url), getattr(error, "reason", None) or error))
@@ -1844,7 +1850,7 @@ def refresh_sso_token(cached, url, start_url, sso_region, now, opener):
 def _write_json_atomically(path, data):
     """Replace ``path`` at once (a temp file in the same directory, then a rename), so
     the CLI reading it alongside never sees half a file."""
-    import tempfile  # only for SSO token refreshes
+    import tempfile  # only for SSO and `aws login` token refreshes
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
@@ -1931,6 +1937,105 @@ def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
     return BaseCredentials(load, "SSO profile {}".format(name), clock, is_role=True)
 
 
+# `aws login` sessions, as botocore's LoginProvider and LoginCredentialFetcher keep them.
+_LOG_IN_AGAIN_ERRORS = ("TOKEN_EXPIRED", "USER_CREDENTIALS_CHANGED")
+
+
+def login_cache_file(session, environ):
+    """~/.aws/login/cache/<sha256 of the session name>.json, or in AWS_LOGIN_CACHE_DIRECTORY."""
+    folder = _expand(environ.get("AWS_LOGIN_CACHE_DIRECTORY") or "~/.aws/login/cache")
+    return os.path.join(folder, hashlib.sha256(session.encode("utf-8")).hexdigest() + ".json")
+
+
+def refresh_login_token(cached, url, now, opener, jti, again):
+    """The sign-in service's CreateOAuth2Token with the refresh token, proved by a DPoP
+    header signed with the session's key: the cache entry botocore would write (new
+    access token and refresh token, the rest kept).  ``again`` tells the user what to
+    do when the service wants a new login."""
+    try:
+        key = read_ec_private_key(cached["dpopKey"])
+    except (ValueError, TypeError, AttributeError):
+        raise LocalServerError("the aws login cache holds no usable P-256 dpopKey: " + again)
+    body = json.dumps({"clientId": cached["clientId"], "grantType": "refresh_token",
+                       "refreshToken": cached["refreshToken"]}).encode("utf-8")
+    headers = {"Content-Type": "application/json", "DPoP": dpop_proof(key, url, now, jti)}
+    status, answer = _fetch_local(url, headers, "the sign-in service", timeout=REQUEST_TIMEOUT,
+                                  method="POST", opener=opener, data=body)
+    if 400 <= status < 500:
+        try:
+            error = json.loads(answer.decode("utf-8")).get("error")
+        except (ValueError, AttributeError):
+            error = None
+        if error in _LOG_IN_AGAIN_ERRORS:
+            raise LocalServerError("the aws login session has expired or its credentials "
+                                   "changed: " + again)
+        if error == "INSUFFICIENT_PERMISSIONS":
+            raise LocalServerError("the sign-in service refused to refresh the aws login "
+                                   "session: the login lacks signin:CreateOAuth2Token")
+        code = error if isinstance(error, str) and re.match(r"^\w{1,64}$", error) else status
+        raise LocalServerError("the sign-in service refused to refresh the aws login session "
+                               "({}): {}".format(code, again))
+    try:
+        if status != 200:
+            raise ValueError(status)
+        answer = json.loads(answer.decode("utf-8"))
+        keys = answer["accessToken"]
+        fresh = dict(cached)
+        fresh["accessToken"] = {
+            "accessKeyId": keys["accessKeyId"], "secretAccessKey": keys["secretAccessKey"],
+            "sessionToken": keys["sessionToken"], "accountId": cached["accessToken"]["accountId"],
+            "expiresAt": format_timestamp(now + int(answer["expiresIn"]))}
+        fresh["refreshToken"] = answer["refreshToken"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise LocalServerError("the sign-in service answered {} without new credentials".format(
+            status))
+    return fresh
+
+
+def login_source(name, settings, environ, region, clock=time.time, endpoints=None):
+    """A profile with login_session: the credentials `aws login` cached.  Within 5
+    minutes of their expiry they are refreshed at the sign-in service and the cache
+    file rewritten, as the CLI does; this happens at every load, so the login lasts
+    as long as its refresh token."""
+    session = settings["login_session"]
+    cache_file = login_cache_file(session, environ)
+    again = "run 'aws login --profile {}' again".format(name)
+    aws_now = Clock.of(clock).aws_now  # expiry as AWS judges it
+    pool = default_opener(environ)  # AWS's services: proxies and CA bundle apply
+
+    def load():
+        try:
+            with open(cache_file, encoding="utf-8") as handle:
+                cached = json.load(handle)
+            expires = parse_timestamp(cached["accessToken"]["expiresAt"])
+            if not all(cached.get(key) for key in ("refreshToken", "dpopKey", "clientId")):
+                raise ValueError("botocore needs them all")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise LocalServerError("no usable aws login session '{}' found for profile '{}' in "
+                                   "{}: {}".format(session, name, cache_file, again))
+        if expires - aws_now() < LOGIN_REFRESH_WINDOW:
+            # The token's signInRegion (newer logins record it) beats the configured one.
+            sign_in_region = cached.get("signInRegion") or region
+            if not sign_in_region:
+                raise LocalServerError("profile '{}' needs a region to refresh its aws login "
+                                       "session".format(name))
+            url = service_endpoint("signin", sign_in_region, None, environ, endpoints)[0]
+            try:
+                cached = refresh_login_token(cached, url + "/v1/token", aws_now(), pool,
+                                             str(uuid.uuid4()), again)
+            except LocalServerError:
+                # Like botocore's advisory refresh: credentials with a minute or more
+                # left are still good; the next load tries again.
+                if expires - aws_now() <= BaseCredentials.expiry_floor:
+                    raise
+            else:
+                _write_json_atomically(cache_file, cached)
+        return _credentials_from_json(
+            json.dumps(cached["accessToken"]).encode("utf-8"), "the aws login cache",
+            ("accessKeyId", "secretAccessKey", "sessionToken", "expiresAt"))
+    return BaseCredentials(load, "aws login profile {}".format(name), clock)
+
+
 class ProfileResolver(object):
     """Turns a profile into BaseCredentials, following source_profile chains as
     botocore's AssumeRoleProvider does."""
@@ -1969,7 +2074,7 @@ class ProfileResolver(object):
 
     def profile_source(self, name, use_environ=False):
         """botocore's profile providers in order: web identity, SSO, credentials-file
-        keys, credential_process, config-file keys."""
+        keys, `aws login`, credential_process, config-file keys."""
         config, credentials = self.files.profile(name)
         settings = self.settings(name) or {}
         source = self.web_identity(name, settings, use_environ)
@@ -1980,6 +2085,9 @@ class ProfileResolver(object):
                               self.endpoints)
         keys = _static(credentials, "profile '{}' in {}".format(
             name, self.files.credentials_path))
+        if keys is None and settings.get("login_session"):
+            return login_source(name, settings, self.environ, self.region, self.clock,
+                                self.endpoints)
         if keys is None and settings.get("credential_process"):
             return process_source(settings["credential_process"], name)
         keys = keys or _static(config, "profile '{}' in {}".format(name, self.files.config_path))
