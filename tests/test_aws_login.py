@@ -16,6 +16,7 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
+from test_interpreters import MINORS, required_python
 from test_transport import ConnectProxy
 
 import s3_localserver as s
@@ -426,10 +427,14 @@ def test_sign_in_region_of_the_token_chooses_the_host(files, login_cache):
 
 # --- end to end ---------------------------------------------------------------------------
 
-def test_print_identity_with_expired_login(moto, home, tmp_path, login_cache):
+@pytest.mark.parametrize("minor", [None] + list(MINORS),
+                         ids=["venv"] + ["3.{}".format(minor) for minor in MINORS])
+def test_print_identity_with_expired_login(moto, home, tmp_path, login_cache, minor):
     """--print-identity, as a process, with a login_session profile whose access token
     expired an hour ago: the script refreshes it at the stand-in sign-in service (named
-    in a services section), rewrites the cache, and moto accepts the new credentials."""
+    in a services section), rewrites the cache, and moto accepts the new credentials.
+    On the venv's Python and on each CPython 3.6-3.13."""
+    python = sys.executable if minor is None else required_python(minor)
     folder, cache_file = login_cache
     key = ec.generate_private_key(ec.SECP256R1())
     entry = cache_entry(key, time.time() - 3600, "pkcs8")
@@ -449,7 +454,7 @@ def test_print_identity_with_expired_login(moto, home, tmp_path, login_cache):
                     AWS_SHARED_CREDENTIALS_FILE=tmp_path / "none",
                     AWS_LOGIN_CACHE_DIRECTORY=folder, AWS_ENDPOINT_URL_STS=moto.url)
     try:
-        code, out, err = run_script(["--print-identity", "--profile", "dev"], env)
+        code, out, err = run_script(["--print-identity", "--profile", "dev"], env, python)
     finally:
         sign_in.stop()
     assert code == 0, err
