@@ -1984,7 +1984,8 @@ def refresh_login_token(cached, url, now, opener, jti, again):
         fresh = dict(cached)
         fresh["accessToken"] = {
             "accessKeyId": keys["accessKeyId"], "secretAccessKey": keys["secretAccessKey"],
-            "sessionToken": keys["sessionToken"], "accountId": cached["accessToken"]["accountId"],
+            "sessionToken": keys["sessionToken"],
+            "accountId": cached["accessToken"].get("accountId"),
             "expiresAt": format_timestamp(now + int(answer["expiresIn"]))}
         fresh["refreshToken"] = answer["refreshToken"]
     except (ValueError, KeyError, TypeError, AttributeError):
