@@ -20,7 +20,15 @@ from test_interpreters import MINORS, required_python
 from test_transport import ConnectProxy
 
 import s3_localserver as s
-from helpers import ACCOUNT, StandIn, clean_env, role_credentials, run_script
+from conftest import ADMIN_POLICY, BUCKET, trusting
+from helpers import (
+    ACCOUNT,
+    RecordingProxy,
+    StandIn,
+    clean_env,
+    role_credentials,
+    run_script,
+)
 
 # RFC 6979 appendix A.2.5: the P-256 key, its public point, and the SHA-256 signatures.
 RFC_KEY = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
@@ -485,3 +493,54 @@ def test_print_identity_with_refused_login_is_one_line(home, tmp_path, login_cac
     assert err == ("Error: the aws login session has expired or its credentials changed: "
                    "run 'aws login --profile dev' again\n")
     assert "old-secret" not in out + err
+
+
+@pytest.fixture(scope="module")
+def console_role(moto):
+    """A role anyone may assume that may do anything: the console user's identity."""
+    iam = moto.client("iam", access_key=moto.tester["AccessKeyId"],
+                      secret_key=moto.tester["SecretAccessKey"])
+    arn = iam.create_role(RoleName="aws-login-console", AssumeRolePolicyDocument=trusting("*"),
+                          MaxSessionDuration=43200)["Role"]["Arn"]
+    iam.put_role_policy(RoleName="aws-login-console", PolicyName="all",
+                        PolicyDocument=ADMIN_POLICY)
+    return arn
+
+
+def test_server_serves_with_refreshed_login(moto, console_role, start, home, tmp_path,
+                                            login_cache):
+    """A served run: the expired login is refreshed at start-up, and every AWS call the
+    script makes (HeadBucket, AssumeRole...) is signed with the refreshed login's key;
+    the served credentials are the role's, and no login secret reaches the output."""
+    folder, cache_file = login_cache
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private(cache_file, cache_entry(key, time.time() - 60))
+    minted = []
+
+    def new_keys(number):
+        found = role_credentials(moto, console_role, "console-user")
+        minted.append(found)
+        return {"accessKeyId": found["AccessKeyId"], "secretAccessKey": found["SecretAccessKey"],
+                "sessionToken": found["SessionToken"]}
+    sign_in = SignIn(key, time.time, new_keys=new_keys)
+    proxy = RecordingProxy(moto.url)
+    (tmp_path / "config").write_text(login_config())
+    env = clean_env(home, AWS_CONFIG_FILE=tmp_path / "config",
+                    AWS_SHARED_CREDENTIALS_FILE=tmp_path / "none",
+                    AWS_LOGIN_CACHE_DIRECTORY=folder, AWS_ENDPOINT_URL_SIGNIN=sign_in.url)
+    try:
+        server = start([BUCKET, "-d", "1h", "--profile", "dev", "--role-arn", console_role,
+                        "--endpoint-url", proxy.url], env)
+        server.secrets.append(minted[0]["SecretAccessKey"])  # none may be printed
+        document = server.fetch_json()
+    finally:
+        sign_in.stop()
+        proxy.stop()
+    assert len(minted) == 1 and len(sign_in.proofs) == 1
+    signers = {re.search(r"Credential=([^/]+)/", record["headers"]["Authorization"]).group(1)
+               for record in proxy.requests}
+    assert signers == {minted[0]["AccessKeyId"]}
+    assert "AssumeRole" in proxy.actions()
+    assert document["AccessKeyId"] != minted[0]["AccessKeyId"]
+    assert json.loads(cache_file.read_text())["accessToken"]["accessKeyId"] == minted[0][
+        "AccessKeyId"]
