@@ -14,10 +14,11 @@ connections, parses the XML with ElementTree, caches the credentials behind a
 lock and refreshes them in a background thread well before they expire.
 
 Sections, top to bottom: errors; durations and validation; policies;
-timestamps; credentials; SigV4; endpoints; XML answers; the AWS client; where
-the script's own credentials come from; minting the served credentials; the
-credential cache; who may fetch credentials; the HTTP handler and server; the
-command line.  The pure functions come first and the I/O last.
+timestamps; credentials; SigV4; ES256 for `aws login`; endpoints; XML answers;
+the AWS client; where the script's own credentials come from; minting the
+served credentials; the credential cache; who may fetch credentials; the HTTP
+handler and server; the command line.  The pure functions come first and the
+I/O last.
 """
 
 import argparse
@@ -49,6 +50,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 import xml.etree.ElementTree as ElementTree
 
 __version__ = "0.1.0"
@@ -548,12 +550,280 @@ def sign_request(method, url, headers, body, credentials, region, service, now):
 
 
 ######################################################################
+#  ES256 for `aws login` (DPoP proofs)
+######################################################################
+# The sign-in service wants each token refresh to carry a DPoP proof (RFC 9449): a
+# JWT signed with ES256, ECDSA on the NIST P-256 curve (FIPS 186-4) over SHA-256.
+# The standard library has no elliptic curves, so here is the arithmetic, written
+# for clarity: it runs once per refresh (every 15 minutes at most).  Points are in
+# Jacobian coordinates (X, Y, Z) for x = X/Z^2, y = Y/Z^3; Z = 0 is the identity.
+
+P256_P = 2 ** 256 - 2 ** 224 + 2 ** 192 + 2 ** 96 - 1  # the field's prime
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # group order
+P256_G = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+          0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)  # generator
+# DER: the OIDs of an EC public key (1.2.840.10045.2.1) and of P-256 (1.2.840.10045.3.1.7).
+_OID_EC_PUBLIC_KEY = bytes.fromhex("2a8648ce3d0201")
+_OID_P256 = bytes.fromhex("2a8648ce3d030107")
+_IDENTITY = (1, 1, 0)
+
+
+def _inverse(value, modulus):
+    return pow(value, modulus - 2, modulus)  # Fermat: both moduli are prime
+
+
+def _point_double(point):
+    x, y, z = point
+    if z == 0 or y == 0:
+        return _IDENTITY
+    p = P256_P
+    delta, gamma = z * z % p, y * y % p
+    beta = x * gamma % p
+    alpha = 3 * (x - delta) * (x + delta) % p  # 3x^2 + a z^4 with the curve's a = -3
+    x3 = (alpha * alpha - 8 * beta) % p
+    z3 = ((y + z) ** 2 - gamma - delta) % p
+    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
+    return x3, y3, z3
+
+
+def _point_add(first, second):
+    x1, y1, z1 = first
+    x2, y2, z2 = second
+    if z1 == 0:
+        return second
+    if z2 == 0:
+        return first
+    p = P256_P
+    z1z1, z2z2 = z1 * z1 % p, z2 * z2 % p
+    u1, u2 = x1 * z2z2 % p, x2 * z1z1 % p
+    s1, s2 = y1 * z2 * z2z2 % p, y2 * z1 * z1z1 % p
+    if u1 == u2:
+        return _point_double(first) if s1 == s2 else _IDENTITY
+    h, r = (u2 - u1) % p, (s2 - s1) % p
+    hh = h * h % p
+    hhh = h * hh % p
+    x3 = (r * r - hhh - 2 * u1 * hh) % p
+    y3 = (r * (u1 * hh - x3) - s1 * hhh) % p
+    return x3, y3, h * z1 * z2 % p
+
+
+def p256_multiply(scalar, point=P256_G):
+    """scalar * point, as affine (x, y).  A Montgomery ladder: the same additions and
+    doublings whatever the bits, so the secret nonce does not set the amount of work."""
+    low, high = _IDENTITY, (point[0], point[1], 1)
+    for bit in range(255, -1, -1):
+        if (scalar >> bit) & 1:
+            low, high = _point_add(low, high), _point_double(high)
+        else:
+            low, high = _point_double(low), _point_add(low, high)
+    x, y, z = low
+    if z == 0:
+        raise ValueError("the point at infinity has no coordinates")
+    z_inverse = _inverse(z, P256_P)
+    return x * z_inverse ** 2 % P256_P, y * z_inverse ** 3 % P256_P
+
+
+def rfc6979_nonces(private_key, digest):
+    """The deterministic ECDSA nonces of RFC 6979 section 3.2 for P-256 and SHA-256
+    (the order and the hash are both 256 bits, which keeps bits2int trivial)."""
+    def mac(key, data):
+        return hmac.new(key, data, hashlib.sha256).digest()
+    secret = private_key.to_bytes(32, "big")
+    reduced = (int.from_bytes(digest, "big") % P256_N).to_bytes(32, "big")
+    v, k = b"\x01" * 32, b"\x00" * 32
+    k = mac(k, v + b"\x00" + secret + reduced)
+    v = mac(k, v)
+    k = mac(k, v + b"\x01" + secret + reduced)
+    v = mac(k, v)
+    while True:
+        v = mac(k, v)
+        candidate = int.from_bytes(v, "big")
+        if 1 <= candidate < P256_N:
+            yield candidate
+        k = mac(k, v + b"\x00")
+        v = mac(k, v)
+
+
+def es256_sign(private_key, message):
+    """ECDSA P-256/SHA-256 signature of ``message`` as JWS wants it: r || s, 64 bytes."""
+    digest = hashlib.sha256(message).digest()
+    e = int.from_bytes(digest, "big")
+    for nonce in rfc6979_nonces(private_key, digest):
+        r = p256_multiply(nonce)[0] % P256_N
+        s = _inverse(nonce, P256_N) * (e + r * private_key) % P256_N
+        if r and s:
+            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def _der_items(data):
+    """The (tag, content) pairs of a run of DER elements; ValueError if malformed."""
+    items, at = [], 0
+    while at < len(data):
+        if at + 2 > len(data):
+            raise ValueError("truncated DER")
+        tag, length = data[at], data[at + 1]
+        at += 2
+        if length & 0x80:  # long form: the next (length & 0x7f) bytes hold it
+            size = length & 0x7F
+            if size == 0 or size > 4 or at + size > len(data):
+                raise ValueError("bad DER length")
+            length = int.from_bytes(data[at:at + size], "big")
+            at += size
+        if at + length > len(data):
+            raise ValueError("truncated DER")
+        items.append((tag, data[at:at + length]))
+        at += length
+    return items
+
+
+def _der_sequence(data):
+    (tag, content), = _der_items(data)  # exactly one element
+    if tag != 0x30:
+        raise ValueError("not a DER SEQUENCE")
+    return _der_items(content)
+
+
+def read_ec_private_key(pem):
+    """The private scalar of a P-256 key in PEM: SEC1 ("EC PRIVATE KEY", RFC 5915)
+    or PKCS#8 ("PRIVATE KEY", RFC 5208).  ValueError for anything else."""
+    body = "".join(line.strip() for line in pem.strip().splitlines()
+                   if not line.startswith("-----"))
+    try:
+        der = base64.b64decode(body, validate=True)
+    except (ValueError, TypeError):
+        raise ValueError("not base64")
+    fields = _der_sequence(der)
+    if len(fields) >= 3 and fields[1][0] == 0x30:
+        # PKCS#8 PrivateKeyInfo: version 0, the algorithm, then the SEC1 key inside.
+        algorithm = _der_items(fields[1][1])
+        if algorithm != [(0x06, _OID_EC_PUBLIC_KEY), (0x06, _OID_P256)]:
+            raise ValueError("not a P-256 key")
+        if fields[2][0] != 0x04:
+            raise ValueError("no private key in PKCS#8")
+        fields = _der_sequence(fields[2][1])
+    # SEC1 ECPrivateKey: version 1, the key as 32 bytes, [0] the curve, [1] the public key.
+    if len(fields) < 2 or fields[0] != (0x02, b"\x01") or fields[1][0] != 0x04:
+        raise ValueError("not an EC private key")
+    curve = [content for tag, content in fields[2:] if tag == 0xA0]
+    if curve and _der_items(curve[0]) != [(0x06, _OID_P256)]:
+        raise ValueError("not a P-256 key")
+    scalar = int.from_bytes(fields[1][1], "big")
+    if not 1 <= scalar < P256_N:
+        raise ValueError("private key out of range")
+    return scalar
+
+
+def _b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _compact_json(value):
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def dpop_proof(private_key, url, now, jti):
+    """The DPoP header of a POST to ``url``: a JWT carrying the public key, signed with
+    the private one (the fields and their order as botocore's _build_dpop_header)."""
+    x, y = p256_multiply(private_key)
+    header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": {
+        "kty": "EC", "x": _b64url(x.to_bytes(32, "big")), "y": _b64url(y.to_bytes(32, "big")),
+        "crv": "P-256"}}
+    payload = {"htm": "POST", "htu": url, "iat": int(now), "jti": jti}
+    signed = "{}.{}".format(_b64url(_compact_json(header)), _b64url(_compact_json(payload)))
+    return "{}.{}".format(signed, _b64url(es256_sign(private_key, signed.encode("ascii"))))
+
+
+######################################################################
 #  Endpoints
 ######################################################################
 
 
 def _dns_suffix(partition):
     return "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
+
+
+def _dualstack_suffix(partition):
+    return "api.amazonwebservices.com.cn" if partition == "aws-cn" else "api.aws"
+
+
+# Where sts_regional_endpoints = legacy still sends STS calls to sts.amazonaws.com
+# (botocore's _LEGACY_GLOBAL_STS_REGIONS); every other region is regional anyway.
+_STS_LEGACY_GLOBAL_REGIONS = frozenset([
+    "ap-northeast-1", "ap-south-1", "ap-southeast-1", "ap-southeast-2", "aws-global",
+    "ca-central-1", "eu-central-1", "eu-north-1", "eu-west-1", "eu-west-2", "eu-west-3",
+    "sa-east-1", "us-east-1", "us-east-2", "us-west-1", "us-west-2"])
+
+
+def _true(value):
+    return str(value).strip().lower() == "true"  # botocore's ensure_boolean
+
+
+def endpoint_settings(environ, configured=None):
+    """The settings that choose AWS's hosts, each from its variable, else the profile
+    (``configured``, as AWSFiles.endpoints reads it): {"fips", "dualstack", "sts_legacy"}."""
+    configured = configured or {}
+
+    def setting(variable, key):
+        value = environ.get(variable)
+        return configured.get(key) if value is None else value
+    sts = (setting("AWS_STS_REGIONAL_ENDPOINTS", "sts_regional_endpoints") or "regional")
+    if sts.strip().lower() not in ("legacy", "regional"):
+        raise LocalServerError("sts_regional_endpoints must be legacy or regional, not "
+                               "{!r}".format(sts))
+    return {"fips": _true(setting("AWS_USE_FIPS_ENDPOINT", "use_fips_endpoint")),
+            "dualstack": _true(setting("AWS_USE_DUALSTACK_ENDPOINT", "use_dualstack_endpoint")),
+            "sts_legacy": sts.strip().lower() == "legacy"}
+
+
+def aws_endpoint(service, region, fips=False, dualstack=False, sts_legacy=False):
+    """(base URL, signing region) of 'sts', 'iam', 's3' or 'signin' in ``region``, as
+    botocore's endpoint rules give them for these settings.  For S3 the URL is the
+    path-style base; a bucket's virtual host is '<bucket>.' before its host."""
+    partition = partition_for_region(region)
+    regular, dual = _dns_suffix(partition), _dualstack_suffix(partition)
+    suffix = dual if dualstack else regular
+    if service == "iam":  # one endpoint per partition
+        if partition == "aws-cn":
+            if fips:
+                host = "iam-fips." + suffix
+            else:
+                host = "iam.global." + dual if dualstack else "iam.cn-north-1." + regular
+            return "https://" + host, "cn-north-1"
+        if partition == "aws-us-gov":  # GovCloud's IAM is FIPS already
+            return "https://iam.us-gov." + suffix, "us-gov-west-1"
+        return "https://iam{}.{}".format("-fips" if fips else "",
+                                         "global." + dual if dualstack else regular), "us-east-1"
+    if service == "sts":
+        if not (fips or dualstack) and (region is None or region == "aws-global" or (
+                sts_legacy and region in _STS_LEGACY_GLOBAL_REGIONS)):
+            return "https://sts.amazonaws.com", "us-east-1"
+        region = region or "us-east-1"
+        if fips and not dualstack and partition == "aws-us-gov":  # FIPS already
+            return "https://sts.{}.{}".format(region, regular), region
+        return "https://sts{}.{}.{}".format("-fips" if fips else "", region, suffix), region
+    if service == "s3":
+        region = "us-east-1" if region in (None, "aws-global") else region
+        if fips and partition == "aws-cn":
+            raise LocalServerError("S3 has no FIPS endpoints in China ({}): unset "
+                                   "use_fips_endpoint or give an endpoint URL".format(region))
+        if region == "us-east-1" and not (fips or dualstack):
+            return "https://s3.amazonaws.com", region  # botocore's us-east-1 default
+        return "https://s3{}{}.{}.{}".format("-fips" if fips else "",
+                                             ".dualstack" if dualstack else "",
+                                             region, regular), region
+    if service == "signin":
+        region = region or "us-east-1"
+        if fips or dualstack:
+            if fips and not dualstack and partition == "aws-us-gov":
+                host = ("signin-fips.amazonaws-us-gov.com" if region == "us-gov-west-1"
+                        else region + ".signin-fips.amazonaws-us-gov.com")
+                return "https://" + host, region
+            return "https://signin{}.{}.{}".format("-fips" if fips else "", region,
+                                                   suffix), region
+        return "https://{}.signin.{}".format(region, {
+            "aws-cn": "amazonaws.cn", "aws-us-gov": "amazonaws-us-gov.com"}.get(
+                partition, "aws.amazon.com")), region
+    raise ValueError("no endpoint rules for " + service)
 
 
 def custom_endpoint(service, endpoint_url=None, environ=os.environ, configured=None):
@@ -581,26 +851,16 @@ def custom_endpoint(service, endpoint_url=None, environ=os.environ, configured=N
 
 
 def service_endpoint(service, region, endpoint_url=None, environ=os.environ, configured=None):
-    """Return (base URL, signing region) for 'sts', 'iam' or 's3'.
+    """Return (base URL, signing region) for 'sts', 'iam', 's3' or 'signin'.
 
     A custom URL (see custom_endpoint) is used as given and signed with the
-    configured region.
+    configured region; otherwise the FIPS, dual-stack and STS settings choose
+    AWS's host (see aws_endpoint).
     """
     custom = custom_endpoint(service, endpoint_url, environ, configured)
-    signing_region = region or "us-east-1"
     if custom:
-        return custom.rstrip("/"), signing_region
-    partition = partition_for_region(region)
-    if service == "iam":
-        if partition == "aws-cn":
-            return "https://iam.cn-north-1.amazonaws.com.cn", "cn-north-1"
-        if partition == "aws-us-gov":
-            return "https://iam.us-gov.amazonaws.com", "us-gov-west-1"
-        return "https://iam.amazonaws.com", "us-east-1"
-    if service == "sts" and not region:
-        return "https://sts.amazonaws.com", "us-east-1"
-    url = "https://{}.{}.{}".format(service, signing_region, _dns_suffix(partition))
-    return url, signing_region
+        return custom.rstrip("/"), region or "us-east-1"
+    return aws_endpoint(service, region, **endpoint_settings(environ, configured))
 
 
 ######################################################################
@@ -1175,6 +1435,8 @@ def explain(error):
 CONTAINER_HOST = "http://169.254.170.2"  # where AWS_CONTAINER_CREDENTIALS_RELATIVE_URI points
 IMDS_DEFAULT = "http://169.254.169.254/"
 SSO_REFRESH_WINDOW = 15 * 60  # botocore refreshes an SSO token with less left than this
+LOGIN_REFRESH_WINDOW = 5 * 60  # and an `aws login` session's access token with less than this
+ERROR_BODY_LIMIT = 64 * 1024  # of a local or SSO endpoint's error answer, the most read
 MFA_SESSION_DURATION = 12 * 60 * 60  # GetSessionToken's default, as aws-vault uses it
 
 
@@ -1285,7 +1547,7 @@ class AWSFiles(object):
         return self.section("profile", name), credentials
 
     def endpoints(self, name):
-        """The profile's endpoint settings, for custom_endpoint."""
+        """The profile's endpoint settings, for custom_endpoint and endpoint_settings."""
         config = self.section("profile", name) or {}
         services = {}
         if config.get("services"):
@@ -1297,8 +1559,11 @@ class AWSFiles(object):
                 url = _nested(block).get("endpoint_url")
                 if url:
                     services[service_id] = url
-        return {"endpoint_url": config.get("endpoint_url"), "services": services,
-                "ignore_configured_endpoint_urls": config.get("ignore_configured_endpoint_urls")}
+        settings = {"endpoint_url": config.get("endpoint_url"), "services": services}
+        for key in ("ignore_configured_endpoint_urls", "use_fips_endpoint",
+                    "use_dualstack_endpoint", "sts_regional_endpoints"):
+            settings[key] = config.get(key)
+        return settings
 
     def where(self):
         return "{} and {}".format(self.credentials_path, self.config_path)
@@ -1381,7 +1646,10 @@ def _fetch_local(url, headers, what, timeout=2.0, method="GET", opener=None, dat
             status, body = response.status, response.read()
     except urllib.error.HTTPError as error:
         with error:
-            status, body = error.code, b""
+            try:  # an error's body may say why (the sign-in service's "error" code)
+                status, body = error.code, error.read(ERROR_BODY_LIMIT)
+            except (OSError, http.client.HTTPException):
+                status, body = error.code, b""
     except (OSError, http.client.HTTPException) as error:
         raise LocalServerError("{} at {} did not answer: {}".format(
             what, host_header(url), getattr(error, "reason", None) or error))
@@ -1584,7 +1852,7 @@ def refresh_sso_token(cached, url, start_url, sso_region, now, opener):
 def _write_json_atomically(path, data):
     """Replace ``path`` at once (a temp file in the same directory, then a rename), so
     the CLI reading it alongside never sees half a file."""
-    import tempfile  # only for SSO token refreshes
+    import tempfile  # only for SSO and `aws login` token refreshes
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
@@ -1671,6 +1939,106 @@ def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
     return BaseCredentials(load, "SSO profile {}".format(name), clock, is_role=True)
 
 
+# `aws login` sessions, as botocore's LoginProvider and LoginCredentialFetcher keep them.
+_LOG_IN_AGAIN_ERRORS = ("TOKEN_EXPIRED", "USER_CREDENTIALS_CHANGED")
+
+
+def login_cache_file(session, environ):
+    """~/.aws/login/cache/<sha256 of the session name>.json, or in AWS_LOGIN_CACHE_DIRECTORY."""
+    folder = _expand(environ.get("AWS_LOGIN_CACHE_DIRECTORY") or "~/.aws/login/cache")
+    return os.path.join(folder, hashlib.sha256(session.encode("utf-8")).hexdigest() + ".json")
+
+
+def refresh_login_token(cached, url, now, opener, jti, again):
+    """The sign-in service's CreateOAuth2Token with the refresh token, proved by a DPoP
+    header signed with the session's key: the cache entry botocore would write (new
+    access token and refresh token, the rest kept).  ``again`` tells the user what to
+    do when the service wants a new login."""
+    try:
+        key = read_ec_private_key(cached["dpopKey"])
+    except (ValueError, TypeError, AttributeError):
+        raise LocalServerError("the aws login cache holds no usable P-256 dpopKey: " + again)
+    body = json.dumps({"clientId": cached["clientId"], "grantType": "refresh_token",
+                       "refreshToken": cached["refreshToken"]}).encode("utf-8")
+    headers = {"Content-Type": "application/json", "DPoP": dpop_proof(key, url, now, jti)}
+    status, answer = _fetch_local(url, headers, "the sign-in service", timeout=REQUEST_TIMEOUT,
+                                  method="POST", opener=opener, data=body)
+    if 400 <= status < 500:
+        try:
+            error = json.loads(answer.decode("utf-8")).get("error")
+        except (ValueError, AttributeError):
+            error = None
+        if error in _LOG_IN_AGAIN_ERRORS:
+            raise LocalServerError("the aws login session has expired or its credentials "
+                                   "changed: " + again)
+        if error == "INSUFFICIENT_PERMISSIONS":
+            raise LocalServerError("the sign-in service refused to refresh the aws login "
+                                   "session: the login lacks signin:CreateOAuth2Token")
+        code = error if isinstance(error, str) and re.match(r"^\w{1,64}$", error) else status
+        raise LocalServerError("the sign-in service refused to refresh the aws login session "
+                               "({}): {}".format(code, again))
+    try:
+        if status != 200:
+            raise ValueError(status)
+        answer = json.loads(answer.decode("utf-8"))
+        keys = answer["accessToken"]
+        fresh = dict(cached)
+        fresh["accessToken"] = {
+            "accessKeyId": keys["accessKeyId"], "secretAccessKey": keys["secretAccessKey"],
+            "sessionToken": keys["sessionToken"],
+            "accountId": cached["accessToken"].get("accountId"),
+            "expiresAt": format_timestamp(now + int(answer["expiresIn"]))}
+        fresh["refreshToken"] = answer["refreshToken"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise LocalServerError("the sign-in service answered {} without new credentials".format(
+            status))
+    return fresh
+
+
+def login_source(name, settings, environ, region, clock=time.time, endpoints=None):
+    """A profile with login_session: the credentials `aws login` cached.  Within 5
+    minutes of their expiry they are refreshed at the sign-in service and the cache
+    file rewritten, as the CLI does; this happens at every load, so the login lasts
+    as long as its refresh token."""
+    session = settings["login_session"]
+    cache_file = login_cache_file(session, environ)
+    again = "run 'aws login --profile {}' again".format(name)
+    aws_now = Clock.of(clock).aws_now  # expiry as AWS judges it
+    pool = default_opener(environ)  # AWS's services: proxies and CA bundle apply
+
+    def load():
+        try:
+            with open(cache_file, encoding="utf-8") as handle:
+                cached = json.load(handle)
+            expires = parse_timestamp(cached["accessToken"]["expiresAt"])
+            if not all(cached.get(key) for key in ("refreshToken", "dpopKey", "clientId")):
+                raise ValueError("botocore needs them all")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise LocalServerError("no usable aws login session '{}' found for profile '{}' in "
+                                   "{}: {}".format(session, name, cache_file, again))
+        if expires - aws_now() < LOGIN_REFRESH_WINDOW:
+            # The token's signInRegion (newer logins record it) beats the configured one.
+            sign_in_region = cached.get("signInRegion") or region
+            if not sign_in_region:
+                raise LocalServerError("profile '{}' needs a region to refresh its aws login "
+                                       "session".format(name))
+            url = service_endpoint("signin", sign_in_region, None, environ, endpoints)[0]
+            try:
+                cached = refresh_login_token(cached, url + "/v1/token", aws_now(), pool,
+                                             str(uuid.uuid4()), again)
+            except LocalServerError:
+                # Like botocore's advisory refresh: credentials with a minute or more
+                # left are still good; the next load tries again.
+                if expires - aws_now() <= BaseCredentials.expiry_floor:
+                    raise
+            else:
+                _write_json_atomically(cache_file, cached)
+        return _credentials_from_json(
+            json.dumps(cached["accessToken"]).encode("utf-8"), "the aws login cache",
+            ("accessKeyId", "secretAccessKey", "sessionToken", "expiresAt"))
+    return BaseCredentials(load, "aws login profile {}".format(name), clock)
+
+
 class ProfileResolver(object):
     """Turns a profile into BaseCredentials, following source_profile chains as
     botocore's AssumeRoleProvider does."""
@@ -1709,7 +2077,7 @@ class ProfileResolver(object):
 
     def profile_source(self, name, use_environ=False):
         """botocore's profile providers in order: web identity, SSO, credentials-file
-        keys, credential_process, config-file keys."""
+        keys, `aws login`, credential_process, config-file keys."""
         config, credentials = self.files.profile(name)
         settings = self.settings(name) or {}
         source = self.web_identity(name, settings, use_environ)
@@ -1720,6 +2088,9 @@ class ProfileResolver(object):
                               self.endpoints)
         keys = _static(credentials, "profile '{}' in {}".format(
             name, self.files.credentials_path))
+        if keys is None and settings.get("login_session"):
+            return login_source(name, settings, self.environ, self.region, self.clock,
+                                self.endpoints)
         if keys is None and settings.get("credential_process"):
             return process_source(settings["credential_process"], name)
         keys = keys or _static(config, "profile '{}' in {}".format(name, self.files.config_path))

@@ -1,0 +1,167 @@
+"""use_fips_endpoint, use_dualstack_endpoint and sts_regional_endpoints choose the STS,
+IAM, S3 (and sign-in) hosts as botocore's endpoint rules do: botocore is the oracle."""
+
+import json
+import sys
+
+import boto3
+import pytest
+from botocore.config import Config
+from test_transport import ConnectProxy
+
+import s3_localserver as s
+from conftest import BUCKET
+from helpers import clean_env, run_script
+
+REGIONS = ["us-east-1", "us-west-2", "eu-central-1", "ca-central-1", "ap-east-1",
+           "ap-southeast-5", "aws-global", "cn-north-1", "cn-northwest-1", "us-gov-west-1",
+           "us-gov-east-1"]
+OPERATIONS = {"sts": ("GetCallerIdentity", {}), "iam": ("GetUser", {}),
+              "s3": ("HeadBucket", {"Bucket": "my-bucket"}),
+              "signin": ("CreateOAuth2Token", {"tokenInput": {}})}
+CASES = [(service, region, fips, dualstack, sts)
+         for service in ("sts", "iam", "s3", "signin") for region in REGIONS
+         for fips in (False, True) for dualstack in (False, True)
+         for sts in (("regional", "legacy") if service == "sts" else ("regional",))]
+
+
+def botocore_endpoint(service, region, fips, dualstack, sts, monkeypatch):
+    """(URL, signing region) botocore resolves, or the text of its error."""
+    monkeypatch.setenv("AWS_STS_REGIONAL_ENDPOINTS", sts)
+    client = boto3.session.Session().client(
+        service, region_name=region, aws_access_key_id="a", aws_secret_access_key="b",
+        config=Config(use_fips_endpoint=fips, use_dualstack_endpoint=dualstack,
+                      s3={"addressing_style": "virtual"}))
+    operation, params = OPERATIONS[service]
+    try:
+        endpoint = client._ruleset_resolver.construct_endpoint(
+            client.meta.service_model.operation_model(operation), params, {})
+    except Exception as error:  # botocore's EndpointResolutionError and kin
+        return str(error)
+    schemes = endpoint.properties.get("authSchemes") or [{}]
+    return endpoint.url, schemes[0].get("signingRegion") or region
+
+
+def our_endpoint(service, region, fips, dualstack, sts):
+    environ = {"AWS_USE_FIPS_ENDPOINT": str(fips).lower(),
+               "AWS_USE_DUALSTACK_ENDPOINT": str(dualstack).lower(),
+               "AWS_STS_REGIONAL_ENDPOINTS": sts}
+    try:
+        if service == "s3":  # the bucket URL the script itself would call
+            client = s.AWSClient(s.Credentials("a", "b"), region, environ=environ)
+            url, signing_region = client.bucket_url("my-bucket", region)
+            return url.rstrip("/"), signing_region
+        return s.service_endpoint(service, region, None, environ)
+    except s.LocalServerError as error:
+        return str(error)
+
+
+@pytest.mark.parametrize("service, region, fips, dualstack, sts", CASES)
+def test_hosts_match_botocore(service, region, fips, dualstack, sts, monkeypatch):
+    expected = botocore_endpoint(service, region, fips, dualstack, sts, monkeypatch)
+    ours = our_endpoint(service, region, fips, dualstack, sts)
+    if isinstance(expected, str):  # botocore refuses: so do we, in one line
+        assert isinstance(ours, str) and "FIPS" in ours and "\n" not in ours, ours
+    else:
+        assert ours == expected
+
+
+def test_s3_bucket_region_differs_from_client_region():
+    environ = {"AWS_USE_DUALSTACK_ENDPOINT": "true"}
+    client = s.AWSClient(s.Credentials("a", "b"), "us-east-1", environ=environ)
+    assert client.bucket_url("b", "eu-west-1") == (
+        "https://b.s3.dualstack.eu-west-1.amazonaws.com/", "eu-west-1")
+    assert client.bucket_url("dotted.name", "eu-west-1") == (
+        "https://s3.dualstack.eu-west-1.amazonaws.com/dotted.name", "eu-west-1")
+
+
+@pytest.mark.parametrize("environ, profile, expected", [
+    ({}, {}, {"fips": False, "dualstack": False, "sts_legacy": False}),
+    ({}, {"use_fips_endpoint": "True", "use_dualstack_endpoint": "true",
+          "sts_regional_endpoints": "legacy"},
+     {"fips": True, "dualstack": True, "sts_legacy": True}),
+    # A variable, even one saying false, beats the profile (botocore's config chain).
+    ({"AWS_USE_FIPS_ENDPOINT": "false", "AWS_STS_REGIONAL_ENDPOINTS": "regional"},
+     {"use_fips_endpoint": "true", "sts_regional_endpoints": "legacy"},
+     {"fips": False, "dualstack": False, "sts_legacy": False}),
+    ({"AWS_USE_DUALSTACK_ENDPOINT": "TRUE"}, {"use_dualstack_endpoint": "false"},
+     {"fips": False, "dualstack": True, "sts_legacy": False}),
+    ({}, {"use_fips_endpoint": "yes"}, {"fips": False, "dualstack": False, "sts_legacy": False}),
+])
+def test_settings_from_environment_and_profile(environ, profile, expected):
+    assert s.endpoint_settings(environ, profile) == expected
+
+
+def test_settings_read_from_the_config_file(files):
+    env = files("[profile p]\nuse_fips_endpoint = true\nsts_regional_endpoints = legacy\n")
+    configured = s.AWSFiles(env).endpoints("p")
+    assert s.service_endpoint("sts", "us-west-2", None, {}, configured) == (
+        "https://sts-fips.us-west-2.amazonaws.com", "us-west-2")
+    assert s.service_endpoint("iam", "us-west-2", None, {}, configured) == (
+        "https://iam-fips.amazonaws.com", "us-east-1")
+    del configured["use_fips_endpoint"]
+    assert s.service_endpoint("sts", "us-west-2", None, {}, configured) == (
+        "https://sts.amazonaws.com", "us-east-1")
+
+
+def test_bad_sts_regional_endpoints_is_one_error():
+    with pytest.raises(s.LocalServerError, match="^sts_regional_endpoints must be legacy or "
+                                                 "regional, not 'global'$"):
+        s.endpoint_settings({"AWS_STS_REGIONAL_ENDPOINTS": "global"})
+
+
+@pytest.mark.parametrize("environ, configured, expected", [
+    ({"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}, {}, "http://127.0.0.1:1"),
+    ({"AWS_ENDPOINT_URL_STS": "http://127.0.0.1:2/"}, {}, "http://127.0.0.1:2"),
+    ({}, {"endpoint_url": "http://127.0.0.1:3"}, "http://127.0.0.1:3"),
+    ({}, {"services": {"sts": "http://127.0.0.1:4"}}, "http://127.0.0.1:4"),
+])
+def test_explicit_endpoints_still_win(environ, configured, expected):
+    environ = dict(environ, AWS_USE_FIPS_ENDPOINT="true", AWS_USE_DUALSTACK_ENDPOINT="true")
+    configured = dict(configured, sts_regional_endpoints="legacy")
+    assert s.service_endpoint("sts", "eu-west-1", None, environ, configured) == (
+        expected, "eu-west-1")
+    assert s.service_endpoint("sts", "eu-west-1", "http://127.0.0.1:5", environ, configured) == (
+        "http://127.0.0.1:5", "eu-west-1")
+
+
+@pytest.mark.parametrize("config, environ, host", [
+    ("use_fips_endpoint = true\n", {}, "sts-fips.eu-west-1.amazonaws.com:443"),
+    ("use_dualstack_endpoint = true\n", {}, "sts.eu-west-1.api.aws:443"),
+    ("sts_regional_endpoints = legacy\n", {}, "sts.amazonaws.com:443"),
+    ("", {"AWS_USE_FIPS_ENDPOINT": "true", "AWS_USE_DUALSTACK_ENDPOINT": "true"},
+     "sts-fips.eu-west-1.api.aws:443"),
+])
+def test_script_calls_the_chosen_host(home, tmp_path, config, environ, host):
+    """End to end: --print-identity through an HTTPS proxy, which records the host the
+    script asks to be tunnelled to (and, with nothing listening there, fails it)."""
+    (tmp_path / "config").write_text("[default]\nregion = eu-west-1\n" + config)
+    (tmp_path / "credentials").write_text(
+        "[default]\naws_access_key_id = AKIAENDPOINTS\naws_secret_access_key = secret\n")
+    proxy = ConnectProxy()
+    try:
+        env = clean_env(home, AWS_CONFIG_FILE=tmp_path / "config", HTTPS_PROXY=proxy.url,
+                        AWS_SHARED_CREDENTIALS_FILE=tmp_path / "credentials", **environ)
+        code, out, err = run_script(["--print-identity"], env)
+    finally:
+        proxy.stop()
+    assert code == 1 and err.startswith("Error: ")
+    assert proxy.tunnels and set(proxy.tunnels) == {("CONNECT", host)}
+
+
+def test_exec_child_keeps_the_settings(moto, home, tmp_path):
+    """Exec mode: the script's own calls go to --endpoint-url (explicit wins over the FIPS
+    setting), and the child's botocore, with the generated config and the environment it
+    is given, resolves the host the user's settings ask for."""
+    (tmp_path / "config").write_text("[default]\nregion = eu-west-1\nuse_fips_endpoint = true\n"
+                                     "sts_regional_endpoints = legacy\n")
+    (tmp_path / "auth.json").write_text(json.dumps(moto.tester))
+    probe = ("import boto3; print(boto3.client('sts').meta.endpoint_url, "
+             "boto3.client('s3').meta.endpoint_url)")
+    env = clean_env(home, AWS_CONFIG_FILE=tmp_path / "config", AWS_USE_DUALSTACK_ENDPOINT="true",
+                    AWS_SHARED_CREDENTIALS_FILE=tmp_path / "none")
+    code, out, err = run_script([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-a",
+                                 tmp_path / "auth.json", "--", sys.executable, "-c", probe], env)
+    assert code == 0, err
+    assert out.split() == ["https://sts-fips.eu-west-1.api.aws",
+                           "https://s3-fips.dualstack.eu-west-1.amazonaws.com"]
