@@ -25,6 +25,7 @@ import base64
 import calendar
 import configparser
 import email.utils
+import fnmatch
 import hashlib
 import hmac
 import http.client
@@ -295,6 +296,46 @@ def policy_json(policy, check=True):
             "(use fewer buckets or fewer or shorter --statement options; --print-policy "
             "shows it)".format(len(text), POLICY_MAX_CHARS))
     return text
+
+
+def _listed(value):
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def trust_admits(trust, role_arn, caller_arn=None):
+    """Whether a role's trust policy (a dict) lets the caller call sts:AssumeRole.
+
+    Only Allow statements for AWS principals count, and conditions are not
+    judged: this finds a role that cannot work, it does not replace IAM.  Without
+    ``caller_arn`` only principals that admit everyone in the role's account
+    count ("*", the account, its root); with it, also the caller's own ARN, or for
+    an assumed-role session, its role's.
+    """
+    _, partition, _, _, account = (role_arn.split(":", 5) + [""] * 5)[:5]
+    admitted = {"*", account, "arn:{}:iam::{}:root".format(partition, account)}
+    if caller_arn:
+        admitted.add(caller_arn)
+        session = caller_arn.partition(":assumed-role/")[2]
+        if session:  # arn:aws:sts::A:assumed-role/NAME/session: the role NAME, any path
+            admitted.add("arn:{}:iam::{}:role/{}".format(partition, account,
+                                                        session.split("/")[0]))
+    statements = trust.get("Statement", []) if isinstance(trust, dict) else []
+    for statement in ([statements] if isinstance(statements, dict) else statements):
+        if not isinstance(statement, dict) or statement.get("Effect") != "Allow":
+            continue
+        if not any(fnmatch.fnmatchcase("sts:assumerole", action.lower())
+                   for action in _listed(statement.get("Action"))):
+            continue
+        principal = statement.get("Principal")
+        names = ["*"] if principal == "*" else _listed(
+            principal.get("AWS") if isinstance(principal, dict) else None)
+        for name in names:
+            # A role ARN with a path (role/team/NAME) names the same role as role/NAME.
+            prefix, marker, path = name.partition(":role/")
+            if name in admitted or (marker and "{}:role/{}".format(
+                    prefix, path.split("/")[-1]) in admitted):
+                return True
+    return False
 
 
 ######################################################################
@@ -1045,35 +1086,64 @@ class AWSClient(object):
         return parse_credentials(self.query("sts", "GetFederationToken", params, STS_VERSION),
                                  "GetFederationTokenResult")
 
-    def get_role_arn(self, role_name):
-        """The role's ARN, or None if there is no such role."""
+    def get_role(self, role_name):
+        """{"Arn": ..., "Trust": the trust policy as a dict}, or None if there is no
+        such role."""
         try:
             root = self.query("iam", "GetRole", [("RoleName", role_name)], IAM_VERSION)
         except AWSError as error:
             if error.code == "NoSuchEntity":
                 return None
             raise
-        return xml_find(root, "GetRoleResult", "Role", "Arn")
+        document = xml_find(root, "GetRoleResult", "Role", "AssumeRolePolicyDocument")
+        try:
+            # IAM returns it URL-encoded.
+            trust = json.loads(urllib.parse.unquote(document or ""))
+        except ValueError:
+            trust = None
+        return {"Arn": xml_find(root, "GetRoleResult", "Role", "Arn"), "Trust": trust}
 
     def create_default_role(self, role_name, account_id):
-        """Create the role s3-credentials uses: trusted by the account, S3 full access."""
-        arn_prefix = "arn:{}:".format(self.partition)
+        """Create the role s3-credentials uses, trusted by the account; return get_role()'s
+        answer.  A role that already exists is no failure: a CreateRole resent after IAM
+        acted on it, or another start-up that was quicker, made it."""
         trust = {"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow",
-            "Principal": {"AWS": "{}iam::{}:root".format(arn_prefix, account_id)},
+            "Principal": {"AWS": "arn:{}:iam::{}:root".format(self.partition, account_id)},
             "Action": "sts:AssumeRole"}]}
-        root = self.query("iam", "CreateRole", [
-            ("RoleName", role_name),
-            ("AssumeRolePolicyDocument", json.dumps(trust)),
-            ("MaxSessionDuration", str(MAX_DURATION)),
-            ("Description", "Role used by s3_localserver and s3-credentials to create "
-                            "time-limited credentials restricted to specific buckets"),
-        ], IAM_VERSION)
-        self.query("iam", "AttachRolePolicy", [
-            ("RoleName", role_name),
-            ("PolicyArn", "{}iam::aws:{}".format(arn_prefix, S3_FULL_ACCESS_POLICY)),
-        ], IAM_VERSION)
-        return xml_find(root, "CreateRoleResult", "Role", "Arn")
+        try:
+            root = self.query("iam", "CreateRole", [
+                ("RoleName", role_name),
+                ("AssumeRolePolicyDocument", json.dumps(trust)),
+                ("MaxSessionDuration", str(MAX_DURATION)),
+                ("Description", "Role used by s3_localserver and s3-credentials to create "
+                                "time-limited credentials restricted to specific buckets"),
+            ], IAM_VERSION)
+        except AWSError as error:
+            if error.code != "EntityAlreadyExists":
+                raise
+            return self.get_role(role_name)
+        return {"Arn": xml_find(root, "CreateRoleResult", "Role", "Arn"), "Trust": trust}
+
+    def attached_policy_arns(self, role_name):
+        """The ARNs of the managed policies attached to a role (every page)."""
+        arns, marker = [], None
+        while True:
+            params = [("RoleName", role_name), ("MaxItems", "1000")]
+            if marker:
+                params.append(("Marker", marker))
+            root = self.query("iam", "ListAttachedRolePolicies", params, IAM_VERSION)
+            arns.extend(element.text for element in root.iter()
+                        if _local(element.tag) == "PolicyArn")
+            marker = xml_find(root, "ListAttachedRolePoliciesResult", "Marker")
+            if xml_find(root, "ListAttachedRolePoliciesResult", "IsTruncated") != "true" \
+                    or not marker:
+                return arns
+
+    def attach_role_policy(self, role_name, policy_arn):
+        """Attach a managed policy (IAM answers success when it is attached already)."""
+        self.query("iam", "AttachRolePolicy", [("RoleName", role_name),
+                                               ("PolicyArn", policy_arn)], IAM_VERSION)
 
     def bucket_url(self, bucket, region):
         base, signing_region = service_endpoint("s3", region, self.endpoint_url, self.environ,
@@ -1939,18 +2009,69 @@ class CredentialMaker(object):
     def prepare(self, before_create=None):
         """One-off set-up before the first credentials (IAM calls for 'role').
 
-        ``before_create()`` may raise to stop the role from being created."""
+        ``before_create()`` may raise to stop the role from being created.  A role
+        that exists is checked for what serving relies on: a start-up that stopped
+        between creating it and attaching its policy must not leave it useless."""
         if self.mode != "role" or self.role_arn:
             return
-        arn = self.client.get_role_arn(DEFAULT_ROLE_NAME)
-        if arn is None:
+        role = self.client.get_role(DEFAULT_ROLE_NAME)
+        if role is None:
             if before_create is not None:
                 before_create()
             account = self.client.get_caller_identity()["Account"]
             self.log("Creating IAM role {}...".format(DEFAULT_ROLE_NAME))
-            arn = self.client.create_default_role(DEFAULT_ROLE_NAME, account)
+            role = self.client.create_default_role(DEFAULT_ROLE_NAME, account)
             self.role_created_at = self.client.clock()
-        self.role_arn = arn
+            self._attach_policy()
+        else:
+            self._check_policy()
+            self._check_trust(role)
+        self.role_arn = role["Arn"]
+
+    @property
+    def _policy_arn(self):
+        return "arn:{}:iam::aws:{}".format(self.client.partition, S3_FULL_ACCESS_POLICY)
+
+    def _attach_policy(self):
+        try:
+            self.client.attach_role_policy(DEFAULT_ROLE_NAME, self._policy_arn)
+        except AWSError as error:
+            if error.transient or error.code in REFUSED_KEY_CODES:
+                raise
+            raise LocalServerError(
+                "could not attach {} to IAM role {} ({}); without it the served credentials "
+                "reach no bucket.  Start again once that is fixed, or attach it yourself: aws "
+                "iam attach-role-policy --role-name {} --policy-arn {}".format(
+                    self._policy_arn, DEFAULT_ROLE_NAME, explain(error), DEFAULT_ROLE_NAME,
+                    self._policy_arn))
+
+    def _check_policy(self):
+        try:
+            attached = self.client.attached_policy_arns(DEFAULT_ROLE_NAME)
+        except AWSError as error:
+            if error.code != "AccessDenied":
+                raise
+            self.log("Warning: cannot check that IAM role {} has {} attached (AccessDenied "
+                     "on iam:ListAttachedRolePolicies); serving on the assumption it "
+                     "has".format(DEFAULT_ROLE_NAME, self._policy_arn))
+            return
+        if self._policy_arn not in attached:
+            self.log("IAM role {} exists without {} (an earlier start-up stopped half-way?); "
+                     "attaching it...".format(DEFAULT_ROLE_NAME, self._policy_arn))
+            self._attach_policy()
+
+    def _check_trust(self, role):
+        trust = role["Trust"]
+        if trust is None or trust_admits(trust, role["Arn"]):
+            return  # unreadable: AssumeRole will tell
+        caller = self.client.get_caller_identity()["Arn"]
+        if not trust_admits(trust, role["Arn"], caller):
+            raise LocalServerError(
+                "the trust policy of IAM role {} does not let {} assume it (it should allow "
+                "sts:AssumeRole for the account's root, arn:{}:iam::{}:root); fix it with "
+                "'aws iam update-assume-role-policy --role-name {} --policy-document ...' "
+                "or use --role-arn".format(DEFAULT_ROLE_NAME, caller, self.client.partition,
+                                           role["Arn"].split(":")[4], DEFAULT_ROLE_NAME))
 
     def __call__(self):
         if self.mode == "federation":

@@ -2,8 +2,10 @@
 
 import email.utils
 import io
+import json
 import socket
 import urllib.error
+import urllib.parse
 
 import pytest
 from test_units import ASSUME_ROLE
@@ -178,6 +180,65 @@ def test_old_role_access_denied_is_final():
     with pytest.raises(s.AWSError):
         maker()
     assert len(opener.requests) == 1
+
+
+def iam_answer(action, result):
+    return Answer(200, ("<{0}Response xmlns=\"https://iam.amazonaws.com/doc/2010-05-08/\">"
+                        "<{0}Result>{1}</{0}Result></{0}Response>").format(
+                            action, result).encode())
+
+
+ROLE_ARN = "arn:aws:iam::111122223333:role/s3-credentials.AmazonS3FullAccess"
+GET_ROLE = iam_answer("GetRole", "<Role><Arn>{}</Arn><AssumeRolePolicyDocument>{}"
+                      "</AssumeRolePolicyDocument></Role>".format(ROLE_ARN, urllib.parse.quote(
+                          json.dumps({"Statement": [{"Effect": "Allow",
+                                                     "Action": "sts:AssumeRole",
+                                                     "Principal": {"AWS": "111122223333"}}]}))))
+
+
+def attached_page(*arns, marker=None):
+    members = "".join("<member><PolicyArn>{}</PolicyArn></member>".format(arn) for arn in arns)
+    more = "<IsTruncated>true</IsTruncated><Marker>{}</Marker>".format(marker) if marker else \
+        "<IsTruncated>false</IsTruncated>"
+    return iam_answer("ListAttachedRolePolicies",
+                      "<AttachedPolicies>{}</AttachedPolicies>{}".format(members, more))
+
+
+def default_role_maker(*answers):
+    made, opener, _, logged = client(*answers)
+    maker = s.CredentialMaker(made, "role", "{}", 3600, "read-write", "b", log=logged.append)
+    return maker, opener, logged
+
+
+def test_existing_role_policy_found_on_a_later_page():
+    maker, opener, logged = default_role_maker(
+        GET_ROLE, attached_page("arn:aws:iam::aws:policy/Other", marker="m1"),
+        attached_page("arn:aws:iam::aws:policy/AmazonS3FullAccess"))
+    maker.prepare()
+    assert maker.role_arn == ROLE_ARN and logged == []
+    assert b"Marker=m1" in opener.requests[2].data and len(opener.requests) == 3
+
+
+def test_existing_role_whose_policy_cannot_be_listed_warns():
+    maker, opener, logged = default_role_maker(
+        GET_ROLE, Answer(403, ERROR.format("AccessDenied", "no").encode()))
+    maker.prepare()
+    assert maker.role_arn == ROLE_ARN and len(opener.requests) == 2
+    assert logged[0].startswith("Warning: cannot check that IAM role "
+                                "s3-credentials.AmazonS3FullAccess has")
+
+
+def test_existing_role_without_policy_that_may_not_be_attached_stops():
+    maker, opener, logged = default_role_maker(
+        GET_ROLE, attached_page(), Answer(403, ERROR.format("AccessDenied", "no").encode()))
+    with pytest.raises(s.LocalServerError) as caught:
+        maker.prepare()
+    assert not isinstance(caught.value, s.AWSError)
+    assert "(AccessDenied: no)" in str(caught.value)
+    assert str(caught.value).endswith(
+        "aws iam attach-role-policy --role-name s3-credentials.AmazonS3FullAccess "
+        "--policy-arn arn:aws:iam::aws:policy/AmazonS3FullAccess")
+    assert "attaching it..." in logged[0]
 
 
 @pytest.mark.parametrize("message, hint", [
