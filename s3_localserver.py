@@ -3380,14 +3380,36 @@ def client_environment(environ, url, token, region, files):
     return env
 
 
-def shell_setup(env):
-    """Shell lines that give a shell ``env``'s AWS settings (for --auth-token generate)."""
+def shell_setup(env, pid=None):
+    """Shell lines that give a shell ``env``'s AWS settings (for --auth-token generate),
+    and the server's process id in S3_LOCALSERVER_PID, a shell variable (not exported)
+    to stop it with."""
     names = ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
              "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "BOTO_CONFIG")
     lines = ["export {}={}".format(name, shlex.quote(env[name])) for name in names
              if name in env]
     lines.append("unset " + " ".join(OUTRANKING_VARIABLES))
+    if pid is not None:
+        lines.append("S3_LOCALSERVER_PID={}".format(pid))
     return "\n".join(lines) + "\n"
+
+
+def release_stdout():
+    """Point stdout at the null device once the shell lines are written and flushed.
+
+    The end of stdout is what says they are complete: ``eval "$(... --auth-token
+    generate &)"`` goes on only then, so no command runs before the lines are in
+    (a file that a shell sources while the server is still writing it would leave
+    that shell acting as the user).  Nothing else is ever written to stdout."""
+    try:
+        sys.stdout.flush()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, sys.stdout.fileno())
+        finally:
+            os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout closed already, or not a real file: nobody waits for its end
 
 
 def _terminal_interrupts_child():
@@ -3691,8 +3713,8 @@ def main(argv=None, environ=None):
             if token_origin == "generated":
                 say("Clients must send the generated token as the Authorization header: "
                     "the lines on stdout set up a shell for that")
-                sys.stdout.write(shell_setup(env))
-                sys.stdout.flush()
+                sys.stdout.write(shell_setup(env, os.getpid()))
+                release_stdout()
             elif token_origin:
                 say("Clients must send the token from {} as the Authorization "
                     "header".format(token_origin))
