@@ -3050,23 +3050,32 @@ class CredentialServer(http.server.HTTPServer):
 ######################################################################
 
 EPILOG = """examples:
-  %(prog)s my-bucket --duration 1h                  read-write, http://localhost:8094/
+  %(prog)s my-bucket --duration 1h           read-write, on port 8094
   %(prog)s my-bucket -d 15m --read-only --prefix uploads/
   %(prog)s my-bucket -d 12h --write-only -p 9000
-  %(prog)s logs-bucket archive-bucket -d 1h --read-only       several buckets, one policy
+  %(prog)s logs archive -d 1h --read-only    two buckets, one policy
   %(prog)s my-bucket -d 1h --statement \\
       '{"Effect": "Allow", "Action": "textract:*", "Resource": "*"}'
-  %(prog)s my-bucket --print-policy --read-only          show the policy, call nothing
-  %(prog)s my-bucket -d 1h --role-arn arn:aws:iam::123456789012:role/uploader
+  %(prog)s my-bucket --print-policy --read-only    no AWS call
+  %(prog)s my-bucket -d 1h \\
+      --role-arn arn:aws:iam::123456789012:role/uploader
   %(prog)s my-bucket -d 1h --federation --profile admin
-  %(prog)s my-bucket -d 1h --endpoint-url http://127.0.0.1:5000 -a creds.json
-  %(prog)s my-bucket -d 1h --host 0.0.0.0 --auth-token generate --allow-host build-box
-  %(prog)s my-bucket -d 1h -- aws s3 ls s3://my-bucket/     run one command with them
+  %(prog)s my-bucket -d 1h --endpoint-url http://127.0.0.1:5000
+  %(prog)s my-bucket -d 1h --host 0.0.0.0 --auth-token generate \\
+      --allow-host build-box
 
-then: curl -sSf http://localhost:8094/
-  or, in ~/.aws/config: credential_process = curl -sSf http://localhost:8094/
-  or: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:8094/ any-aws-sdk-program
-  or: AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:8094/ NO_PROXY=127.0.0.1 a-tool
+using them (as the bucket-scoped role: your own keys and profiles come first in
+every SDK, so each way below keeps them out of the way):
+  curl -sSf http://localhost:8094/
+  aws s3 ls s3://my-bucket/ --profile localserver
+      with this profile in ~/.aws/config:
+      [profile localserver]
+      credential_process = curl -sSf http://localhost:8094/
+  %(prog)s my-bucket -d 1h -- aws s3 ls s3://my-bucket/
+      runs one command with them (exec mode), then stops
+  eval "$(%(prog)s my-bucket -d 1h --auth-token generate &)"
+      sets up this shell for them; stop the server with kill $S3_LOCALSERVER_PID
+  the container and instance-metadata variables by hand: see README.md
 """
 
 # Variables that outrank the container provider in some SDK's chain, or redirect
@@ -3129,9 +3138,10 @@ def program_name(argv0):
 def build_parser(prog="s3_localserver.py"):
     parser = _Parser(
         prog=prog,
-        usage="%(prog)s BUCKET [BUCKET ...] -d DURATION [options] [-- COMMAND [ARGS...]]",
-        description="Serve temporary AWS credentials scoped to one or more S3 buckets on a "
-                    "local HTTP endpoint, refreshed before they expire. With '-- COMMAND', "
+        usage="%(prog)s BUCKET... -d DURATION [options] [-- COMMAND [ARGS...]]",
+        # Raw text (for the examples' layout): wrapped here to fit 80 columns.
+        description="Serve temporary AWS credentials scoped to one or more S3 buckets on a\n"
+                    "local HTTP endpoint, refreshed before they expire. With '-- COMMAND',\n"
                     "run that command with the served credentials and stop when it exits.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Both required, except with --print-identity (checked in parse_args).
@@ -3143,16 +3153,18 @@ def build_parser(prog="s3_localserver.py"):
                              "12h (15 minutes to 12 hours)")
     serving = parser.add_argument_group("serving")
     serving.add_argument("-p", "--port", type=_bounded_int(0, 65535, "port"),
+                         metavar="PORT",
                          help="port to listen on (default {}; 0 picks a free one, as does "
                               "exec mode)".format(DEFAULT_PORT))
-    serving.add_argument("--host", help="address to bind (default localhost; 127.0.0.1 in "
-                                        "exec mode)")
+    serving.add_argument("--host", metavar="HOST",
+                         help="address to bind (default localhost; 127.0.0.1 in exec mode)")
     serving.add_argument("-q", "--quiet", action="store_true",
                          help="no access log (errors and refusals are still printed)")
     guard = parser.add_argument_group("who may fetch credentials")
     guard.add_argument("--auth-token", metavar="TOKEN",
                        help="require 'Authorization: TOKEN' on GET / ('generate' makes a "
-                            "random one; also S3_LOCALSERVER_AUTH_TOKEN)")
+                            "random one and prints shell lines for eval; also "
+                            "S3_LOCALSERVER_AUTH_TOKEN)")
     guard.add_argument("--auth-token-file", metavar="FILE",
                        help="read the required token from FILE")
     guard.add_argument("--require-token", action="store_true",
@@ -3161,8 +3173,8 @@ def build_parser(prog="s3_localserver.py"):
                        help="also answer requests whose Host is NAME (repeatable); localhost "
                             "and IP addresses are always answered")
     guard.add_argument("--max-connections", type=_bounded_int(1, 10000, "--max-connections"),
-                       default=256, help="open connections at most (default %(default)s); "
-                                         "more get 503")
+                       default=256, metavar="N",
+                       help="open connections at most (default %(default)s); more get 503")
     guard.add_argument("--idle-timeout", type=_bounded_int(1, 3600, "--idle-timeout"),
                        default=30, metavar="SECONDS",
                        help="close a connection that sends no whole request for this long "
@@ -3171,7 +3183,7 @@ def build_parser(prog="s3_localserver.py"):
     mode = access.add_mutually_exclusive_group()
     mode.add_argument("--read-only", action="store_true", help="only read from the buckets")
     mode.add_argument("--write-only", action="store_true", help="only write to the buckets")
-    access.add_argument("--prefix", default="*",
+    access.add_argument("--prefix", default="*", metavar="PREFIX",
                         help="only keys starting with this prefix, e.g. uploads/ (the same "
                              "in every bucket)")
     access.add_argument("--statement", action="append", default=[], metavar="JSON",
@@ -3181,33 +3193,40 @@ def build_parser(prog="s3_localserver.py"):
     access.add_argument("--print-policy", action="store_true",
                         help="print the session policy as it would be sent to STS, and its "
                              "length, then exit (no AWS call; needs no --duration)")
-    how = parser.add_argument_group("how the credentials are made (default: assume the role "
-                                    + DEFAULT_ROLE_NAME + ", creating it if missing)")
+    how = parser.add_argument_group(
+        "how the credentials are made",
+        "default: assume the role {}, creating it\nif missing, with AWS's AmazonS3FullAccess "
+        "policy attached".format(DEFAULT_ROLE_NAME))
     made = how.add_mutually_exclusive_group()
     made.add_argument("--role-arn", metavar="ARN",
                       help="assume this role instead; no IAM calls")
     made.add_argument("--federation", action="store_true",
                       help="use GetFederationToken (needs long-term IAM user keys)")
     base = parser.add_argument_group("the script's own AWS identity and endpoints")
-    base.add_argument("--access-key", help="AWS access key id")
-    base.add_argument("--secret-key", help="AWS secret access key")
-    base.add_argument("--session-token", help="AWS session token, for temporary keys")
+    base.add_argument("--access-key", metavar="KEY", help="AWS access key id")
+    base.add_argument("--secret-key", metavar="SECRET", help="AWS secret access key")
+    base.add_argument("--session-token", metavar="TOKEN",
+                      help="AWS session token, for temporary keys")
     base.add_argument("-a", "--auth", metavar="FILE",
                       help="file with credentials: JSON with AccessKeyId, SecretAccessKey, "
                            "SessionToken, or an INI credentials file")
-    base.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config "
-                                        "(static keys, assume-role, MFA, SSO, web identity, "
-                                        "credential_process)")
+    base.add_argument("--profile", metavar="NAME",
+                      help="profile in ~/.aws/credentials and ~/.aws/config (static keys, "
+                           "assume-role, MFA, SSO, web identity, credential_process)")
     base.add_argument("--mfa-code", metavar="CODE",
                       help="MFA code for an assume-role profile with mfa_serial (else asked "
                            "for on the terminal)")
     base.add_argument("--print-identity", action="store_true",
                       help="print where the script's own credentials come from and whose "
                            "they are (GetCallerIdentity), then exit")
-    base.add_argument("--region", help="AWS region (else AWS_REGION, AWS_DEFAULT_REGION, "
-                                       "the profile's region)")
+    base.add_argument("--region", metavar="REGION",
+                      help="AWS region (else AWS_REGION, AWS_DEFAULT_REGION, the profile's "
+                           "region)")
     base.add_argument("--endpoint-url", metavar="URL",
-                      help="send STS, IAM and S3 calls here, e.g. http://127.0.0.1:5000")
+                      help="send STS, IAM and S3 calls here, e.g. http://127.0.0.1:5000 "
+                           "(else AWS_ENDPOINT_URL_STS, _IAM, _S3; then AWS_ENDPOINT_URL; "
+                           "then the profile's services and endpoint_url; none of them "
+                           "with AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true)")
     base.add_argument("--ca-bundle", metavar="FILE",
                       help="PEM file of the certificate authorities to trust for AWS calls, "
                            "e.g. a TLS-inspecting proxy's (else AWS_CA_BUNDLE, the "
