@@ -25,6 +25,7 @@ import base64
 import calendar
 import configparser
 import email.utils
+import errno
 import fnmatch
 import hashlib
 import hmac
@@ -152,8 +153,11 @@ def parse_duration(text):
     match = _DURATION_RE.match(text + ("s" if text.isdigit() else ""))
     if not text or not match or not any(match.groups()):
         hint = ""
+        spelled = re.match(r"^(\d+)\s*(h|hrs?|hours?|m|mins?|minutes?|s|secs?|seconds?)$", text)
         if re.match(r"^\d+h\d+$", text):  # '1h30': minutes or seconds? Say which we want.
             hint = " (did you mean {}m?)".format(text)
+        elif spelled:  # '1hr', '30 min', '2hours': the unit's one-letter form
+            hint = " (did you mean {}{}?)".format(spelled.group(1), spelled.group(2)[0])
         raise ValueError(
             "duration must look like 900, 900s, 15m, 1h or 1h30m, not {!r}{}".format(text, hint))
     hours, minutes, seconds = (int(part or 0) for part in match.groups())
@@ -208,6 +212,13 @@ def check_bucket(name):
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,254}$", name):
         raise ValueError("not a valid bucket name: {!r}".format(name))
     return name
+
+
+def breaks_current_bucket_rules(name):
+    """Whether S3 would refuse to create a bucket of this name today (3 to 63 lowercase
+    letters, digits, dots and hyphens, a letter or digit at each end): old us-east-1
+    buckets may still have such names, so it is no reason to refuse one."""
+    return not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", name)
 
 
 def check_role_arn(arn):
@@ -1179,7 +1190,15 @@ class AWSClient(object):
                 region = elsewhere
                 continue
             if status == 404:
-                raise LocalServerError("bucket '{}' does not exist".format(bucket))
+                hint = ""
+                if breaks_current_bucket_rules(bucket):
+                    hint = (" (nor could it be made today: bucket names are 3 to 63 lowercase "
+                            "letters, digits, dots and hyphens; capitals and underscores "
+                            "survive only in old us-east-1 buckets")
+                    guess = bucket.lower().replace("_", "-")
+                    hint += "; did you mean '{}'?)".format(guess) if not \
+                        breaks_current_bucket_rules(guess) else ")"
+                raise LocalServerError("bucket '{}' does not exist{}".format(bucket, hint))
             if status == 403:
                 raise BucketDenied(
                     "access to bucket '{}' is denied to these credentials (it may exist, "
@@ -1208,11 +1227,13 @@ def _check_status(status, headers, data):
     return status, headers, data
 
 
-def explain(error):
-    """AWS's error, plus what to do about it when we know."""
+def explain(error, source=None):
+    """AWS's error, plus what to do about it when we know; ``source`` says where the
+    script's own credentials came from ('profile work', 'command line'...)."""
     hints = {
-        "ExpiredToken": "the base credentials have expired; renew them (for example "
-                        "'aws sso login') and start the server again",
+        "ExpiredToken": "the script's own credentials{} have expired; renew them (for "
+                        "example 'aws sso login') and start the server again".format(
+                            " (from {})".format(source) if source else ""),
         "InvalidClientTokenId": "the base access key is not valid for this account or "
                                 "region",
         "InvalidIdentityToken": "STS refused the web identity token: check the token file "
@@ -1287,16 +1308,25 @@ class BaseCredentials(object):
 
 
 def _read_ini(path, shown):
-    """A config or credentials file; a file the CLI could not read either is one Error."""
+    """A config or credentials file.  A missing one reads as empty, as for the CLI; one
+    that is there but cannot be read, or that the CLI could not read either, is one Error
+    (botocore would skip an unreadable one silently and go on without it)."""
     parser = configparser.RawConfigParser()
+    if os.path.isdir(path):
+        raise LocalServerError("{} is a directory, not a file".format(shown))
     try:
-        parser.read(path, encoding="utf-8")
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle, path)
+    except FileNotFoundError:
+        pass
     except UnicodeDecodeError:
         raise LocalServerError("{} is not UTF-8 text".format(shown))
     except configparser.Error as error:
         detail = str(error).splitlines()[0] if str(error) else error.__class__.__name__
         raise LocalServerError("{} is not an INI file the AWS CLI can read ({})".format(
             shown, detail))
+    except OSError as error:
+        raise LocalServerError("{} cannot be read ({})".format(shown, error.strerror or error))
     return parser
 
 
@@ -3276,6 +3306,8 @@ def validate(args):
         raise ValueError("--access-key and --secret-key must be given together")
     if args.session_token and not args.access_key:
         raise ValueError("--session-token needs --access-key and --secret-key")
+    if args.auth_token is not None and args.auth_token_file:
+        raise ValueError("give --auth-token or --auth-token-file, not both")
     if args.role_arn:
         check_role_arn(args.role_arn)
     if args.region is not None:
@@ -3290,9 +3322,15 @@ def validate(args):
 
 
 def parse_args(argv, prog="s3_localserver.py"):
+    separated = "--" in argv
     argv, command = split_command(list(argv))
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if separated and not command:
+        # A command meant to run with the credentials, lost (an empty "$@"): serving
+        # instead would leave whoever called it waiting for a command that never ran.
+        parser.error("nothing after '--': give the command to run, or leave '--' out "
+                     "to serve")
     needed = [("BUCKET", args.buckets), ("-d/--duration", args.duration)]
     if args.print_identity:
         needed = []
@@ -3608,8 +3646,13 @@ def start_server(args, environ, say, files):
                                   max_connections=args.max_connections,
                                   idle_timeout=args.idle_timeout)
     except (OSError, OverflowError) as error:
-        hint = " (--host must be a name or address of this machine)" if isinstance(
-            error, socket.gaierror) else ""
+        hint = ""
+        if isinstance(error, socket.gaierror):
+            hint = " (--host must be a name or address of this machine)"
+        elif getattr(error, "errno", None) in (errno.EADDRINUSE,
+                                               getattr(errno, "WSAEADDRINUSE", -1)):
+            hint = (" (another server, perhaps another s3_localserver, is using that port: "
+                    "stop it, or choose a port with -p N, or -p 0 for a free one)")
         raise LocalServerError("cannot listen on {}:{}: {}{}".format(
             args.host, args.port, getattr(error, "strerror", None) or error, hint))
     if unguarded:
@@ -3648,6 +3691,8 @@ def start_server(args, environ, say, files):
                 raise LocalServerError("AWS refused the access key of the script's own "
                                        "credentials (from {}): {}".format(
                                            client.base.source, explain(error)))
+            if getattr(error, "code", None) == "ExpiredToken":
+                raise LocalServerError(explain(error, client.base.source))
         if failure is not None or bucket_failure is not None:
             raise failure or bucket_failure
         server.region = buckets[0][0]  # what instance metadata says, as EC2 would
@@ -3698,9 +3743,16 @@ def main(argv=None, environ=None):
     stop = threading.Event()
     previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     host = server.server_address[0]
-    url_host = args.host if ":" not in args.host else "[{}]".format(args.host)
+    # The URL SDKs accept over plain http names a loopback address: for a server
+    # bound to every address (0.0.0.0, ::), that is the loopback one.
+    loopback = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host)
+    url_host = loopback or args.host
+    url_host = url_host if ":" not in url_host else "[{}]".format(url_host)
     say("Serving {} credentials for {} at http://{}:{}/".format(
         args.permission, describe_buckets(args.buckets), url_host, server.server_port))
+    if loopback:
+        say("Listening on every address ({}): other machines use this one's name or "
+            "address".format(args.host))
     say("Duration: {} seconds".format(args.duration))
     if args.prefix != "*":
         say("Prefix: only keys starting with '{}'".format(args.prefix.rstrip("*")))
@@ -3713,9 +3765,7 @@ def main(argv=None, environ=None):
     # where the command's exit stops the server, a short poll lets us exit at once.
     threading.Thread(target=server.serve_forever, name="server", daemon=True,
                      kwargs={"poll_interval": 0.05 if args.command else 0.5}).start()
-    # The URL SDKs accept over plain http names a loopback address: for a server
-    # bound to every address (0.0.0.0, ::), that is the loopback one.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    host = loopback or host
     full_uri = "http://{}:{}/".format(
         "[{}]".format(host) if ":" in host else host, server.server_port)
     code = 0

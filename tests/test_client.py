@@ -137,13 +137,13 @@ def test_session_token_is_sent_and_user_agent_unsigned():
 
 
 @pytest.mark.parametrize("status, message", [
-    (404, "bucket 'b' does not exist"),
-    (403, "access to bucket 'b' is denied to these credentials (it may exist, but they "
+    (404, "bucket 'bkt' does not exist"),
+    (403, "access to bucket 'bkt' is denied to these credentials (it may exist, but they "
           "cannot see it)")])
 def test_head_bucket_errors(status, message):
     made, _, _, _ = client(Answer(status))
     with pytest.raises(s.LocalServerError) as caught:
-        made.head_bucket("b")
+        made.head_bucket("bkt")
     assert str(caught.value) == message
 
 
@@ -254,7 +254,10 @@ def test_duration_limits_explained(message, hint):
 def test_expired_base_token_explained():
     text = s.explain(s.AWSError("ExpiredToken", "The security token included in the request "
                                 "is expired", 400))
-    assert "base credentials have expired" in text
+    assert "the script's own credentials have expired" in text
+    # Issue 24, 8: where they came from, as the other key errors say it.
+    assert "the script's own credentials (from profile work) have expired" in s.explain(
+        s.AWSError("ExpiredToken", "expired", 400), "profile work")
 
 
 def test_head_bucket_retries_transient_answers():

@@ -423,6 +423,31 @@ def test_bucket_missing(moto, tester_env):
     assert line == "Error: bucket 'no-such-bucket' does not exist"
 
 
+def test_bucket_missing_whose_name_breaks_todays_rules(moto, tester_env):
+    """Issue 24, 6: 'My_Bucket' could be an old us-east-1 bucket, so it is looked for;
+    not found, the answer says its name could not be made today, and guesses."""
+    line = bad(["My_Bucket", "-d", "1h", "--endpoint-url", moto.url, "-p", "0"],
+               tester_env())
+    assert line == (
+        "Error: bucket 'My_Bucket' does not exist (nor could it be made today: bucket names "
+        "are 3 to 63 lowercase letters, digits, dots and hyphens; capitals and underscores "
+        "survive only in old us-east-1 buckets; did you mean 'my-bucket'?)")
+
+
+def test_port_in_use_says_what_to_do(tester_env):
+    """Issue 24, 7: the port is taken (by a listener of this test, on loopback)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        line = bad([BUCKET, "-d", "1h", "--host", "127.0.0.1", "-p", str(port),
+                    "--endpoint-url", "http://127.0.0.1:9"], tester_env())
+    assert line == (
+        "Error: cannot listen on 127.0.0.1:{}: Address already in use (another server, "
+        "perhaps another s3_localserver, is using that port: stop it, or choose a port with "
+        "-p N, or -p 0 for a free one)".format(port))
+
+
 def test_bucket_access_denied_is_not_missing(moto, home):
     env = clean_env(home, AWS_ACCESS_KEY_ID=moto.nobody["AccessKeyId"],
                     AWS_SECRET_ACCESS_KEY=moto.nobody["SecretAccessKey"])
@@ -488,6 +513,13 @@ def test_port_in_use(moto, tester_env):
     (["-d", "13h"], 2, "between 15 minutes and 12 hours"),
     (["-d", "soon"], 2, "duration must look like"),
     (["-d", "1h30"], 2, "(did you mean 1h30m?)"),
+    # Issue 24, 9 and 6: a spelled-out unit gets a guess; contradictions are refused.
+    (["-d", "1hr"], 2, "not '1hr' (did you mean 1h?)"),
+    (["-d", "30 mins"], 2, "not '30 mins' (did you mean 30m?)"),
+    (["-d", "1h", "--auth-token", "tok-en", "--auth-token-file", "token.txt"], 2,
+     "give --auth-token or --auth-token-file, not both"),
+    (["-d", "1h", "--"], 2, "nothing after '--': give the command to run, or leave '--' out "
+                            "to serve"),
     ([], 2, "the following arguments are required: -d/--duration"),
     (["-d", "1h", "--read-only", "--write-only"], 2, "not allowed with argument"),
     (["-d", "1h", "--statement", "{not json"], 2, "--statement is not valid JSON"),
