@@ -275,6 +275,19 @@ def test_create_role_sent_again_after_iam_acted(own_moto, start):
     assert attached(own_moto) == [S3_FULL_ACCESS]
 
 
+def test_attach_sent_again_after_iam_acted(own_moto, start):
+    """The answer to AttachRolePolicy is lost after IAM attached it: sent again, IAM
+    answers success (an attached policy may be attached again), and it serves."""
+    own_moto.fault_on = b"AttachRolePolicy"
+    own_moto.proxy.faults.put(Fault("truncate"))
+    server = start(own_moto.args, own_moto.env)
+    server.fetch_json()
+    assert aws_calls(own_moto.proxy) == ["S3 HEAD", "GetRole", "GetCallerIdentity",
+                                         "CreateRole", "AttachRolePolicy", "AttachRolePolicy",
+                                         "AssumeRole"]
+    assert attached(own_moto) == [S3_FULL_ACCESS]
+
+
 def test_role_whose_trust_policy_shuts_the_caller_out(own_moto):
     """An existing default role that trusts someone else: one line that says so, before
     any AssumeRole (moto, authentication off, would let anyone assume it)."""
