@@ -27,6 +27,7 @@ import calendar
 import configparser
 import email.utils
 import errno
+import fnmatch
 import hashlib
 import hmac
 import http.client
@@ -154,8 +155,11 @@ def parse_duration(text):
     match = _DURATION_RE.match(text + ("s" if text.isdigit() else ""))
     if not text or not match or not any(match.groups()):
         hint = ""
+        spelled = re.match(r"^(\d+)\s*(h|hrs?|hours?|m|mins?|minutes?|s|secs?|seconds?)$", text)
         if re.match(r"^\d+h\d+$", text):  # '1h30': minutes or seconds? Say which we want.
             hint = " (did you mean {}m?)".format(text)
+        elif spelled:  # '1hr', '30 min', '2hours': the unit's one-letter form
+            hint = " (did you mean {}{}?)".format(spelled.group(1), spelled.group(2)[0])
         raise ValueError(
             "duration must look like 900, 900s, 15m, 1h or 1h30m, not {!r}{}".format(text, hint))
     hours, minutes, seconds = (int(part or 0) for part in match.groups())
@@ -210,6 +214,13 @@ def check_bucket(name):
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,254}$", name):
         raise ValueError("not a valid bucket name: {!r}".format(name))
     return name
+
+
+def breaks_current_bucket_rules(name):
+    """Whether S3 would refuse to create a bucket of this name today (3 to 63 lowercase
+    letters, digits, dots and hyphens, a letter or digit at each end): old us-east-1
+    buckets may still have such names, so it is no reason to refuse one."""
+    return not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", name)
 
 
 def check_role_arn(arn):
@@ -298,6 +309,46 @@ def policy_json(policy, check=True):
             "(use fewer buckets or fewer or shorter --statement options; --print-policy "
             "shows it)".format(len(text), POLICY_MAX_CHARS))
     return text
+
+
+def _listed(value):
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def trust_admits(trust, role_arn, caller_arn=None):
+    """Whether a role's trust policy (a dict) lets the caller call sts:AssumeRole.
+
+    Only Allow statements for AWS principals count, and conditions are not
+    judged: this finds a role that cannot work, it does not replace IAM.  Without
+    ``caller_arn`` only principals that admit everyone in the role's account
+    count ("*", the account, its root); with it, also the caller's own ARN, or for
+    an assumed-role session, its role's.
+    """
+    _, partition, _, _, account = (role_arn.split(":", 5) + [""] * 5)[:5]
+    admitted = {"*", account, "arn:{}:iam::{}:root".format(partition, account)}
+    if caller_arn:
+        admitted.add(caller_arn)
+        session = caller_arn.partition(":assumed-role/")[2]
+        if session:  # arn:aws:sts::A:assumed-role/NAME/session: the role NAME, any path
+            admitted.add("arn:{}:iam::{}:role/{}".format(partition, account,
+                                                        session.split("/")[0]))
+    statements = trust.get("Statement", []) if isinstance(trust, dict) else []
+    for statement in ([statements] if isinstance(statements, dict) else statements):
+        if not isinstance(statement, dict) or statement.get("Effect") != "Allow":
+            continue
+        if not any(fnmatch.fnmatchcase("sts:assumerole", action.lower())
+                   for action in _listed(statement.get("Action"))):
+            continue
+        principal = statement.get("Principal")
+        names = ["*"] if principal == "*" else _listed(
+            principal.get("AWS") if isinstance(principal, dict) else None)
+        for name in names:
+            # A role ARN with a path (role/team/NAME) names the same role as role/NAME.
+            prefix, marker, path = name.partition(":role/")
+            if name in admitted or (marker and "{}:role/{}".format(
+                    prefix, path.split("/")[-1]) in admitted):
+                return True
+    return False
 
 
 ######################################################################
@@ -1306,35 +1357,64 @@ class AWSClient(object):
         return parse_credentials(self.query("sts", "GetFederationToken", params, STS_VERSION),
                                  "GetFederationTokenResult")
 
-    def get_role_arn(self, role_name):
-        """The role's ARN, or None if there is no such role."""
+    def get_role(self, role_name):
+        """{"Arn": ..., "Trust": the trust policy as a dict}, or None if there is no
+        such role."""
         try:
             root = self.query("iam", "GetRole", [("RoleName", role_name)], IAM_VERSION)
         except AWSError as error:
             if error.code == "NoSuchEntity":
                 return None
             raise
-        return xml_find(root, "GetRoleResult", "Role", "Arn")
+        document = xml_find(root, "GetRoleResult", "Role", "AssumeRolePolicyDocument")
+        try:
+            # IAM returns it URL-encoded.
+            trust = json.loads(urllib.parse.unquote(document or ""))
+        except ValueError:
+            trust = None
+        return {"Arn": xml_find(root, "GetRoleResult", "Role", "Arn"), "Trust": trust}
 
     def create_default_role(self, role_name, account_id):
-        """Create the role s3-credentials uses: trusted by the account, S3 full access."""
-        arn_prefix = "arn:{}:".format(self.partition)
+        """Create the role s3-credentials uses, trusted by the account; return get_role()'s
+        answer.  A role that already exists is no failure: a CreateRole resent after IAM
+        acted on it, or another start-up that was quicker, made it."""
         trust = {"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow",
-            "Principal": {"AWS": "{}iam::{}:root".format(arn_prefix, account_id)},
+            "Principal": {"AWS": "arn:{}:iam::{}:root".format(self.partition, account_id)},
             "Action": "sts:AssumeRole"}]}
-        root = self.query("iam", "CreateRole", [
-            ("RoleName", role_name),
-            ("AssumeRolePolicyDocument", json.dumps(trust)),
-            ("MaxSessionDuration", str(MAX_DURATION)),
-            ("Description", "Role used by s3_localserver and s3-credentials to create "
-                            "time-limited credentials restricted to specific buckets"),
-        ], IAM_VERSION)
-        self.query("iam", "AttachRolePolicy", [
-            ("RoleName", role_name),
-            ("PolicyArn", "{}iam::aws:{}".format(arn_prefix, S3_FULL_ACCESS_POLICY)),
-        ], IAM_VERSION)
-        return xml_find(root, "CreateRoleResult", "Role", "Arn")
+        try:
+            root = self.query("iam", "CreateRole", [
+                ("RoleName", role_name),
+                ("AssumeRolePolicyDocument", json.dumps(trust)),
+                ("MaxSessionDuration", str(MAX_DURATION)),
+                ("Description", "Role used by s3_localserver and s3-credentials to create "
+                                "time-limited credentials restricted to specific buckets"),
+            ], IAM_VERSION)
+        except AWSError as error:
+            if error.code != "EntityAlreadyExists":
+                raise
+            return self.get_role(role_name)
+        return {"Arn": xml_find(root, "CreateRoleResult", "Role", "Arn"), "Trust": trust}
+
+    def attached_policy_arns(self, role_name):
+        """The ARNs of the managed policies attached to a role (every page)."""
+        arns, marker = [], None
+        while True:
+            params = [("RoleName", role_name), ("MaxItems", "1000")]
+            if marker:
+                params.append(("Marker", marker))
+            root = self.query("iam", "ListAttachedRolePolicies", params, IAM_VERSION)
+            arns.extend(element.text for element in root.iter()
+                        if _local(element.tag) == "PolicyArn")
+            marker = xml_find(root, "ListAttachedRolePoliciesResult", "Marker")
+            if xml_find(root, "ListAttachedRolePoliciesResult", "IsTruncated") != "true" \
+                    or not marker:
+                return arns
+
+    def attach_role_policy(self, role_name, policy_arn):
+        """Attach a managed policy (IAM answers success when it is attached already)."""
+        self.query("iam", "AttachRolePolicy", [("RoleName", role_name),
+                                               ("PolicyArn", policy_arn)], IAM_VERSION)
 
     def bucket_url(self, bucket, region):
         base, signing_region = service_endpoint("s3", region, self.endpoint_url, self.environ,
@@ -1370,7 +1450,15 @@ class AWSClient(object):
                 region = elsewhere
                 continue
             if status == 404:
-                raise LocalServerError("bucket '{}' does not exist".format(bucket))
+                hint = ""
+                if breaks_current_bucket_rules(bucket):
+                    hint = (" (nor could it be made today: bucket names are 3 to 63 lowercase "
+                            "letters, digits, dots and hyphens; capitals and underscores "
+                            "survive only in old us-east-1 buckets")
+                    guess = bucket.lower().replace("_", "-")
+                    hint += "; did you mean '{}'?)".format(guess) if not \
+                        breaks_current_bucket_rules(guess) else ")"
+                raise LocalServerError("bucket '{}' does not exist{}".format(bucket, hint))
             if status == 403:
                 raise BucketDenied(
                     "access to bucket '{}' is denied to these credentials (it may exist, "
@@ -1399,11 +1487,13 @@ def _check_status(status, headers, data):
     return status, headers, data
 
 
-def explain(error):
-    """AWS's error, plus what to do about it when we know."""
+def explain(error, source=None):
+    """AWS's error, plus what to do about it when we know; ``source`` says where the
+    script's own credentials came from ('profile work', 'command line'...)."""
     hints = {
-        "ExpiredToken": "the base credentials have expired; renew them (for example "
-                        "'aws sso login') and start the server again",
+        "ExpiredToken": "the script's own credentials{} have expired; renew them (for "
+                        "example 'aws sso login') and start the server again".format(
+                            " (from {})".format(source) if source else ""),
         "InvalidClientTokenId": "the base access key is not valid for this account or "
                                 "region",
         "InvalidIdentityToken": "STS refused the web identity token: check the token file "
@@ -1480,16 +1570,25 @@ class BaseCredentials(object):
 
 
 def _read_ini(path, shown):
-    """A config or credentials file; a file the CLI could not read either is one Error."""
+    """A config or credentials file.  A missing one reads as empty, as for the CLI; one
+    that is there but cannot be read, or that the CLI could not read either, is one Error
+    (botocore would skip an unreadable one silently and go on without it)."""
     parser = configparser.RawConfigParser()
+    if os.path.isdir(path):
+        raise LocalServerError("{} is a directory, not a file".format(shown))
     try:
-        parser.read(path, encoding="utf-8")
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle, path)
+    except FileNotFoundError:
+        pass
     except UnicodeDecodeError:
         raise LocalServerError("{} is not UTF-8 text".format(shown))
     except configparser.Error as error:
         detail = str(error).splitlines()[0] if str(error) else error.__class__.__name__
         raise LocalServerError("{} is not an INI file the AWS CLI can read ({})".format(
             shown, detail))
+    except OSError as error:
+        raise LocalServerError("{} cannot be read ({})".format(shown, error.strerror or error))
     return parser
 
 
@@ -2311,18 +2410,69 @@ class CredentialMaker(object):
     def prepare(self, before_create=None):
         """One-off set-up before the first credentials (IAM calls for 'role').
 
-        ``before_create()`` may raise to stop the role from being created."""
+        ``before_create()`` may raise to stop the role from being created.  A role
+        that exists is checked for what serving relies on: a start-up that stopped
+        between creating it and attaching its policy must not leave it useless."""
         if self.mode != "role" or self.role_arn:
             return
-        arn = self.client.get_role_arn(DEFAULT_ROLE_NAME)
-        if arn is None:
+        role = self.client.get_role(DEFAULT_ROLE_NAME)
+        if role is None:
             if before_create is not None:
                 before_create()
             account = self.client.get_caller_identity()["Account"]
             self.log("Creating IAM role {}...".format(DEFAULT_ROLE_NAME))
-            arn = self.client.create_default_role(DEFAULT_ROLE_NAME, account)
+            role = self.client.create_default_role(DEFAULT_ROLE_NAME, account)
             self.role_created_at = self.client.clock()
-        self.role_arn = arn
+            self._attach_policy()
+        else:
+            self._check_policy()
+            self._check_trust(role)
+        self.role_arn = role["Arn"]
+
+    @property
+    def _policy_arn(self):
+        return "arn:{}:iam::aws:{}".format(self.client.partition, S3_FULL_ACCESS_POLICY)
+
+    def _attach_policy(self):
+        try:
+            self.client.attach_role_policy(DEFAULT_ROLE_NAME, self._policy_arn)
+        except AWSError as error:
+            if error.transient or error.code in REFUSED_KEY_CODES:
+                raise
+            raise LocalServerError(
+                "could not attach {} to IAM role {} ({}); without it the served credentials "
+                "reach no bucket.  Start again once that is fixed, or attach it yourself: aws "
+                "iam attach-role-policy --role-name {} --policy-arn {}".format(
+                    self._policy_arn, DEFAULT_ROLE_NAME, explain(error), DEFAULT_ROLE_NAME,
+                    self._policy_arn))
+
+    def _check_policy(self):
+        try:
+            attached = self.client.attached_policy_arns(DEFAULT_ROLE_NAME)
+        except AWSError as error:
+            if error.code != "AccessDenied":
+                raise
+            self.log("Warning: cannot check that IAM role {} has {} attached (AccessDenied "
+                     "on iam:ListAttachedRolePolicies); serving on the assumption it "
+                     "has".format(DEFAULT_ROLE_NAME, self._policy_arn))
+            return
+        if self._policy_arn not in attached:
+            self.log("IAM role {} exists without {} (an earlier start-up stopped half-way?); "
+                     "attaching it...".format(DEFAULT_ROLE_NAME, self._policy_arn))
+            self._attach_policy()
+
+    def _check_trust(self, role):
+        trust = role["Trust"]
+        if trust is None or trust_admits(trust, role["Arn"]):
+            return  # unreadable: AssumeRole will tell
+        caller = self.client.get_caller_identity()["Arn"]
+        if not trust_admits(trust, role["Arn"], caller):
+            raise LocalServerError(
+                "the trust policy of IAM role {} does not let {} assume it (it should allow "
+                "sts:AssumeRole for the account's root, arn:{}:iam::{}:root); fix it with "
+                "'aws iam update-assume-role-policy --role-name {} --policy-document ...' "
+                "or use --role-arn".format(DEFAULT_ROLE_NAME, caller, self.client.partition,
+                                           role["Arn"].split(":")[4], DEFAULT_ROLE_NAME))
 
     def __call__(self):
         if self.mode == "federation":
@@ -3374,23 +3524,32 @@ class CredentialServer(http.server.HTTPServer):
 ######################################################################
 
 EPILOG = """examples:
-  %(prog)s my-bucket --duration 1h                  read-write, http://localhost:8094/
+  %(prog)s my-bucket --duration 1h           read-write, on port 8094
   %(prog)s my-bucket -d 15m --read-only --prefix uploads/
   %(prog)s my-bucket -d 12h --write-only -p 9000
-  %(prog)s logs-bucket archive-bucket -d 1h --read-only       several buckets, one policy
+  %(prog)s logs archive -d 1h --read-only    two buckets, one policy
   %(prog)s my-bucket -d 1h --statement \\
       '{"Effect": "Allow", "Action": "textract:*", "Resource": "*"}'
-  %(prog)s my-bucket --print-policy --read-only          show the policy, call nothing
-  %(prog)s my-bucket -d 1h --role-arn arn:aws:iam::123456789012:role/uploader
+  %(prog)s my-bucket --print-policy --read-only    no AWS call
+  %(prog)s my-bucket -d 1h \\
+      --role-arn arn:aws:iam::123456789012:role/uploader
   %(prog)s my-bucket -d 1h --federation --profile admin
-  %(prog)s my-bucket -d 1h --endpoint-url http://127.0.0.1:5000 -a creds.json
-  %(prog)s my-bucket -d 1h --host 0.0.0.0 --auth-token generate --allow-host build-box
-  %(prog)s my-bucket -d 1h -- aws s3 ls s3://my-bucket/     run one command with them
+  %(prog)s my-bucket -d 1h --endpoint-url http://127.0.0.1:5000
+  %(prog)s my-bucket -d 1h --host 0.0.0.0 --auth-token generate \\
+      --allow-host build-box
 
-then: curl -sSf http://localhost:8094/
-  or, in ~/.aws/config: credential_process = curl -sSf http://localhost:8094/
-  or: AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:8094/ any-aws-sdk-program
-  or: AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:8094/ NO_PROXY=127.0.0.1 a-tool
+using them (as the bucket-scoped role: your own keys and profiles come first in
+every SDK, so each way below keeps them out of the way):
+  curl -sSf http://localhost:8094/
+  aws s3 ls s3://my-bucket/ --profile localserver
+      with this profile in ~/.aws/config:
+      [profile localserver]
+      credential_process = curl -sSf http://localhost:8094/
+  %(prog)s my-bucket -d 1h -- aws s3 ls s3://my-bucket/
+      runs one command with them (exec mode), then stops
+  eval "$(%(prog)s my-bucket -d 1h --auth-token generate &)"
+      sets up this shell for them; stop the server with kill $S3_LOCALSERVER_PID
+  the container and instance-metadata variables by hand: see README.md
 """
 
 # Variables that outrank the container provider in some SDK's chain, or redirect
@@ -3460,9 +3619,10 @@ def program_name(argv0):
 def build_parser(prog="s3_localserver.py"):
     parser = _Parser(
         prog=prog,
-        usage="%(prog)s BUCKET [BUCKET ...] -d DURATION [options] [-- COMMAND [ARGS...]]",
-        description="Serve temporary AWS credentials scoped to one or more S3 buckets on a "
-                    "local HTTP endpoint, refreshed before they expire. With '-- COMMAND', "
+        usage="%(prog)s BUCKET... -d DURATION [options] [-- COMMAND [ARGS...]]",
+        # Raw text (for the examples' layout): wrapped here to fit 80 columns.
+        description="Serve temporary AWS credentials scoped to one or more S3 buckets on a\n"
+                    "local HTTP endpoint, refreshed before they expire. With '-- COMMAND',\n"
                     "run that command with the served credentials and stop when it exits.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Both required, except with --print-identity (checked in parse_args).
@@ -3474,16 +3634,18 @@ def build_parser(prog="s3_localserver.py"):
                              "12h (15 minutes to 12 hours)")
     serving = parser.add_argument_group("serving")
     serving.add_argument("-p", "--port", type=_bounded_int(0, 65535, "port"),
+                         metavar="PORT",
                          help="port to listen on (default {}; 0 picks a free one, as does "
                               "exec mode)".format(DEFAULT_PORT))
-    serving.add_argument("--host", help="address to bind (default localhost; 127.0.0.1 in "
-                                        "exec mode)")
+    serving.add_argument("--host", metavar="HOST",
+                         help="address to bind (default localhost; 127.0.0.1 in exec mode)")
     serving.add_argument("-q", "--quiet", action="store_true",
                          help="no access log (errors and refusals are still printed)")
     guard = parser.add_argument_group("who may fetch credentials")
     guard.add_argument("--auth-token", metavar="TOKEN",
                        help="require 'Authorization: TOKEN' on GET / ('generate' makes a "
-                            "random one; also S3_LOCALSERVER_AUTH_TOKEN)")
+                            "random one and prints shell lines for eval; also "
+                            "S3_LOCALSERVER_AUTH_TOKEN)")
     guard.add_argument("--auth-token-file", metavar="FILE",
                        help="read the required token from FILE")
     guard.add_argument("--require-token", action="store_true",
@@ -3496,8 +3658,8 @@ def build_parser(prog="s3_localserver.py"):
                        help="answer only clients in this network (repeatable), e.g. "
                             "172.17.0.0/16; this host's own processes always")
     guard.add_argument("--max-connections", type=_bounded_int(1, 10000, "--max-connections"),
-                       default=256, help="open connections at most (default %(default)s); "
-                                         "more get 503")
+                       default=256, metavar="N",
+                       help="open connections at most (default %(default)s); more get 503")
     guard.add_argument("--idle-timeout", type=_bounded_int(1, 3600, "--idle-timeout"),
                        default=30, metavar="SECONDS",
                        help="close a connection that sends no whole request for this long "
@@ -3506,7 +3668,7 @@ def build_parser(prog="s3_localserver.py"):
     mode = access.add_mutually_exclusive_group()
     mode.add_argument("--read-only", action="store_true", help="only read from the buckets")
     mode.add_argument("--write-only", action="store_true", help="only write to the buckets")
-    access.add_argument("--prefix", default="*",
+    access.add_argument("--prefix", default="*", metavar="PREFIX",
                         help="only keys starting with this prefix, e.g. uploads/ (the same "
                              "in every bucket)")
     access.add_argument("--statement", action="append", default=[], metavar="JSON",
@@ -3516,33 +3678,40 @@ def build_parser(prog="s3_localserver.py"):
     access.add_argument("--print-policy", action="store_true",
                         help="print the session policy as it would be sent to STS, and its "
                              "length, then exit (no AWS call; needs no --duration)")
-    how = parser.add_argument_group("how the credentials are made (default: assume the role "
-                                    + DEFAULT_ROLE_NAME + ", creating it if missing)")
+    how = parser.add_argument_group(
+        "how the credentials are made",
+        "default: assume the role {}, creating it\nif missing, with AWS's AmazonS3FullAccess "
+        "policy attached".format(DEFAULT_ROLE_NAME))
     made = how.add_mutually_exclusive_group()
     made.add_argument("--role-arn", metavar="ARN",
                       help="assume this role instead; no IAM calls")
     made.add_argument("--federation", action="store_true",
                       help="use GetFederationToken (needs long-term IAM user keys)")
     base = parser.add_argument_group("the script's own AWS identity and endpoints")
-    base.add_argument("--access-key", help="AWS access key id")
-    base.add_argument("--secret-key", help="AWS secret access key")
-    base.add_argument("--session-token", help="AWS session token, for temporary keys")
+    base.add_argument("--access-key", metavar="KEY", help="AWS access key id")
+    base.add_argument("--secret-key", metavar="SECRET", help="AWS secret access key")
+    base.add_argument("--session-token", metavar="TOKEN",
+                      help="AWS session token, for temporary keys")
     base.add_argument("-a", "--auth", metavar="FILE",
                       help="file with credentials: JSON with AccessKeyId, SecretAccessKey, "
                            "SessionToken, or an INI credentials file")
-    base.add_argument("--profile", help="profile in ~/.aws/credentials and ~/.aws/config "
-                                        "(static keys, assume-role, MFA, SSO, web identity, "
-                                        "credential_process)")
+    base.add_argument("--profile", metavar="NAME",
+                      help="profile in ~/.aws/credentials and ~/.aws/config (static keys, "
+                           "assume-role, MFA, SSO, web identity, credential_process)")
     base.add_argument("--mfa-code", metavar="CODE",
                       help="MFA code for an assume-role profile with mfa_serial (else asked "
                            "for on the terminal)")
     base.add_argument("--print-identity", action="store_true",
                       help="print where the script's own credentials come from and whose "
                            "they are (GetCallerIdentity), then exit")
-    base.add_argument("--region", help="AWS region (else AWS_REGION, AWS_DEFAULT_REGION, "
-                                       "the profile's region)")
+    base.add_argument("--region", metavar="REGION",
+                      help="AWS region (else AWS_REGION, AWS_DEFAULT_REGION, the profile's "
+                           "region)")
     base.add_argument("--endpoint-url", metavar="URL",
-                      help="send STS, IAM and S3 calls here, e.g. http://127.0.0.1:5000")
+                      help="send STS, IAM and S3 calls here, e.g. http://127.0.0.1:5000 "
+                           "(else AWS_ENDPOINT_URL_STS, _IAM, _S3; then AWS_ENDPOINT_URL; "
+                           "then the profile's services and endpoint_url; none of them "
+                           "with AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true)")
     base.add_argument("--ca-bundle", metavar="FILE",
                       help="PEM file of the certificate authorities to trust for AWS calls, "
                            "e.g. a TLS-inspecting proxy's (else AWS_CA_BUNDLE, the "
@@ -3592,6 +3761,8 @@ def validate(args):
         raise ValueError("--access-key and --secret-key must be given together")
     if args.session_token and not args.access_key:
         raise ValueError("--session-token needs --access-key and --secret-key")
+    if args.auth_token is not None and args.auth_token_file:
+        raise ValueError("give --auth-token or --auth-token-file, not both")
     if args.role_arn:
         check_role_arn(args.role_arn)
     if args.region is not None:
@@ -3606,9 +3777,15 @@ def validate(args):
 
 
 def parse_args(argv, prog="s3_localserver.py"):
+    separated = "--" in argv
     argv, command = split_command(list(argv))
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if separated and not command:
+        # A command meant to run with the credentials, lost (an empty "$@"): serving
+        # instead would leave whoever called it waiting for a command that never ran.
+        parser.error("nothing after '--': give the command to run, or leave '--' out "
+                     "to serve")
     needed = [("BUCKET", args.buckets), ("-d/--duration", args.duration)]
     if args.print_identity:
         needed = []
@@ -3715,14 +3892,36 @@ def client_environment(environ, url, token, region, files):
     return env
 
 
-def shell_setup(env):
-    """Shell lines that give a shell ``env``'s AWS settings (for --auth-token generate)."""
+def shell_setup(env, pid=None):
+    """Shell lines that give a shell ``env``'s AWS settings (for --auth-token generate),
+    and the server's process id in S3_LOCALSERVER_PID, a shell variable (not exported)
+    to stop it with."""
     names = ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
              "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "BOTO_CONFIG")
     lines = ["export {}={}".format(name, shlex.quote(env[name])) for name in names
              if name in env]
     lines.append("unset " + " ".join(OUTRANKING_VARIABLES))
+    if pid is not None:
+        lines.append("S3_LOCALSERVER_PID={}".format(pid))
     return "\n".join(lines) + "\n"
+
+
+def release_stdout():
+    """Point stdout at the null device once the shell lines are written and flushed.
+
+    The end of stdout is what says they are complete: ``eval "$(... --auth-token
+    generate &)"`` goes on only then, so no command runs before the lines are in
+    (a file that a shell sources while the server is still writing it would leave
+    that shell acting as the user).  Nothing else is ever written to stdout."""
+    try:
+        sys.stdout.flush()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, sys.stdout.fileno())
+        finally:
+            os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout closed already, or not a real file: nobody waits for its end
 
 
 def _terminal_interrupts_child():
@@ -3897,6 +4096,9 @@ def listen_advice(host, port, error, platform=sys.platform):
     if number in (errno.EADDRNOTAVAIL, 10049) and address is not None:  # 10049: Windows
         return "this machine does not have the address {}; add it with: {}".format(
             address, _add_address_command(address, platform))
+    if number in (errno.EADDRINUSE, 10048):  # 10048: Windows
+        return ("another server, perhaps another s3_localserver, is using that port: "
+                "stop it, or choose a port with -p N, or -p 0 for a free one")
     if number in (errno.EACCES, 10013) and 0 < port < 1024:
         # Never "run the script as root": it would serve with root's files and keys.
         url_host = "[{}]".format(host) if ":" in host else host
@@ -4020,6 +4222,8 @@ def start_server(args, environ, say, files):
                 raise LocalServerError("AWS refused the access key of the script's own "
                                        "credentials (from {}): {}".format(
                                            client.base.source, explain(error)))
+            if getattr(error, "code", None) == "ExpiredToken":
+                raise LocalServerError(explain(error, client.base.source))
         if failure is not None or bucket_failure is not None:
             raise failure or bucket_failure
         server.region = buckets[0][0]  # what instance metadata says, as EC2 would
@@ -4070,9 +4274,16 @@ def main(argv=None, environ=None):
     stop = threading.Event()
     previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     host = server.server_address[0]
-    url_host = args.host if ":" not in args.host else "[{}]".format(args.host)
+    # The URL SDKs accept over plain http names a loopback address: for a server
+    # bound to every address (0.0.0.0, ::), that is the loopback one.
+    loopback = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host)
+    url_host = loopback or args.host
+    url_host = url_host if ":" not in url_host else "[{}]".format(url_host)
     say("Serving {} credentials for {} at http://{}:{}/".format(
         args.permission, describe_buckets(args.buckets), url_host, server.server_port))
+    if loopback:
+        say("Listening on every address ({}): other machines use this one's name or "
+            "address".format(args.host))
     say("Duration: {} seconds".format(args.duration))
     if args.prefix != "*":
         say("Prefix: only keys starting with '{}'".format(args.prefix.rstrip("*")))
@@ -4085,9 +4296,7 @@ def main(argv=None, environ=None):
     # where the command's exit stops the server, a short poll lets us exit at once.
     threading.Thread(target=server.serve_forever, name="server", daemon=True,
                      kwargs={"poll_interval": 0.05 if args.command else 0.5}).start()
-    # The URL SDKs accept over plain http names a loopback address: for a server
-    # bound to every address (0.0.0.0, ::), that is the loopback one.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    host = loopback or host
     full_uri = "http://{}:{}/".format(
         "[{}]".format(host) if ":" in host else host, server.server_port)
     code = 0
@@ -4111,8 +4320,8 @@ def main(argv=None, environ=None):
             elif token_origin == "generated":
                 say("Clients must send the generated token as the Authorization header: "
                     "the lines on stdout set up a shell for that")
-                sys.stdout.write(shell_setup(env))
-                sys.stdout.flush()
+                sys.stdout.write(shell_setup(env, os.getpid()))
+                release_stdout()
             elif token_origin:
                 say("Clients must send the token from {} as the Authorization "
                     "header".format(token_origin))

@@ -6,6 +6,7 @@ import pytest
 from helpers import ACCOUNT, MotoServer, RecordingProxy, ScriptProcess, clean_env
 
 BUCKET = "my-bucket"
+ROOT = "arn:aws:iam::{}:root".format(ACCOUNT)
 ADMIN_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Action": "*", "Resource": "*"}]})
 S3_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [
@@ -39,9 +40,15 @@ def moto(tmp_path_factory):
     server.nobody = make_user(iam, "nobody")
     tester_arn = "arn:aws:iam::{}:user/tester".format(ACCOUNT)
     for role in ("s3-credentials.AmazonS3FullAccess", "uploader"):
-        arn = iam.create_role(RoleName=role, AssumeRolePolicyDocument=trusting(tester_arn),
+        # The default role trusts the account, as the one the script creates does, and
+        # the tester by name: moto matches principals literally.
+        trusted = [ROOT, tester_arn] if role.startswith("s3-credentials") else tester_arn
+        arn = iam.create_role(RoleName=role, AssumeRolePolicyDocument=trusting(trusted),
                               MaxSessionDuration=43200)["Role"]["Arn"]
         iam.put_role_policy(RoleName=role, PolicyName="s3", PolicyDocument=S3_POLICY)
+    # What the script checks the default role for (moto does not enforce it).
+    iam.attach_role_policy(RoleName="s3-credentials.AmazonS3FullAccess",
+                           PolicyArn="arn:aws:iam::aws:policy/AmazonS3FullAccess")
     server.uploader_arn = arn
     # A role the tester may not assume: it trusts 'nobody' only.
     server.stranger_arn = iam.create_role(

@@ -2,8 +2,10 @@
 
 import email.utils
 import io
+import json
 import socket
 import urllib.error
+import urllib.parse
 
 import pytest
 from test_units import ASSUME_ROLE
@@ -135,13 +137,13 @@ def test_session_token_is_sent_and_user_agent_unsigned():
 
 
 @pytest.mark.parametrize("status, message", [
-    (404, "bucket 'b' does not exist"),
-    (403, "access to bucket 'b' is denied to these credentials (it may exist, but they "
+    (404, "bucket 'bkt' does not exist"),
+    (403, "access to bucket 'bkt' is denied to these credentials (it may exist, but they "
           "cannot see it)")])
 def test_head_bucket_errors(status, message):
     made, _, _, _ = client(Answer(status))
     with pytest.raises(s.LocalServerError) as caught:
-        made.head_bucket("b")
+        made.head_bucket("bkt")
     assert str(caught.value) == message
 
 
@@ -180,6 +182,65 @@ def test_old_role_access_denied_is_final():
     assert len(opener.requests) == 1
 
 
+def iam_answer(action, result):
+    return Answer(200, ("<{0}Response xmlns=\"https://iam.amazonaws.com/doc/2010-05-08/\">"
+                        "<{0}Result>{1}</{0}Result></{0}Response>").format(
+                            action, result).encode())
+
+
+ROLE_ARN = "arn:aws:iam::111122223333:role/s3-credentials.AmazonS3FullAccess"
+GET_ROLE = iam_answer("GetRole", "<Role><Arn>{}</Arn><AssumeRolePolicyDocument>{}"
+                      "</AssumeRolePolicyDocument></Role>".format(ROLE_ARN, urllib.parse.quote(
+                          json.dumps({"Statement": [{"Effect": "Allow",
+                                                     "Action": "sts:AssumeRole",
+                                                     "Principal": {"AWS": "111122223333"}}]}))))
+
+
+def attached_page(*arns, marker=None):
+    members = "".join("<member><PolicyArn>{}</PolicyArn></member>".format(arn) for arn in arns)
+    more = "<IsTruncated>true</IsTruncated><Marker>{}</Marker>".format(marker) if marker else \
+        "<IsTruncated>false</IsTruncated>"
+    return iam_answer("ListAttachedRolePolicies",
+                      "<AttachedPolicies>{}</AttachedPolicies>{}".format(members, more))
+
+
+def default_role_maker(*answers):
+    made, opener, _, logged = client(*answers)
+    maker = s.CredentialMaker(made, "role", "{}", 3600, "read-write", "b", log=logged.append)
+    return maker, opener, logged
+
+
+def test_existing_role_policy_found_on_a_later_page():
+    maker, opener, logged = default_role_maker(
+        GET_ROLE, attached_page("arn:aws:iam::aws:policy/Other", marker="m1"),
+        attached_page("arn:aws:iam::aws:policy/AmazonS3FullAccess"))
+    maker.prepare()
+    assert maker.role_arn == ROLE_ARN and logged == []
+    assert b"Marker=m1" in opener.requests[2].data and len(opener.requests) == 3
+
+
+def test_existing_role_whose_policy_cannot_be_listed_warns():
+    maker, opener, logged = default_role_maker(
+        GET_ROLE, Answer(403, ERROR.format("AccessDenied", "no").encode()))
+    maker.prepare()
+    assert maker.role_arn == ROLE_ARN and len(opener.requests) == 2
+    assert logged[0].startswith("Warning: cannot check that IAM role "
+                                "s3-credentials.AmazonS3FullAccess has")
+
+
+def test_existing_role_without_policy_that_may_not_be_attached_stops():
+    maker, opener, logged = default_role_maker(
+        GET_ROLE, attached_page(), Answer(403, ERROR.format("AccessDenied", "no").encode()))
+    with pytest.raises(s.LocalServerError) as caught:
+        maker.prepare()
+    assert not isinstance(caught.value, s.AWSError)
+    assert "(AccessDenied: no)" in str(caught.value)
+    assert str(caught.value).endswith(
+        "aws iam attach-role-policy --role-name s3-credentials.AmazonS3FullAccess "
+        "--policy-arn arn:aws:iam::aws:policy/AmazonS3FullAccess")
+    assert "attaching it..." in logged[0]
+
+
 @pytest.mark.parametrize("message, hint", [
     ("The requested DurationSeconds exceeds the MaxSessionDuration set for this role.",
      "use a shorter --duration or raise the role's maximum session duration"),
@@ -193,7 +254,10 @@ def test_duration_limits_explained(message, hint):
 def test_expired_base_token_explained():
     text = s.explain(s.AWSError("ExpiredToken", "The security token included in the request "
                                 "is expired", 400))
-    assert "base credentials have expired" in text
+    assert "the script's own credentials have expired" in text
+    # Issue 24, 8: where they came from, as the other key errors say it.
+    assert "the script's own credentials (from profile work) have expired" in s.explain(
+        s.AWSError("ExpiredToken", "expired", 400), "profile work")
 
 
 def test_head_bucket_retries_transient_answers():

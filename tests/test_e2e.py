@@ -13,7 +13,17 @@ import pytest
 
 import s3_localserver
 from conftest import BUCKET
-from helpers import ACCOUNT, BIN, MotoServer, RecordingProxy, aws_calls, clean_env, run_script
+from helpers import (
+    ACCOUNT,
+    BIN,
+    Fault,
+    MotoServer,
+    RecordingProxy,
+    aws_calls,
+    aws_error,
+    clean_env,
+    run_script,
+)
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
@@ -50,7 +60,7 @@ def test_default_role_lookup_with_auth_file(moto, start, home, proxy):
     assert int(headers["Content-Length"]) == len(body)
     doc = json.loads(body.decode())
     check_document(doc, 3600)
-    assert aws_calls(proxy) == ["S3 HEAD", "GetRole", "AssumeRole"]
+    assert aws_calls(proxy) == ["S3 HEAD", "GetRole", "ListAttachedRolePolicies", "AssumeRole"]
     params = proxy.params("AssumeRole")
     assert params["RoleArn"] == "arn:aws:iam::{}:role/s3-credentials.AmazonS3FullAccess".format(
         ACCOUNT)
@@ -199,6 +209,105 @@ def test_creates_default_role_when_missing(tmp_path, home, start):
         moto.stop()
 
 
+DEFAULT_ROLE = "s3-credentials.AmazonS3FullAccess"
+S3_FULL_ACCESS = "arn:aws:iam::aws:policy/AmazonS3FullAccess"
+
+
+@pytest.fixture
+def own_moto(tmp_path, home):
+    """A moto of its own, authentication off, bucket 'fresh', no default role; its proxy
+    (faults only for the IAM action in ``own_moto.fault_on``) and fake keys."""
+    moto = MotoServer(str(tmp_path / "moto.log"))
+    moto.client("s3").create_bucket(Bucket="fresh")
+    moto.fault_on = b"-"
+    moto.proxy = RecordingProxy(moto.url, match=lambda method, body: (
+        b"Action=" + moto.fault_on + b"&") in body)
+    moto.env = clean_env(home, AWS_ACCESS_KEY_ID="AKIAIOSFODNN7EXAMPLE",
+                         AWS_SECRET_ACCESS_KEY="anything", AWS_REGION="us-east-1")
+    moto.args = ["fresh", "-d", "1h", "--endpoint-url", moto.proxy.url]
+    yield moto
+    moto.proxy.stop()
+    moto.stop()
+
+
+def attached(moto):
+    return [policy["PolicyArn"] for policy in moto.client("iam").list_attached_role_policies(
+        RoleName=DEFAULT_ROLE)["AttachedPolicies"]]
+
+
+def test_role_left_without_its_policy_is_repaired(own_moto, start):
+    """Issue 24, 1: the attach fails once (moto without its managed policies says
+    NoSuchEntity): that start-up stops with one line, and the next one attaches it."""
+    own_moto.fault_on = b"AttachRolePolicy"
+    own_moto.proxy.faults.put(aws_error(
+        "NoSuchEntity", "Policy {} does not exist or is not attachable.".format(S3_FULL_ACCESS),
+        404))
+    code, _, err = run_script(own_moto.args + ["-p", "0"], own_moto.env)
+    assert code == 1
+    assert err.splitlines()[-1].startswith(
+        "Error: could not attach {} to IAM role {} (NoSuchEntity: ".format(S3_FULL_ACCESS,
+                                                                          DEFAULT_ROLE))
+    assert "aws iam attach-role-policy --role-name {} --policy-arn {}".format(
+        DEFAULT_ROLE, S3_FULL_ACCESS) in err
+    assert attached(own_moto) == []  # the role is left half-made
+
+    del own_moto.proxy.requests[:]
+    server = start(own_moto.args, own_moto.env)
+    server.fetch_json()
+    assert aws_calls(own_moto.proxy) == ["S3 HEAD", "GetRole", "ListAttachedRolePolicies",
+                                         "AttachRolePolicy", "AssumeRole"]
+    assert "IAM role {} exists without {} (an earlier start-up stopped half-way?); " \
+        "attaching it...".format(DEFAULT_ROLE, S3_FULL_ACCESS) in server.lines
+    assert attached(own_moto) == [S3_FULL_ACCESS]
+
+
+def test_create_role_sent_again_after_iam_acted(own_moto, start):
+    """The answer to CreateRole is lost after IAM made the role: the retry's
+    EntityAlreadyExists is success, and the policy is still attached."""
+    own_moto.fault_on = b"CreateRole"
+    own_moto.proxy.faults.put(Fault("truncate"))
+    server = start(own_moto.args, own_moto.env)
+    server.fetch_json()
+    assert aws_calls(own_moto.proxy) == ["S3 HEAD", "GetRole", "GetCallerIdentity",
+                                         "CreateRole", "CreateRole", "GetRole",
+                                         "AttachRolePolicy", "AssumeRole"]
+    assert b"EntityAlreadyExists" in own_moto.proxy.requests[-4]["response"]
+    assert attached(own_moto) == [S3_FULL_ACCESS]
+
+
+def test_attach_sent_again_after_iam_acted(own_moto, start):
+    """The answer to AttachRolePolicy is lost after IAM attached it: sent again, IAM
+    answers success (an attached policy may be attached again), and it serves."""
+    own_moto.fault_on = b"AttachRolePolicy"
+    own_moto.proxy.faults.put(Fault("truncate"))
+    server = start(own_moto.args, own_moto.env)
+    server.fetch_json()
+    assert aws_calls(own_moto.proxy) == ["S3 HEAD", "GetRole", "GetCallerIdentity",
+                                         "CreateRole", "AttachRolePolicy", "AttachRolePolicy",
+                                         "AssumeRole"]
+    assert attached(own_moto) == [S3_FULL_ACCESS]
+
+
+def test_role_whose_trust_policy_shuts_the_caller_out(own_moto):
+    """An existing default role that trusts someone else: one line that says so, before
+    any AssumeRole (moto, authentication off, would let anyone assume it)."""
+    iam = own_moto.client("iam")
+    iam.create_role(RoleName=DEFAULT_ROLE, AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": "sts:AssumeRole",
+            "Principal": {"AWS": "arn:aws:iam::{}:user/someone-else".format(ACCOUNT)}}]}))
+    iam.attach_role_policy(RoleName=DEFAULT_ROLE, PolicyArn=S3_FULL_ACCESS)
+    caller = own_moto.client("sts").get_caller_identity()["Arn"]
+    code, _, err = run_script(own_moto.args + ["-p", "0"], own_moto.env, timeout=30)
+    assert code == 1
+    assert err.splitlines()[-1] == (
+        "Error: the trust policy of IAM role {0} does not let {1} assume it (it should allow "
+        "sts:AssumeRole for the account's root, arn:aws:iam::{2}:root); fix it with 'aws iam "
+        "update-assume-role-policy --role-name {0} --policy-document ...' or use "
+        "--role-arn".format(DEFAULT_ROLE, caller, ACCOUNT))
+    assert "AssumeRole" not in own_moto.proxy.actions()
+
+
 def write_profiles(tmp_path, moto, credentials_profile="tester", config_extra=""):
     credentials = tmp_path / "credentials"
     credentials.write_text("[{}]\naws_access_key_id = {}\naws_secret_access_key = {}\n".format(
@@ -254,7 +363,7 @@ def test_endpoint_url_option_beats_variables(moto, start, tester_env, proxy):
                      "http://127.0.0.1:9")
     server = start([BUCKET, "-d", "1h", "--endpoint-url", proxy.url], env)
     server.fetch_json()
-    assert aws_calls(proxy) == ["S3 HEAD", "GetRole", "AssumeRole"]
+    assert aws_calls(proxy) == ["S3 HEAD", "GetRole", "ListAttachedRolePolicies", "AssumeRole"]
 
 
 def test_keep_alive_and_malformed_requests(moto, start, tester_env):
@@ -327,6 +436,31 @@ def test_bucket_missing(moto, tester_env):
     assert line == "Error: bucket 'no-such-bucket' does not exist"
 
 
+def test_bucket_missing_whose_name_breaks_todays_rules(moto, tester_env):
+    """Issue 24, 6: 'My_Bucket' could be an old us-east-1 bucket, so it is looked for;
+    not found, the answer says its name could not be made today, and guesses."""
+    line = bad(["My_Bucket", "-d", "1h", "--endpoint-url", moto.url, "-p", "0"],
+               tester_env())
+    assert line == (
+        "Error: bucket 'My_Bucket' does not exist (nor could it be made today: bucket names "
+        "are 3 to 63 lowercase letters, digits, dots and hyphens; capitals and underscores "
+        "survive only in old us-east-1 buckets; did you mean 'my-bucket'?)")
+
+
+def test_port_in_use_says_what_to_do(tester_env):
+    """Issue 24, 7: the port is taken (by a listener of this test, on loopback)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        line = bad([BUCKET, "-d", "1h", "--host", "127.0.0.1", "-p", str(port),
+                    "--endpoint-url", "http://127.0.0.1:9"], tester_env())
+    assert line == (
+        "Error: cannot listen on 127.0.0.1:{}: Address already in use (another server, "
+        "perhaps another s3_localserver, is using that port: stop it, or choose a port with "
+        "-p N, or -p 0 for a free one)".format(port))
+
+
 def test_bucket_access_denied_is_not_missing(moto, home):
     env = clean_env(home, AWS_ACCESS_KEY_ID=moto.nobody["AccessKeyId"],
                     AWS_SECRET_ACCESS_KEY=moto.nobody["SecretAccessKey"])
@@ -392,6 +526,13 @@ def test_port_in_use(moto, tester_env):
     (["-d", "13h"], 2, "between 15 minutes and 12 hours"),
     (["-d", "soon"], 2, "duration must look like"),
     (["-d", "1h30"], 2, "(did you mean 1h30m?)"),
+    # Issue 24, 9 and 6: a spelled-out unit gets a guess; contradictions are refused.
+    (["-d", "1hr"], 2, "not '1hr' (did you mean 1h?)"),
+    (["-d", "30 mins"], 2, "not '30 mins' (did you mean 30m?)"),
+    (["-d", "1h", "--auth-token", "tok-en", "--auth-token-file", "token.txt"], 2,
+     "give --auth-token or --auth-token-file, not both"),
+    (["-d", "1h", "--"], 2, "nothing after '--': give the command to run, or leave '--' out "
+                            "to serve"),
     ([], 2, "the following arguments are required: -d/--duration"),
     (["-d", "1h", "--read-only", "--write-only"], 2, "not allowed with argument"),
     (["-d", "1h", "--statement", "{not json"], 2, "--statement is not valid JSON"),

@@ -165,9 +165,9 @@ def test_expired_base_credentials_reported(moto, home, sts_proxy):
                                  moto.uploader_arn], env)
     assert code == 1
     assert err.splitlines()[-1] == (
-        "Error: ExpiredToken: The security token included in the request is expired (the base "
-        "credentials have expired; renew them (for example 'aws sso login') and start the "
-        "server again)")
+        "Error: ExpiredToken: The security token included in the request is expired (the "
+        "script's own credentials (from environment) have expired; renew them (for example "
+        "'aws sso login') and start the server again)")
     assert len(assume_attempts(sts_proxy)) == 1
 
 

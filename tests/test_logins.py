@@ -712,3 +712,38 @@ def test_unreadable_files_give_one_error_line(home, tmp_path, which, content, me
     assert code == 1
     assert err.splitlines() == [err.strip()]
     assert err.startswith("Error: {} {}".format(tmp_path / which, message)), err
+
+
+@pytest.mark.parametrize("which", ["config", "credentials"])
+def test_a_directory_for_a_file_is_named(home, tmp_path, which):
+    """Issue 24, 5: AWS_CONFIG_FILE (or the credentials file) naming a directory was
+    read as no file at all; now it is one line that names it."""
+    (tmp_path / "config").write_text("[default]\n")
+    (tmp_path / "credentials").write_text("[default]\n")
+    (tmp_path / which).unlink()
+    (tmp_path / which).mkdir()
+    env = clean_env(home, AWS_CONFIG_FILE=tmp_path / "config",
+                    AWS_SHARED_CREDENTIALS_FILE=tmp_path / "credentials")
+    code, out, err = run_script(["--print-identity"], env)
+    assert (code, err) == (1, "Error: {} is a directory, not a file\n".format(tmp_path / which))
+
+
+def test_a_file_that_cannot_be_opened_is_named(tmp_path, monkeypatch):
+    """Issue 24, 5: a file there but unreadable (mode 0 as another user; the tests run as
+    root, for whom mode 0 is readable, so the refusal is made by open itself)."""
+    (tmp_path / "credentials").write_text("[default]\naws_access_key_id = AKIA\n")
+    real_open = open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path) == str(tmp_path / "credentials"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", refusing_open)
+    env = {"AWS_CONFIG_FILE": str(tmp_path / "missing"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials")}
+    with pytest.raises(s.LocalServerError) as caught:
+        s.AWSFiles(env)
+    assert str(caught.value) == "{} cannot be read (Permission denied)".format(
+        tmp_path / "credentials")
+    assert s.AWSFiles(dict(env, AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+                      ).credentials.sections() == []  # missing is still no file

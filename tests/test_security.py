@@ -3,6 +3,7 @@ and abuse of the HTTP layer.  Each attack is tried on the real script."""
 
 import http.client
 import json
+import re
 import socket
 import time
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 import s3_localserver as s
 from conftest import BUCKET
-from helpers import clean_env, free_port, run_script
+from helpers import ScriptProcess, clean_env, free_port, run_script
 
 
 def request(server, method="GET", path="/", headers=None, host=None):
@@ -184,6 +185,22 @@ def test_generated_token(moto, start, tester_env):
     assert lines[0] == "export AWS_CONTAINER_CREDENTIALS_FULL_URI={}".format(server.url)
     token = lines[1].partition("export AWS_CONTAINER_AUTHORIZATION_TOKEN=")[2]
     assert len(token) >= 43 and token not in server.output
+
+
+def test_every_address_prints_a_url_sdks_accept(moto, tester_env):
+    """Issue 24, 6: bound to 0.0.0.0, the printed URL names 127.0.0.1 (SDKs refuse plain
+    http to anything but loopback), and a line says where it listens."""
+    server = ScriptProcess([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-p", "0",
+                            "--host", "0.0.0.0", "--auth-token", TOKEN], tester_env())
+    try:
+        assert re.match(r"^http://127\.0\.0\.1:\d+/$", server.url), server.lines
+        at = next(i for i, line in enumerate(server.lines) if line.startswith("Serving "))
+        assert server.lines[at + 1] == ("Listening on every address (0.0.0.0): other "
+                                        "machines use this one's name or address")
+        status, _, _ = server.fetch(headers={"Authorization": TOKEN})
+        assert status == 200
+    finally:
+        assert server.finish() == 0
 
 
 def test_non_loopback_without_token(home):

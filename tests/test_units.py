@@ -377,3 +377,36 @@ def test_windows_command_split_examples():
         r"C:\Program Files\aws.exe", "configure", "export-credentials", "--profile",
         "my profile"]
     assert s.split_windows_command(r'a\\\"b "" c\\') == ['a\\"b', "", "c\\\\"]
+
+
+ROLE = "arn:aws:iam::111122223333:role/s3-credentials.AmazonS3FullAccess"
+
+
+def trust(principal, action="sts:AssumeRole", effect="Allow"):
+    return {"Version": "2012-10-17", "Statement": [
+        {"Effect": effect, "Action": action, "Principal": principal}]}
+
+
+@pytest.mark.parametrize("policy, caller, admitted", [
+    (trust({"AWS": "arn:aws:iam::111122223333:root"}), None, True),
+    (trust({"AWS": "111122223333"}), None, True),
+    (trust({"AWS": "*"}), None, True),
+    (trust("*"), None, True),
+    (trust({"AWS": ["arn:aws:iam::444455556666:root"]}), None, False),
+    (trust({"AWS": "arn:aws:iam::111122223333:root"}, effect="Deny"), None, False),
+    (trust({"AWS": "arn:aws:iam::111122223333:root"}, action="s3:*"), None, False),
+    (trust({"AWS": "arn:aws:iam::111122223333:root"}, action=["sts:*"]), None, True),
+    (trust({"Service": "ec2.amazonaws.com"}), None, False),
+    (trust({"AWS": "arn:aws:iam::111122223333:user/ann"}), None, False),
+    (trust({"AWS": "arn:aws:iam::111122223333:user/ann"}),
+     "arn:aws:iam::111122223333:user/ann", True),
+    (trust({"AWS": "arn:aws:iam::111122223333:user/bob"}),
+     "arn:aws:iam::111122223333:user/ann", False),
+    (trust({"AWS": "arn:aws:iam::111122223333:role/team/dev"}),
+     "arn:aws:sts::111122223333:assumed-role/dev/ann@example.com", True),
+    (trust({"AWS": "arn:aws:iam::444455556666:role/dev"}),
+     "arn:aws:sts::111122223333:assumed-role/dev/ann", False),
+    ({"Statement": "garbled"}, "arn:aws:iam::111122223333:user/ann", False),
+])
+def test_trust_admits(policy, caller, admitted):
+    assert s.trust_admits(policy, ROLE, caller) is admitted
