@@ -342,7 +342,8 @@ class Clock(object):
     goes back: the offset absorbs it.  Either way the next AWS answer sets
     the offset right again.
 
-    Calling a Clock gives the local wall time, so it stands in for time.time.
+    A Clock is not callable: ``aws_now()``, ``elapsed()`` and ``local_now()``
+    name which time a caller means.  There is one per run (AWSContext.clock).
     """
 
     resolution = 2.0  # seconds; AWS's Date header has whole seconds
@@ -357,12 +358,20 @@ class Clock(object):
 
     @classmethod
     def of(cls, clock=None):
-        """A Clock; None for the system's; a time function serves as both clocks (tests)."""
+        """A Clock; None for the system's; a time function serves as both clocks (tests).
+
+        A Clock's own aws_now is refused: wrapped in a new Clock, AWS's time would
+        pass for local time and the offset would be counted twice."""
         if clock is None:
             return cls()
-        return clock if isinstance(clock, Clock) else cls(clock, clock)
+        if isinstance(clock, Clock):
+            return clock
+        if isinstance(getattr(clock, "__self__", None), Clock):
+            raise TypeError("pass the Clock itself, not one of its methods")
+        return cls(clock, clock)
 
-    def __call__(self):
+    def local_now(self):
+        """The local wall clock (epoch seconds): for names and logs, never for expiry."""
         return self.wall()
 
     def _look(self):
@@ -872,12 +881,52 @@ def default_opener(environ=None):
     return ConnectionPool(_expand(bundle) if bundle else None, environ)
 
 
+class AWSContext(object):
+    """Everything an AWS call of this run needs besides credentials, in one place.
+
+    One per run: the one Clock (AWS's time, learnt once by whichever call first
+    hears it, and then used by every signer and by the credential cache), the
+    region, the endpoints (--endpoint-url, the environment, the profile's
+    endpoint_url and [services]), the environment that names proxies and the CA
+    bundle, and the one ConnectionPool.  Every AWSClient of a run, nested
+    profile clients and the SSO calls included, is made by ``client()``, so no
+    call can sign with another clock or go to another endpoint.
+    """
+
+    def __init__(self, region=None, endpoint_url=None, environ=None, endpoints=None,
+                 clock=None, pool=None, log=None, sleep=time.sleep):
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.environ = os.environ if environ is None else environ
+        self.endpoints = endpoints  # the config file's part (AWSFiles.endpoints)
+        self.clock = Clock.of(clock)
+        self.pool = pool or default_opener(self.environ)  # proxies and CA bundle apply
+        self.log = log or (lambda message: None)
+        self.sleep = sleep
+
+    def custom_endpoint(self, service):
+        """The URL the user set for ``service``, or None (see custom_endpoint)."""
+        return custom_endpoint(service, self.endpoint_url, self.environ, self.endpoints)
+
+    def endpoint(self, service, region=None):
+        """(base URL, signing region) of ``service``; in ``region`` if given."""
+        return service_endpoint(service, region or self.region, self.endpoint_url,
+                                self.environ, self.endpoints)
+
+    def client(self, credentials, timeout=REQUEST_TIMEOUT):
+        """An AWSClient signing with ``credentials`` (Credentials, BaseCredentials or
+        None for unsigned calls) and everything else of this run."""
+        return AWSClient(credentials, context=self, timeout=timeout)
+
+
 class AWSClient(object):
     """Signs and sends the few AWS calls this server needs.
 
-    ``opener``, ``clock`` and ``sleep`` are injectable so tests never wait or
-    reach a network.  Transient failures are retried like botocore does: at most
-    ``max_attempts`` tries with jittered exponential backoff.
+    Everything but the credentials comes from an AWSContext; the keyword
+    arguments build one for a client on its own (tests): ``opener``, ``clock``
+    and ``sleep`` are injectable so tests never wait or reach a network.
+    Transient failures are retried like botocore does: at most ``max_attempts``
+    tries with jittered exponential backoff.
     """
 
     max_attempts = 3
@@ -885,20 +934,22 @@ class AWSClient(object):
 
     def __init__(self, credentials, region=None, endpoint_url=None, environ=None,
                  opener=None, clock=None, sleep=time.sleep, timeout=REQUEST_TIMEOUT,
-                 log=None, endpoints=None):
+                 log=None, endpoints=None, context=None):
         # Credentials, or BaseCredentials that reload themselves before they expire
         # (None for a client that only makes unsigned calls).
         self.base = BaseCredentials.fixed(credentials) if isinstance(
             credentials, Credentials) else credentials
-        self.region = region
-        self.endpoint_url = endpoint_url
-        self.endpoints = endpoints  # the config file's endpoints (AWSFiles.endpoints)
-        self.environ = os.environ if environ is None else environ
-        self.opener = opener or default_opener(self.environ)
-        self.clock = Clock.of(clock)  # shared with the credential cache: AWS's time
-        self.sleep = sleep
+        self.context = context or AWSContext(region, endpoint_url, environ, endpoints, clock,
+                                             opener, log, sleep)
         self.timeout = timeout
-        self.log = log or (lambda message: None)
+
+    # The run's settings, read from the context: a client has no copy to go stale.
+    region = property(lambda self: self.context.region)
+    environ = property(lambda self: self.context.environ)
+    opener = property(lambda self: self.context.pool)
+    clock = property(lambda self: self.context.clock)
+    sleep = property(lambda self: self.context.sleep)
+    log = property(lambda self: self.context.log)
 
     @property
     def partition(self):
@@ -909,8 +960,7 @@ class AWSClient(object):
         return self.clock.offset
 
     def endpoint(self, service):
-        return service_endpoint(service, self.region, self.endpoint_url, self.environ,
-                                self.endpoints)
+        return self.context.endpoint(service)
 
     # -- transport ---------------------------------------------------------
 
@@ -1076,10 +1126,8 @@ class AWSClient(object):
         return xml_find(root, "CreateRoleResult", "Role", "Arn")
 
     def bucket_url(self, bucket, region):
-        base, signing_region = service_endpoint("s3", region, self.endpoint_url, self.environ,
-                                                self.endpoints)
-        if custom_endpoint("s3", self.endpoint_url, self.environ, self.endpoints) or \
-                "." in bucket:
+        base, signing_region = self.context.endpoint("s3", region)
+        if self.context.custom_endpoint("s3") or "." in bucket:
             # Path style: custom endpoints (moto, MinIO) and dotted names, whose
             # virtual host would not match AWS's TLS certificate.
             return "{}/{}".format(base, uri_encode(bucket)), signing_region
@@ -1190,10 +1238,10 @@ class BaseCredentials(object):
     refresh_margin = 15 * 60.0
     expiry_floor = 60.0
 
-    def __init__(self, load, source, clock=time.time, is_role=False):
+    def __init__(self, load, source, clock=None, is_role=False):
         self.load = load
         self.source = source  # where they come from, for messages
-        self.clock = clock
+        self.clock = Clock.of(clock)  # they expire on AWS's clock
         self.is_role = is_role
         self._lock = threading.Lock()  # one reload at a time
         self._current = None
@@ -1206,7 +1254,7 @@ class BaseCredentials(object):
         with self._lock:
             current = self._current
             left = None if current is None or current.expiration is None else (
-                current.expiration - self.clock())
+                current.expiration - self.clock.aws_now())
             if current is None or (left is not None and left < self.refresh_margin):
                 try:
                     current = self._current = self.load()
@@ -1325,8 +1373,8 @@ def _assumes_role(settings):
     return bool(settings.get("role_arn")) and "web_identity_token_file" not in settings
 
 
-def _default_session_name(clock=time.time):
-    return "s3_localserver-{}".format(int(clock()))
+def _default_session_name(clock):
+    return "s3_localserver-{}".format(int(clock.local_now()))
 
 
 def read_auth_file(path):
@@ -1358,8 +1406,10 @@ def read_auth_file(path):
     return Credentials(*keys)
 
 
-def environment_source(environ):
-    """AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with a session token), if set."""
+def environment_source(environ, clock=None):
+    """AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with a session token), if set.
+
+    ``clock`` is taken as the other sources take it; these keys carry no expiry."""
     credentials = _static(environ, "the environment", "AWS_ACCESS_KEY_ID",
                           "AWS_SECRET_ACCESS_KEY", ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"))
     return BaseCredentials.fixed(credentials, "environment") if credentials else None
@@ -1403,7 +1453,7 @@ def _credentials_from_json(body, what, keys=("AccessKeyId", "SecretAccessKey", "
         raise LocalServerError("{} answered without usable credentials".format(what))
 
 
-def container_source(environ):
+def container_source(environ, clock=None):
     """The ECS/EKS container endpoint, if AWS_CONTAINER_CREDENTIALS_* say where it is."""
     full = environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
     relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
@@ -1427,10 +1477,10 @@ def container_source(environ):
             raise LocalServerError("the container credentials endpoint answered {}".format(
                 status))
         return _credentials_from_json(body, "the container credentials endpoint")
-    return BaseCredentials(load, "container endpoint", is_role=True)
+    return BaseCredentials(load, "container endpoint", clock, is_role=True)
 
 
-def instance_metadata_source(environ):
+def instance_metadata_source(environ, clock=None):
     """EC2 instance metadata (IMDSv2 only), unless AWS_EC2_METADATA_DISABLED is true."""
     if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
         return None
@@ -1454,7 +1504,7 @@ def instance_metadata_source(environ):
         if status != 200:
             raise LocalServerError("{} answered {} for role {}".format(what, status, role[0]))
         return _credentials_from_json(body, what)
-    return BaseCredentials(load, "instance metadata", is_role=True)
+    return BaseCredentials(load, "instance metadata", clock, is_role=True)
 
 
 def split_windows_command(command):
@@ -1490,7 +1540,7 @@ def split_windows_command(command):
     return parts
 
 
-def process_source(command, profile):
+def process_source(command, profile, clock=None):
     """A profile's credential_process: run it (no shell) and read its JSON."""
     import subprocess  # only needed for credential_process profiles
     what = "credential_process of profile '{}'".format(profile)
@@ -1518,7 +1568,7 @@ def process_source(command, profile):
             raise LocalServerError("{} must print JSON with \"Version\": 1".format(what))
         return _credentials_from_json(result.stdout, what, ("AccessKeyId", "SecretAccessKey",
                                                             "SessionToken", "Expiration"))
-    return BaseCredentials(load, "credential_process (profile {})".format(profile))
+    return BaseCredentials(load, "credential_process (profile {})".format(profile), clock)
 
 
 def web_identity_source(client, role_arn, token_file, session=None):
@@ -1597,7 +1647,7 @@ def _write_json_atomically(path, data):
         raise LocalServerError("cannot write {}: {}".format(path, error.strerror or error))
 
 
-def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
+def sso_source(files, name, settings, context):
     """An IAM Identity Center profile: the token `aws sso login` cached, exchanged at
     the SSO portal for the role's credentials.  An sso_session token about to
     expire is first refreshed at SSO OIDC, and the cache file updated, as the CLI
@@ -1622,13 +1672,13 @@ def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
     cache_file = os.path.join(_expand("~/.aws/sso/cache"),
                               hashlib.sha1(cache_key.encode("utf-8")).hexdigest() + ".json")
     suffix = _dns_suffix(partition_for_region(sso_region))
-    portal = (custom_endpoint("sso", None, environ, endpoints)
+    # --endpoint-url is the STS/IAM/S3 endpoint, not these: only their own settings.
+    portal = (custom_endpoint("sso", None, context.environ, context.endpoints)
               or "https://portal.sso.{}.{}".format(sso_region, suffix)).rstrip("/")
-    oidc = (custom_endpoint("sso-oidc", None, environ, endpoints)
+    oidc = (custom_endpoint("sso-oidc", None, context.environ, context.endpoints)
             or "https://oidc.{}.{}".format(sso_region, suffix)).rstrip("/") + "/token"
     login = "run 'aws sso login --profile {}'".format(name)
-
-    pool = default_opener(environ)  # AWS's services: proxies and CA bundle apply
+    clock, pool = context.clock, context.pool  # the run's: AWS's time, proxies, CA bundle
 
     def load():
         try:
@@ -1639,13 +1689,14 @@ def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
             raise LocalServerError("no SSO login found for profile '{}': {}".format(name, login))
         # botocore refreshes only tokens of sso_session logins; legacy ones hold no
         # refresh token anyway.
-        if session and sso_token_needs_refresh(cached, clock()):
-            fresh = refresh_sso_token(cached, oidc, start_url, sso_region, clock(), pool)
+        if session and sso_token_needs_refresh(cached, clock.aws_now()):
+            fresh = refresh_sso_token(cached, oidc, start_url, sso_region, clock.aws_now(),
+                                      pool)
             if fresh is not None:
                 _write_json_atomically(cache_file, fresh)
                 token, expires = fresh["accessToken"], fresh["expiresAt"]
         try:
-            expired = parse_timestamp(expires.replace("UTC", "Z")) <= clock()
+            expired = parse_timestamp(expires.replace("UTC", "Z")) <= clock.aws_now()
         except (ValueError, AttributeError):
             expired = True
         if expired:
@@ -1674,17 +1725,16 @@ class ProfileResolver(object):
     """Turns a profile into BaseCredentials, following source_profile chains as
     botocore's AssumeRoleProvider does."""
 
-    def __init__(self, files, environ, region, endpoint_url, mfa_code=None, ask=None,
-                 endpoints=None, use_environ=True, clock=time.time):
+    def __init__(self, files, context, mfa_code=None, ask=None, use_environ=True):
         self.files = files
-        self.environ = environ
-        self.region = region
-        self.endpoint_url = endpoint_url
+        # The run's AWSContext: its endpoints are the selected profile's, for every
+        # client of the chain (as botocore), and its clock is the one every signer uses.
+        self.context = context
+        self.environ = context.environ
+        self.clock = context.clock
         self.mfa_code = mfa_code
         self.ask = ask  # asks the user for an MFA code, or None when nobody can answer
-        self.endpoints = endpoints  # the selected profile's, for every client (as botocore)
         self.use_environ = use_environ  # AWS_WEB_IDENTITY_TOKEN_FILE...: not with --profile
-        self.clock = clock
 
     def settings(self, name):
         """A profile's settings, the credentials file's winning; None if it has none."""
@@ -1696,8 +1746,7 @@ class ProfileResolver(object):
         return settings
 
     def client(self, base):
-        return AWSClient(base, self.region, self.endpoint_url, self.environ, clock=self.clock,
-                         endpoints=self.endpoints)
+        return self.context.client(base)
 
     def resolve(self, name):
         """BaseCredentials for the selected profile, None if it has none, or LocalServerError."""
@@ -1715,12 +1764,11 @@ class ProfileResolver(object):
         if source is not None:
             return source
         if settings.get("sso_session") or settings.get("sso_start_url"):
-            return sso_source(self.files, name, settings, self.environ, self.clock,
-                              self.endpoints)
+            return sso_source(self.files, name, settings, self.context)
         keys = _static(credentials, "profile '{}' in {}".format(
             name, self.files.credentials_path))
         if keys is None and settings.get("credential_process"):
-            return process_source(settings["credential_process"], name)
+            return process_source(settings["credential_process"], name, self.clock)
         keys = keys or _static(config, "profile '{}' in {}".format(name, self.files.config_path))
         return BaseCredentials.fixed(keys, "profile " + name) if keys else None
 
@@ -1768,7 +1816,7 @@ class ProfileResolver(object):
             make = {"Environment": environment_source,
                     "Ec2InstanceMetadata": instance_metadata_source,
                     "EcsContainer": container_source}.get(credential_source)
-            source = make(self.environ) if make else None
+            source = make(self.environ, self.clock) if make else None
             if source is None:
                 raise LocalServerError("credential_source {} of profile '{}' gives no "
                                        "credentials".format(credential_source, name))
@@ -1834,14 +1882,15 @@ def _ask_on_terminal(prompt):
     return getpass.getpass(prompt)
 
 
-def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=time.time,
-                        files=None):
+def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=None,
+                        files=None, context=None):
     """Find the base credentials the way the AWS CLI does: BaseCredentials.
 
     First match wins: --access-key/--secret-key, -a/--auth, the environment
     keys (unless --profile is given), the profile (which includes web identity
     from AWS_WEB_IDENTITY_TOKEN_FILE), the container endpoint, then EC2
-    instance metadata.
+    instance metadata.  The clients a profile needs are made from ``context``
+    (by default one for ``environ``, ``region`` and ``clock``).
     """
     if args.access_key or args.secret_key:
         if not (args.access_key and args.secret_key):
@@ -1858,9 +1907,11 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=
             return source
     files = files or AWSFiles(environ)
     profile = selected_profile(args, environ)
-    resolver = ProfileResolver(files, environ, region, args.endpoint_url,
-                               getattr(args, "mfa_code", None), ask, files.endpoints(profile),
-                               use_environ=not args.profile, clock=clock)
+    if context is None:
+        context = AWSContext(region, args.endpoint_url, environ, files.endpoints(profile),
+                             clock)
+    resolver = ProfileResolver(files, context, getattr(args, "mfa_code", None), ask,
+                               use_environ=not args.profile)
     source = resolver.resolve(profile)
     if source is not None:
         return source
@@ -1873,7 +1924,7 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=
             (container_source, "container endpoint", "not configured"),
             (instance_metadata_source, "EC2 instance metadata",
              "disabled by AWS_EC2_METADATA_DISABLED")):
-        source = make(environ)
+        source = make(environ, context.clock)
         if source is None:
             looked.append("{} ({})".format(place, absent))
             continue
@@ -1949,7 +2000,7 @@ class CredentialMaker(object):
             account = self.client.get_caller_identity()["Account"]
             self.log("Creating IAM role {}...".format(DEFAULT_ROLE_NAME))
             arn = self.client.create_default_role(DEFAULT_ROLE_NAME, account)
-            self.role_created_at = self.client.clock()
+            self.role_created_at = self.client.clock.elapsed()
         self.role_arn = arn
 
     def __call__(self):
@@ -1969,7 +2020,7 @@ class CredentialMaker(object):
                     continue
                 # A role created moments ago is refused until IAM has propagated it.
                 new_role = self.role_created_at is not None and (
-                    self.client.clock() - self.role_created_at < self.propagation_wait)
+                    self.client.clock.elapsed() - self.role_created_at < self.propagation_wait)
                 if error.code != "AccessDenied" or not new_role:
                     raise
                 self.log("The new role is not usable yet (IAM propagation); retrying...")
@@ -3334,15 +3385,20 @@ def wait_for_signal(stop):
         pass
 
 
+def run_context(args, environ, files, log=None):
+    """The run's AWSContext: trust store, region and endpoints from the command line,
+    the environment and the profile."""
+    environ = trust_environment(args, environ, files)
+    return AWSContext(resolve_region(args, environ, files), args.endpoint_url, environ,
+                      configured_endpoints(args, environ, files), log=log)
+
+
 def print_identity(args, environ):
     """--print-identity: which credentials the script would use, and whose they are."""
     files = AWSFiles(environ)  # read once; the calls below only look things up
-    environ = trust_environment(args, environ, files)
-    region = resolve_region(args, environ, files)
-    base = resolve_credentials(args, environ, region, files=files)
-    identity = AWSClient(base, region, args.endpoint_url, environ,
-                         endpoints=configured_endpoints(args, environ, files)
-                         ).get_caller_identity()
+    context = run_context(args, environ, files)
+    base = resolve_credentials(args, context.environ, files=files, context=context)
+    identity = context.client(base).get_caller_identity()
     sys.stdout.write("{} (account {}, credentials from {})\n".format(
         identity["Arn"], identity["Account"], base.source))
     return 0
@@ -3427,18 +3483,16 @@ def start_server(args, environ, say, files):
     if unguarded and args.require_token:
         raise LocalServerError("refusing to serve on {} without an auth token "
                                "(--require-token); set --auth-token".format(args.host))
-    environ = trust_environment(args, environ, files)
-    region = resolve_region(args, environ, files)
+    context = run_context(args, environ, files, log=say)
+    region = context.region
     policy = policy_json(session_policy(args, region))  # too long: say so before any call
-    clock = Clock()  # AWS's time, learnt by the client, used by the cache
-    # Base credentials from STS or SSO expire on AWS's clock too.
-    base = resolve_credentials(args, environ, region, clock=clock.aws_now, files=files)
-    client = AWSClient(base, region, args.endpoint_url, environ, clock=clock, log=say,
-                       endpoints=configured_endpoints(args, environ, files))
+    # Every client signs with the context's clock, and the cache judges expiry by it.
+    base = resolve_credentials(args, context.environ, files=files, context=context)
+    client = context.client(base)
     mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
     maker = CredentialMaker(client, mode, policy, args.duration, args.permission, args.buckets,
                             role_arn=args.role_arn, log=say)
-    cache = CredentialCache(maker, maker.duration, clock=clock, log=say)
+    cache = CredentialCache(maker, maker.duration, clock=context.clock, log=say)
     rules = AccessRules([args.host] + args.allow_host, token)
     try:
         server = CredentialServer((args.host, args.port), cache, rules,
@@ -3476,8 +3530,7 @@ def start_server(args, environ, say, files):
             if isinstance(error, BucketDenied) and failure is None:
                 # Callers that may only assume the role: the served credentials must
                 # reach the bucket anyway, so they are the ones that decide.
-                served = AWSClient(cache.current()[0], region, args.endpoint_url, environ,
-                                   opener=client.opener, log=say)
+                served = context.client(cache.current()[0])
                 buckets[index] = _outcome(served.head_bucket, args.buckets[index])
         bucket_failure = next((error for _, error in buckets if error is not None), None)
         # The most useful error first: refused keys, then the role, then the bucket.

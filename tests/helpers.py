@@ -116,11 +116,14 @@ class RecordingProxy(object):
 
     Requests are forwarded byte for byte (Host header included, so moto checks
     the signature the script made).  ``faults`` holds Fault objects, consumed
-    one per matching request, to simulate a misbehaving AWS.
+    one per matching request, to simulate a misbehaving AWS.  ``clock`` (a time
+    function) dates the answers, for tests on an injected clock: the script learns
+    AWS's time from the Date header.
     """
 
-    def __init__(self, target, match=None):
+    def __init__(self, target, match=None, clock=None):
         self.target = target.replace("http://", "")
+        self.clock = clock
         self.requests = []  # (method, path, headers dict, body bytes, status)
         self.faults = queue.Queue()
         self.match = match or (lambda method, body: True)
@@ -179,6 +182,8 @@ class RecordingProxy(object):
                     if name.lower() not in ("content-length", "transfer-encoding",
                                             "connection", "date", "server"):
                         self.send_header(name, value)
+                if proxy.clock is not None and (fault is None or fault.kind != "skew"):
+                    headers["Date"] = self.date_time_string(proxy.clock())
                 self.send_header("Date", headers.get("Date") or self.date_time_string())
                 self.send_header("Content-Length", str(declared))
                 self.send_header("Connection", "close")
@@ -238,9 +243,11 @@ class StandIn(object):
     """A tiny local HTTP service answering by (method, path with query): a stand-in for
     the SSO portal and SSO OIDC, a container endpoint or instance metadata.  Each route
     is (status, body bytes) or a function (body bytes, headers) -> (status, body bytes);
-    every request is recorded as (method, path, lower-case headers, body bytes)."""
+    every request is recorded as (method, path, lower-case headers, body bytes).
+    ``clock`` (a time function) dates the answers, for a stand-in on an injected clock:
+    the script learns AWS's time from that Date."""
 
-    def __init__(self, routes):
+    def __init__(self, routes, clock=None):
         self.routes = routes
         self.requests = []
         stand_in = self
@@ -248,6 +255,11 @@ class StandIn(object):
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def date_time_string(self, timestamp=None):
+                if timestamp is None and clock is not None:
+                    timestamp = clock()
+                return http.server.BaseHTTPRequestHandler.date_time_string(self, timestamp)
 
             def answer(self):
                 length = int(self.headers.get("Content-Length") or 0)

@@ -180,7 +180,7 @@ def sts_stand_in(clock, seen):
         return 200, sts_answer("AssumeRoleWithWebIdentity", {
             "AccessKeyId": "ASIAWEB{}".format(len(seen)), "SecretAccessKey": "s",
             "SessionToken": "t", "Expiration": iso(clock.now + 3600)}).body
-    return StandIn({("POST", "/"): answer})
+    return StandIn({("POST", "/"): answer}, clock)
 
 
 def test_web_identity_token_file_rotated_between_reloads(files, tmp_path):
@@ -421,7 +421,8 @@ def test_mfa_code_once_per_session_with_user_keys(moto, roles, files):
     clock = Clock()
     session = role_credentials(moto, roles["login-source"], "mfa-session")
     session["Expiration"] = iso(clock.now + 12 * 3600)  # GetSessionToken's 12 hours
-    proxy = RecordingProxy(moto.url, match=lambda method, body: b"GetSessionToken" in body)
+    proxy = RecordingProxy(moto.url, match=lambda method, body: b"GetSessionToken" in body,
+                           clock=clock)
     proxy.faults.put(sts_answer("GetSessionToken", session))
     asked = []
 
@@ -473,7 +474,7 @@ def test_mfa_with_temporary_source_never_prompts_again(moto, roles, files):
     source = role_credentials(moto, roles["login-source"], "temporary")
     keys = "aws_access_key_id = {}\naws_secret_access_key = {}\naws_session_token = {}\n".format(
         source["AccessKeyId"], source["SecretAccessKey"], source["SessionToken"])
-    proxy = RecordingProxy(moto.url)
+    proxy = RecordingProxy(moto.url, clock=clock)
     asked = []
     env = dict(mfa_files(files, moto, roles["login-target"], keys), AWS_ENDPOINT_URL=proxy.url)
     try:

@@ -636,12 +636,14 @@ def test_sso_portal_is_reached_with_the_ca_bundle(throwaway_ca, tmp_path, monkey
         tmp_path / "none"), "AWS_ENDPOINT_URL_SSO": "https://localhost:{}".format(relay.port)}
     files = s.AWSFiles(environ)
     try:
-        untrusted = s.sso_source(files, "dev", files.section("profile", "dev"), environ)
+        untrusted = s.sso_source(files, "dev", files.section("profile", "dev"),
+                                 s.AWSContext(environ=environ))
         with pytest.raises(s.LocalServerError) as refused:
             untrusted.get()
         assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
         environ["AWS_CA_BUNDLE"] = throwaway_ca["ca.pem"]
-        trusted = s.sso_source(files, "dev", files.section("profile", "dev"), environ)
+        trusted = s.sso_source(files, "dev", files.section("profile", "dev"),
+                               s.AWSContext(environ=environ))
         assert trusted.get().access_key_id == "ASIASSOPORTAL"
     finally:
         relay.stop()
