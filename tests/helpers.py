@@ -3,6 +3,7 @@
 Everything listens on 127.0.0.1 only, on ports the OS picks.
 """
 
+import calendar
 import http.client
 import http.server
 import json
@@ -104,6 +105,30 @@ class Fault(object):
         self.headers = headers or {}
 
 
+def skew_refusal(method, headers, body, limit):
+    """AWS's answer to a request signed more than ``limit`` seconds off its time, as a
+    Fault; None for one signed in time (or no limit).  S3 answers a HEAD with a bare
+    403 (a HEAD answer has no body, so no code), other S3 calls RequestTimeTooSkewed,
+    and STS and IAM SignatureDoesNotMatch 'Signature expired'."""
+    stamp = headers.get("X-Amz-Date")
+    if limit is None or not stamp:
+        return None
+    signed = calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
+    if abs(signed - time.time()) <= limit:
+        return None
+    if method == "HEAD":
+        fault = Fault("status", 403)
+    elif b"Action=" in body:
+        fault = aws_error("SignatureDoesNotMatch", "Signature expired: {} is now earlier "
+                          "than the allowed window".format(stamp), 403)
+    else:
+        fault = Fault("status", 403, b"<Error><Code>RequestTimeTooSkewed</Code><Message>The "
+                      b"difference between the request time and the current time is too "
+                      b"large.</Message></Error>", headers={"Content-Type": "application/xml"})
+    fault.name = "skewed"
+    return fault
+
+
 def aws_error(code, message="injected", status=400):
     body = ("<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error>"
             "<Type>Sender</Type><Code>{}</Code><Message>{}</Message></Error>"
@@ -118,12 +143,15 @@ class RecordingProxy(object):
     the signature the script made).  ``faults`` holds Fault objects, consumed
     one per matching request, to simulate a misbehaving AWS.  ``clock`` (a time
     function) dates the answers, for tests on an injected clock: the script learns
-    AWS's time from the Date header.
+    AWS's time from the Date header.  With ``skew_limit`` (seconds), a request whose
+    X-Amz-Date is further than that from the real time is refused as AWS does (moto
+    does not check): see skew_refusal.
     """
 
-    def __init__(self, target, match=None, clock=None):
+    def __init__(self, target, match=None, clock=None, skew_limit=None):
         self.target = target.replace("http://", "")
         self.clock = clock
+        self.skew_limit = skew_limit
         self.requests = []  # (method, path, headers dict, body bytes, status)
         self.faults = queue.Queue()
         self.match = match or (lambda method, body: True)
@@ -138,15 +166,16 @@ class RecordingProxy(object):
             def handle_any(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                fault = None
-                if proxy.match(self.command, body):
+                fault = skew_refusal(self.command, self.headers, body, proxy.skew_limit)
+                if fault is None and proxy.match(self.command, body):
                     try:
                         fault = proxy.faults.get_nowait()
                     except queue.Empty:
                         fault = None
                 record = {"method": self.command, "path": self.path,
                           "headers": dict(self.headers.items()), "body": body,
-                          "fault": fault.kind if fault else None}
+                          "fault": getattr(fault, "name", None) or (
+                              fault.kind if fault else None)}
                 proxy.requests.append(record)
                 if fault is not None and fault.kind == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
