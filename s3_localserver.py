@@ -2136,13 +2136,14 @@ class CredentialCache(object):
 
     # -- readers -----------------------------------------------------------
 
-    def current(self):
+    def current(self, wait=True):
         """(Credentials, body) to serve now; raises Unavailable if none is valid.
 
         With less than ``min_lifetime`` left (as after a suspend) or nothing
-        valid at all, waits up to ``request_wait`` for the refresh.  While STS
-        fails, still-valid credentials are served at once, and with nothing
-        valid only an attempt under way or starting now is waited for.
+        valid at all, waits up to ``request_wait`` for the refresh (never with
+        ``wait`` False).  While STS fails, still-valid credentials are served at
+        once, and with nothing valid only an attempt under way or starting now
+        is waited for.
         """
         deadline = None
         with self._lock:
@@ -2166,7 +2167,7 @@ class CredentialCache(object):
                     worth_waiting = busy or next_at < deadline
                 if worth_waiting:
                     self._wake.set()
-                if not (self._running and worth_waiting and mono < deadline):
+                if not (wait and self._running and worth_waiting and mono < deadline):
                     break
                 self._changed.wait(deadline - mono)
             last_error = self._last_error
@@ -2184,6 +2185,14 @@ class CredentialCache(object):
             "no valid credentials" if current else "no credentials yet",
             "a refresh is under way" if under_way
             else "the next refresh starts in {}s".format(retry_after)), retry_after)
+
+    def answers_at_once(self):
+        """True if current() would serve credentials without waiting for a refresh."""
+        with self._lock:
+            current = self._current
+            now = self.clock.aws_now()
+            return self._valid(current, now) and (
+                current[0].expiration - now >= self.min_lifetime)
 
     @property
     def last_refresh(self):
@@ -2548,7 +2557,8 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     IMDS_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
     reason = None  # why the current request was refused, for the log line
     # True on the accepting thread's handler: it answers the one request already in,
-    # then closes whatever the headers ask, so that thread never waits on a client.
+    # then closes whatever the headers ask, and never waits for a refresh, so that
+    # thread never waits on a client or on STS.
     answer_once = False
 
     def setup(self):
@@ -2622,7 +2632,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
                            {"Allow": "GET, HEAD"})
         elif path in self.CREDENTIAL_PATHS:
             try:
-                _, body = self.server.cache.current()
+                _, body = self.server.cache.current(wait=not self.answer_once)
             except Unavailable as error:
                 self.send_unavailable(error)
                 return
@@ -2665,7 +2675,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         path = path[:-1] if path.endswith("/") else path
         if path == self.IMDS_CREDENTIALS + self.IMDS_ROLE:
             try:
-                credentials, _ = self.server.cache.current()
+                credentials, _ = self.server.cache.current(wait=not self.answer_once)
             except Unavailable as error:
                 self.send_unavailable(error)
                 return
@@ -2818,11 +2828,13 @@ class CredentialServer(http.server.HTTPServer):
         if busy:
             self.log_access(client_address[0], "-", "-", 503, "too many connections")
             self._refuse(request)
-        elif self._answer_now(request):
+        elif self._answer_now(request) and self.cache.answers_at_once():
             # A whole one-shot request is already here: answering it on this thread
             # costs no hand-over between threads.  This thread must never wait on a
             # client, so its handler reads no second request, whatever the headers
-            # say (http.server may read them otherwise than _answer_now does).
+            # say (http.server may read them otherwise than _answer_now does); nor on
+            # a refresh: with credentials due, every request goes to a worker (/healthz
+            # too, which never waits but would queue behind nothing here).
             self._serve(request, client_address, OneShotHandler)
         else:
             with self._deadlines_lock:
