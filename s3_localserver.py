@@ -42,6 +42,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -3286,14 +3287,37 @@ def client_config(files, profile):
     return "\n".join(lines) + "\n"
 
 
+def private_folder(environ):
+    """The user's own folder for the files handed to clients: $XDG_RUNTIME_DIR or
+    ~/.cache, then s3_localserver, made mode 0700.  Not the temporary folder: a shell
+    set up by --auth-token generate keeps naming those files after the server is
+    gone, and anyone may create a file of that name in /tmp (a credential_process
+    of theirs, run as this user by the next AWS command)."""
+    parent = environ.get("XDG_RUNTIME_DIR") or environ.get("XDG_CACHE_HOME") or "~/.cache"
+    folder = os.path.join(_expand(parent), "s3_localserver")
+    try:
+        os.makedirs(folder, 0o700, exist_ok=True)
+        status = os.lstat(folder)
+        owner = getattr(os, "getuid", None)  # POSIX: owned by us, open to nobody else
+        if owner is not None and (not stat.S_ISDIR(status.st_mode)
+                                  or status.st_uid != owner()):
+            raise LocalServerError("{} is not a folder of this user's".format(folder))
+        if os.name != "nt" and status.st_mode & 0o077:
+            os.chmod(folder, 0o700)
+    except OSError as error:
+        raise LocalServerError("cannot make the folder {}: {}".format(
+            folder, error.strerror or error))
+    return folder
+
+
 class ClientFiles(object):
     """A private folder holding the config file and the empty credentials file that a
     program using the served credentials is pointed at, so no profile of the user's
     (keys, SSO, credential_process...) can outrank the served credentials."""
 
-    def __init__(self, config_text):
+    def __init__(self, config_text, environ):
         import tempfile  # only for the files handed to clients
-        self.folder = tempfile.mkdtemp(prefix="s3_localserver-")  # mode 0700
+        self.folder = tempfile.mkdtemp(prefix="run-", dir=private_folder(environ))  # 0700
         self.config = os.path.join(self.folder, "config")
         self.credentials = os.path.join(self.folder, "credentials")
         for path, text in ((self.config, config_text), (self.credentials, "")):
@@ -3625,7 +3649,8 @@ def main(argv=None, environ=None):
     client_files = None
     try:
         if args.command or token_origin == "generated":
-            client_files = ClientFiles(client_config(files, selected_profile(args, environ)))
+            client_files = ClientFiles(client_config(files, selected_profile(args, environ)),
+                                       environ)
             env = client_environment(environ, full_uri, server.rules.token, region,
                                      client_files)
         if args.command:

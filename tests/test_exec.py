@@ -150,6 +150,36 @@ def test_generated_token_lines_set_up_a_shell_that_acts_as_the_role(moto, user_l
     assert SERVED_ROLE in result.stdout.decode()
 
 
+def creatable_by_others(path):
+    """Whether another local user could create ``path``: its nearest existing folder is
+    someone else's, or writable by group or others (as /tmp is, sticky bit or not)."""
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    status = os.stat(folder)
+    return status.st_uid != os.getuid() or bool(status.st_mode & 0o022)
+
+
+def test_generated_shell_names_no_file_others_can_create_once_stopped(moto, user_login, start):
+    """Issue 20, defect 4: the files the generated lines export must not be re-creatable
+    by another user (with a credential_process of theirs) once the server is gone."""
+    env, auth = user_login("keys")
+    server = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-a", auth,
+                    "--auth-token", "generate"], env)
+    deadline = time.time() + 30
+    while b"unset" not in server.stdout and time.time() < deadline:
+        time.sleep(0.05)
+    exported = dict(line[len("export "):].split("=", 1) for line in
+                    server.stdout.decode().splitlines() if line.startswith("export "))
+    paths = [exported[name] for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                                         "BOTO_CONFIG")]
+    assert all(os.path.isfile(path) for path in paths)
+    assert server.finish() == 0
+    for path in paths:
+        assert not os.path.exists(path)
+        assert not creatable_by_others(path), path
+
+
 # --- signals --------------------------------------------------------------------------------
 
 # Counts each delivery of SIGINT as the C-level handler sees it (one byte per delivery on
