@@ -3022,6 +3022,9 @@ OUTRANKING_VARIABLES = (
     "AWS_ROLE_SESSION_NAME",
     "AWS_CREDENTIAL_FILE",  # botocore's legacy EC2-tools key file
 )
+# The names SDKs read for the shared credentials file: a client gets the empty one.
+CREDENTIALS_FILE_VARIABLES = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CREDENTIAL_PROFILES_FILE",
+                              "BOTO_CONFIG")
 # What the child's generated config keeps of the profile the server used: settings
 # that shape requests, never one that is, names or obtains credentials.  A list of
 # the harmless rather than of the dangerous, so a login the SDKs add later stays out.
@@ -3336,10 +3339,13 @@ def client_environment(environ, url, token, region, files):
     if token is not None:
         env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
     env["AWS_CONFIG_FILE"] = files.config
-    env["AWS_SHARED_CREDENTIALS_FILE"] = files.credentials
-    # botocore also reads boto 2's ~/.boto and /etc/boto.cfg, before the container
-    # provider, unless BOTO_CONFIG names another file: the empty one.
-    env["BOTO_CONFIG"] = files.credentials
+    # Every SDK's name for the credentials file gets the empty one, as each reads it
+    # before the container provider: AWS_SHARED_CREDENTIALS_FILE (botocore, Go, JS,
+    # Ruby, PHP, .NET, Rust, C++, Java v2), AWS_CREDENTIAL_PROFILES_FILE (Java v1,
+    # Cognitect's aws-api), and BOTO_CONFIG (boto 2's ~/.boto and /etc/boto.cfg,
+    # which botocore reads too).
+    for name in CREDENTIALS_FILE_VARIABLES:
+        env[name] = files.credentials
     if region:
         env["AWS_REGION"] = region
         env.setdefault("AWS_DEFAULT_REGION", region)
@@ -3349,7 +3355,7 @@ def client_environment(environ, url, token, region, files):
 def shell_setup(env):
     """Shell lines that give a shell ``env``'s AWS settings (for --auth-token generate)."""
     names = ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-             "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "BOTO_CONFIG")
+             "AWS_CONFIG_FILE") + CREDENTIALS_FILE_VARIABLES
     lines = ["export {}={}".format(name, shlex.quote(env[name])) for name in names
              if name in env]
     lines.append("unset " + " ".join(OUTRANKING_VARIABLES))

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+import s3_localserver as s
 from conftest import BUCKET
 from helpers import BIN, SCRIPT, StandIn, clean_env, run_script
 
@@ -122,6 +123,43 @@ def test_child_gets_harmless_settings_and_no_credentials(moto, user_login):
     for name in ("AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
                  "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "AWS_CREDENTIAL_FILE"):
         assert name not in seen["names"]
+
+
+# Every variable an SDK reads for the shared credentials and config files (SDK sources):
+# botocore, Go, JavaScript, Ruby, PHP, .NET, Rust, C++ and Java v2 read these two;
+# Java v1 (CredentialsEnvVarOverrideLocationProvider) and Cognitect's aws-api read
+# AWS_CREDENTIAL_PROFILES_FILE, and boto 2 BOTO_CONFIG.
+CREDENTIALS_FILE_VARIABLES = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CREDENTIAL_PROFILES_FILE",
+                              "BOTO_CONFIG")
+
+
+def test_every_sdks_credentials_file_is_the_empty_one(moto, user_login, tmp_path):
+    """Issue 20, defect 5: Java SDK v1 reads AWS_CREDENTIAL_PROFILES_FILE (default
+    ~/.aws/credentials) before the container provider; it must name the empty file."""
+    env, auth = user_login("keys")
+    users_keys = tmp_path / "users-keys"
+    users_keys.write_text("[default]\naws_access_key_id = AKIAUSERSOWN\n"
+                          "aws_secret_access_key = users-own-secret\n")
+    env["AWS_CREDENTIAL_PROFILES_FILE"] = str(users_keys)
+    probe = ("import os, json; names = " + repr(CREDENTIALS_FILE_VARIABLES + ("AWS_CONFIG_FILE",))
+             + "; print(json.dumps({name: [os.environ.get(name), open(os.environ[name]).read() "
+               "if os.environ.get(name) else None] for name in names}))")
+    code, out, err = run_script([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-a", auth,
+                                 "--", sys.executable, "-c", probe], env)
+    assert code == 0, err
+    seen = json.loads(out)
+    empty = seen["AWS_SHARED_CREDENTIALS_FILE"]
+    for name in CREDENTIALS_FILE_VARIABLES:
+        assert seen[name] == empty and empty[1] == "", (name, seen)
+    assert seen["AWS_CONFIG_FILE"][0].startswith(os.path.dirname(empty[0]))
+    files = s.ClientFiles("", env)
+    try:
+        lines = s.shell_setup(s.client_environment(env, "http://127.0.0.1:1/", "t", None,
+                                                   files)).splitlines()
+    finally:
+        files.remove()
+    for name in CREDENTIALS_FILE_VARIABLES:
+        assert any(line.startswith("export {}=".format(name)) for line in lines), name
 
 
 def test_client_files_are_removed_after_the_command(moto, user_login, tmp_path):
