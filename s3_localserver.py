@@ -1836,16 +1836,19 @@ class ProfileResolver(object):
             extra.append(("ExternalId", settings["external_id"]))
         serial = settings.get("mfa_serial")
         used = []
+        code = self.mfa_code
+        if serial and code is None and self.ask is not None:
+            # Asked now, on the main thread, before anything runs in parallel: a prompt
+            # on another thread could not give the terminal its echo back when Ctrl+C
+            # ends the main thread.
+            code = self.ask("MFA code for {}: ".format(serial))
 
         def mfa_code():
-            # Only the first load may use --mfa-code or ask: a code works once, and
-            # later loads run in the refresher thread, where nobody can type one.
+            # Only the first load may use --mfa-code or the code typed: a code works
+            # once, and later loads run in the refresher thread, where nobody can type.
             if used:
                 raise LocalServerError("profile '{}' needs a new MFA code for {}: restart "
                                        "the server with --mfa-code".format(name, serial))
-            code = self.mfa_code
-            if code is None and self.ask is not None:
-                code = self.ask("MFA code for {}: ".format(serial))
             if not code:
                 raise LocalServerError("profile '{}' needs an MFA code for {}: give "
                                        "--mfa-code".format(name, serial))

@@ -10,11 +10,18 @@ that moto then checks on every later call.  Injected-clock tests drive
 BaseCredentials.get() with stand-ins for the SSO portal, SSO OIDC and STS.
 """
 
+import fcntl
 import hashlib
 import json
 import os
+import pty
 import re
+import select
+import signal
 import stat
+import subprocess
+import sys
+import termios
 import time
 import urllib.parse
 
@@ -24,6 +31,7 @@ import s3_localserver as s
 from conftest import ADMIN_POLICY, BUCKET, trusting
 from helpers import (
     ACCOUNT,
+    SCRIPT,
     RecordingProxy,
     StandIn,
     aws_error,
@@ -492,6 +500,47 @@ def test_mfa_with_temporary_source_never_prompts_again(moto, roles, files):
     (action, key, sent), = sts_calls(proxy)
     assert (action, key, sent["TokenCode"], sent["SerialNumber"]) == (
         "AssumeRole", source["AccessKeyId"], "111111", SERIAL)
+
+
+def read_until(fd, wanted, process, seconds=60):
+    """What the terminal's master side shows, until ``wanted`` appears."""
+    shown, deadline = b"", time.monotonic() + seconds
+    while wanted not in shown:
+        assert time.monotonic() < deadline and process.poll() is None, shown
+        if select.select([fd], [], [], 0.1)[0]:
+            shown += os.read(fd, 1024)
+    return shown
+
+
+def test_ctrl_c_at_the_mfa_prompt_leaves_the_terminal_echoing(moto, roles, files, home):
+    """Issue 20, defect 6: Ctrl+C while the MFA prompt has echo off; the terminal must
+    echo again once the script has exited with 130."""
+    env = clean_env(home, AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=moto.url,
+                    **mfa_files(files, moto, roles["login-target"], static_keys_of(moto)))
+    master, slave = pty.openpty()
+
+    def session():
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)  # the pty is its controlling terminal
+    process = subprocess.Popen([sys.executable, SCRIPT, BUCKET, "-d", "1h", "--profile", "mfa",
+                                "--role-arn", roles["login-target"], "-p", "0"], env=env,
+                               preexec_fn=session, stdin=slave, stdout=slave,
+                               stderr=subprocess.PIPE)
+    try:
+        read_until(master, b"MFA code for", process)
+        assert not termios.tcgetattr(slave)[3] & termios.ECHO  # getpass turned echo off
+        os.write(master, b"\x03")  # Ctrl+C: SIGINT to the terminal's foreground group
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 130, err.decode()
+        assert termios.tcgetattr(slave)[3] & termios.ECHO, "the terminal was left silent"
+        assert b"Traceback" not in err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+        os.close(slave)
 
 
 # --- 4. role chaining ------------------------------------------------------------------------
