@@ -1843,9 +1843,14 @@ class ProfileResolver(object):
             # ends the main thread.
             code = self.ask("MFA code for {}: ".format(serial))
 
+        refused = []  # AWS's answer to the one code, if it refused it
+
         def mfa_code():
             # Only the first load may use --mfa-code or the code typed: a code works
             # once, and later loads run in the refresher thread, where nobody can type.
+            # A code AWS refused is not sent again: its reason is told again instead.
+            if refused:
+                raise refused[0]
             if used:
                 raise LocalServerError("profile '{}' needs a new MFA code for {}: restart "
                                        "the server with --mfa-code".format(name, serial))
@@ -1855,20 +1860,31 @@ class ProfileResolver(object):
             used.append(True)
             return code.strip()
 
+        def with_code(call):
+            # call(code); AWS's refusal of the code is kept for mfa_code().
+            sent = mfa_code()
+            try:
+                return call(sent)
+            except AWSError as error:
+                if not error.transient:
+                    refused.append(error)
+                raise
+
         # With long-term keys one code buys a 12-hour MFA session (GetSessionToken, as
         # aws-vault does); its credentials then assume the role at every load, no code.
         mfa_session = self.client(BaseCredentials(
-            lambda: client.get_session_token(serial, mfa_code(), MFA_SESSION_DURATION),
+            lambda: with_code(lambda sent: client.get_session_token(
+                serial, sent, MFA_SESSION_DURATION)),
             "MFA session of profile {}".format(name), self.clock)) if serial else None
 
         def load():
-            params = list(extra)
-            signer = client
             if serial and source.get().session_token is None:
-                signer = mfa_session
-            elif serial:
-                params += [("SerialNumber", serial), ("TokenCode", mfa_code())]
-            return signer.assume_role(role_arn, session, None, duration, params)
+                return mfa_session.assume_role(role_arn, session, None, duration, extra)
+            if serial:
+                return with_code(lambda sent: client.assume_role(
+                    role_arn, session, None, duration,
+                    extra + [("SerialNumber", serial), ("TokenCode", sent)]))
+            return client.assume_role(role_arn, session, None, duration, extra)
         return BaseCredentials(load, "assume-role profile {}".format(name), self.clock,
                                is_role=True)
 

@@ -502,6 +502,25 @@ def test_mfa_with_temporary_source_never_prompts_again(moto, roles, files):
         "AssumeRole", source["AccessKeyId"], "111111", SERIAL)
 
 
+def test_refused_mfa_code_reports_aws_reason_and_is_sent_once(moto, roles, files, home):
+    """Issue 20, defect 7: STS refuses the --mfa-code given; its reason reaches the user
+    (not 'restart the server with --mfa-code'), and the code goes to STS once."""
+    proxy = RecordingProxy(moto.url, match=lambda method, body: b"GetSessionToken" in body)
+    reason = "MultiFactorAuthentication failed with invalid MFA one time pass code."
+    proxy.faults.put(aws_error("AccessDenied", reason, 403))
+    env = clean_env(home, AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=proxy.url,
+                    **mfa_files(files, moto, roles["login-target"], static_keys_of(moto)))
+    try:
+        code, out, err = run_script([BUCKET, "-d", "1h", "--profile", "mfa", "--mfa-code",
+                                     "123456"], env)
+    finally:
+        proxy.stop()
+    assert code == 1
+    assert "Error: AccessDenied: " + reason in err, err
+    assert "restart the server" not in err
+    assert sum(1 for action, _, _ in sts_calls(proxy) if action == "GetSessionToken") == 1
+
+
 def read_until(fd, wanted, process, seconds=60):
     """What the terminal's master side shows, until ``wanted`` appears."""
     shown, deadline = b"", time.monotonic() + seconds
