@@ -105,16 +105,16 @@ class Fault(object):
         self.headers = headers or {}
 
 
-def skew_refusal(method, headers, body, limit):
-    """AWS's answer to a request signed more than ``limit`` seconds off its time, as a
-    Fault; None for one signed in time (or no limit).  S3 answers a HEAD with a bare
-    403 (a HEAD answer has no body, so no code), other S3 calls RequestTimeTooSkewed,
-    and STS and IAM SignatureDoesNotMatch 'Signature expired'."""
+def skew_refusal(method, headers, body):
+    """AWS's answer to a request signed too far from its time, as a Fault; None for one
+    signed in time.  S3 allows 15 minutes and answers a HEAD with a bare 403 (a HEAD
+    answer has no body, so no code), other calls RequestTimeTooSkewed; STS and IAM
+    (query calls) allow 5 minutes and answer SignatureDoesNotMatch 'Signature expired'."""
     stamp = headers.get("X-Amz-Date")
-    if limit is None or not stamp:
+    if not stamp:
         return None
     signed = calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
-    if abs(signed - time.time()) <= limit:
+    if abs(signed - time.time()) <= (5 if b"Action=" in body else 15) * 60:
         return None
     if method == "HEAD":
         fault = Fault("status", 403)
@@ -143,15 +143,14 @@ class RecordingProxy(object):
     the signature the script made).  ``faults`` holds Fault objects, consumed
     one per matching request, to simulate a misbehaving AWS.  ``clock`` (a time
     function) dates the answers, for tests on an injected clock: the script learns
-    AWS's time from the Date header.  With ``skew_limit`` (seconds), a request whose
-    X-Amz-Date is further than that from the real time is refused as AWS does (moto
-    does not check): see skew_refusal.
+    AWS's time from the Date header.  With ``check_skew``, a request signed too far
+    from the real time is refused as AWS does (moto does not check): see skew_refusal.
     """
 
-    def __init__(self, target, match=None, clock=None, skew_limit=None):
+    def __init__(self, target, match=None, clock=None, check_skew=False):
         self.target = target.replace("http://", "")
         self.clock = clock
-        self.skew_limit = skew_limit
+        self.check_skew = check_skew
         self.requests = []  # (method, path, headers dict, body bytes, status)
         self.faults = queue.Queue()
         self.match = match or (lambda method, body: True)
@@ -166,7 +165,8 @@ class RecordingProxy(object):
             def handle_any(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                fault = skew_refusal(self.command, self.headers, body, proxy.skew_limit)
+                fault = skew_refusal(self.command, self.headers, body) if (
+                    proxy.check_skew) else None
                 if fault is None and proxy.match(self.command, body):
                     try:
                         fault = proxy.faults.get_nowait()

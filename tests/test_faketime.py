@@ -95,8 +95,8 @@ def test_jump_2h_forward_while_running_serves_fresh_credentials(shifted, proxy):
 
 @pytest.fixture
 def strict_aws(moto):
-    """moto behind a relay that refuses signatures more than 15 minutes off, as AWS does."""
-    relay = RecordingProxy(moto.url, skew_limit=15 * 60)
+    """moto behind a relay that refuses signatures too far off, as AWS does."""
+    relay = RecordingProxy(moto.url, check_skew=True)
     yield relay
     relay.stop()
 
@@ -118,3 +118,29 @@ def test_clock_20_minutes_off_starts_against_aws_that_refuses_skew(shifted, stri
                       aws_secret_access_key=document["SecretAccessKey"],
                       aws_session_token=document["Token"])
     s3.head_bucket(Bucket=BUCKET)
+
+
+def test_assume_role_profile_10_minutes_slow_costs_one_refused_sts_call(
+        shifted, moto, chain_roles, tmp_path):
+    """Issue 20, defect 8: the profile's client and the served one share the one clock,
+    so the offset learnt from the first refusal is counted once: one refused call.  The
+    profile's 15-minute sets are inside BaseCredentials' refresh margin, so every STS
+    call of the served client reloads them first."""
+    strict = RecordingProxy(moto.url, check_skew=True)
+    config, credentials = tmp_path / "config", tmp_path / "credentials"
+    config.write_text("[profile chained]\nrole_arn = {}\nsource_profile = base\n"
+                      "role_session_name = s1\nduration_seconds = 900\n".format(
+                          chain_roles["chain1"]))
+    credentials.write_text("[base]\naws_access_key_id = {}\naws_secret_access_key = {}\n".format(
+        moto.tester["AccessKeyId"], moto.tester["SecretAccessKey"]))
+    try:
+        server = shifted("-10m", ("--profile", "chained", "--role-arn", chain_roles["chain2"]),
+                         AWS_ENDPOINT_URL=strict.url, AWS_ENDPOINT_URL_STS=strict.url,
+                         AWS_CONFIG_FILE=str(config),
+                         AWS_SHARED_CREDENTIALS_FILE=str(credentials))
+        assert 3500 < left(server.fetch_json()) <= 3600
+    finally:
+        strict.stop()
+    refused = [record for record in strict.requests
+               if record["fault"] == "skewed" and b"Action=" in record["body"]]
+    assert len(refused) <= 1, [record["body"][:40] for record in refused]
