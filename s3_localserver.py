@@ -1690,17 +1690,25 @@ def sso_source(files, name, settings, context):
             raise LocalServerError("no SSO login found for profile '{}': {}".format(name, login))
         # botocore refreshes only tokens of sso_session logins; legacy ones hold no
         # refresh token anyway.
+        def expired():
+            try:
+                return parse_timestamp(expires.replace("UTC", "Z")) <= clock.aws_now()
+            except (ValueError, AttributeError):
+                return True
         if session and sso_token_needs_refresh(cached, clock.aws_now()):
-            fresh = refresh_sso_token(cached, oidc, start_url, sso_region, clock.aws_now(),
-                                      pool)
+            try:
+                fresh = refresh_sso_token(cached, oidc, start_url, sso_region,
+                                          clock.aws_now(), pool)
+            except LocalServerError:
+                # SSO OIDC is down or unreachable: as botocore, the cached token serves
+                # while it is valid, and the refresh is tried again at the next load.
+                if expired():
+                    raise
+                fresh = None
             if fresh is not None:
                 _write_json_atomically(cache_file, fresh)
                 token, expires = fresh["accessToken"], fresh["expiresAt"]
-        try:
-            expired = parse_timestamp(expires.replace("UTC", "Z")) <= clock.aws_now()
-        except (ValueError, AttributeError):
-            expired = True
-        if expired:
+        if expired():
             raise LocalServerError("the SSO login for profile '{}' has expired: {}".format(
                 name, login))
         url = "{}/federation/credentials?{}".format(portal, urllib.parse.urlencode(

@@ -36,6 +36,7 @@ from helpers import (
     StandIn,
     aws_error,
     clean_env,
+    free_port,
     role_credentials,
     run_script,
     sts_answer,
@@ -352,6 +353,34 @@ def test_sso_refresh_impossible_asks_for_login(files, sso_home, case):
     assert len(world.oidc.requests) == (1 if case == "refused" else 0)
     assert json.loads(cache_file.read_text()) == entry
     assert world.portal.requests == []
+
+
+@pytest.mark.parametrize("outage", ["answers 503", "unreachable"])
+def test_sso_oidc_outage_keeps_a_login_that_is_still_valid(files, sso_home, outage):
+    """Issue 20, defect 9: as botocore, an SSO OIDC outage does not end a login whose
+    access token is still valid; the refresh is tried again at the next load."""
+    clock = Clock(1_700_000_000.0)
+    world = SSOWorld(clock, role_life=10 * 60)  # under the reload margin: every get reloads
+    healthy = world.oidc.routes[("POST", "/token")]
+    world.oidc.routes[("POST", "/token")] = (503, b'{"error": "ServiceUnavailable"}')
+    environ = dict(files(sso_config()), **world.environ())
+    if outage == "unreachable":
+        environ["AWS_ENDPOINT_URL_SSO_OIDC"] = "http://127.0.0.1:{}".format(free_port())
+    cache_file = sso_cache_file(sso_home)
+    entry = world.cache_entry(expires_in=10 * 60)  # due for a refresh, valid 10 more minutes
+    cache_file.write_text(json.dumps(entry))
+    try:
+        base = s.resolve_credentials(args_for("--profile", "dev"), environ, clock=clock)
+        assert base.get().access_key_id == "ASIASSO1"
+        assert json.loads(cache_file.read_text()) == entry  # nothing to write
+        world.oidc.routes[("POST", "/token")] = healthy  # SSO OIDC answers again
+        clock.now += 60
+        assert base.get().access_key_id == "ASIASSO2"
+    finally:
+        world.stop()
+    assert [headers["x-amz-sso_bearer_token"] for _, _, headers, _ in world.portal.requests] == [
+        "access-0", "access-1" if outage == "answers 503" else "access-0"]
+    assert len(world.oidc.requests) == (2 if outage == "answers 503" else 0)
 
 
 def test_sso_three_days_on_one_login(files, sso_home):
