@@ -23,6 +23,7 @@ command line.  The pure functions come first and the I/O last.
 import argparse
 import base64
 import calendar
+import collections
 import configparser
 import email.utils
 import hashlib
@@ -85,8 +86,51 @@ REQUEST_TIMEOUT = 10.0  # seconds, connect and each read of every AWS call
 ######################################################################
 
 
+class SecretRegistry(object):
+    """Every secret this process has held, so that none shows in any text it logs or
+    serves, wherever the text came from: AWS quotes the canonical request, session
+    token included, in some SignatureDoesNotMatch messages, and a credential_process
+    may print anything.  Secret keys, session tokens, SSO and web identity tokens and
+    the Authorization token are added as they arrive; the newest ``limit`` are kept
+    (the served sets of a long run add up), and values shorter than ``shortest``
+    are not secrets worth the mangled text (test stand-ins' 's' and 't')."""
+
+    limit = 1024
+    shortest = 8
+    MARK = "[redacted]"
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._known = collections.OrderedDict()  # secret -> None, oldest first
+
+    def add(self, *values):
+        with self._lock:
+            for value in values:
+                if isinstance(value, str) and len(value) >= self.shortest:
+                    self._known.pop(value, None)
+                    self._known[value] = None
+            while len(self._known) > self.limit:
+                self._known.popitem(last=False)
+
+    def redact(self, text):
+        with self._lock:
+            known = sorted(self._known, key=len, reverse=True)  # a token before its part
+        for secret in known:
+            if secret in text:
+                text = text.replace(secret, self.MARK)
+        return text
+
+
+SECRETS = SecretRegistry()
+
+
 class LocalServerError(Exception):
-    """A problem the user can act on; main() prints it as one 'Error:' line."""
+    """A problem the user can act on; main() prints it as one 'Error:' line.
+
+    Its text never shows a secret the process holds (see SecretRegistry)."""
+
+    def __str__(self):
+        return SECRETS.redact(Exception.__str__(self))
 
 
 class CommandError(LocalServerError):
@@ -439,6 +483,7 @@ class Credentials(object):
         self.secret_access_key = secret_access_key
         self.session_token = session_token or None
         self.expiration = expiration  # epoch seconds, or None for long-term keys
+        SECRETS.add(secret_access_key, session_token)
 
     def __repr__(self):
         return "Credentials({!r}, expiration={})".format(
@@ -1473,6 +1518,7 @@ def container_source(environ, clock=None):
                 raise LocalServerError("cannot read {}: {}".format(token_file, error.strerror))
         elif environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN"):
             headers["Authorization"] = environ["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
+        SECRETS.add(headers.get("Authorization"))
         status, body = _fetch_local(url, headers, "the container credentials endpoint")
         if status != 200:
             raise LocalServerError("the container credentials endpoint answered {}".format(
@@ -1586,6 +1632,7 @@ def web_identity_source(client, role_arn, token_file, session=None):
                 token_file, getattr(error, "strerror", None) or "not UTF-8 text"))
         if not token:
             raise LocalServerError("the web identity token file {} is empty".format(token_file))
+        SECRETS.add(token)
         return client.assume_role_with_web_identity(
             role_arn, session or _default_session_name(client.clock), token)
     return BaseCredentials(load, "web identity ({})".format(token_file), client.clock,
@@ -1686,6 +1733,7 @@ def sso_source(files, name, settings, context):
             with open(cache_file, encoding="utf-8") as handle:
                 cached = json.load(handle)
             token, expires = cached["accessToken"], cached["expiresAt"]
+            SECRETS.add(token, cached.get("refreshToken"), cached.get("clientSecret"))
         except (OSError, ValueError, KeyError, TypeError):
             raise LocalServerError("no SSO login found for profile '{}': {}".format(name, login))
         # botocore refreshes only tokens of sso_session logins; legacy ones hold no
@@ -1706,6 +1754,7 @@ def sso_source(files, name, settings, context):
                     raise
                 fresh = None
             if fresh is not None:
+                SECRETS.add(fresh["accessToken"], fresh.get("refreshToken"))
                 _write_json_atomically(cache_file, fresh)
                 token, expires = fresh["accessToken"], fresh["expiresAt"]
         if expired():
@@ -2081,7 +2130,7 @@ class Unavailable(LocalServerError):
 
     def __init__(self, code, message, retry_after=5):
         self.code = code
-        self.message = message
+        self.message = SECRETS.redact(message)  # served to any local client
         self.retry_after = retry_after
         super().__init__("{}: {}".format(code, message))
 
@@ -2991,7 +3040,7 @@ class CredentialServer(http.server.HTTPServer):
 
     def log(self, message):
         try:
-            self.stream.write(message + "\n")
+            self.stream.write(SECRETS.redact(message) + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass
@@ -3291,6 +3340,7 @@ def resolve_auth_token(args, environ):
     if token is not None and (not token or token != token.strip() or "\n" in token):
         raise LocalServerError("the auth token must be non-empty, on one line, without "
                                "leading or trailing spaces")
+    SECRETS.add(token)
     return token, (origin if token is not None else None)
 
 
@@ -3636,7 +3686,7 @@ def main(argv=None, environ=None):
     environ = os.environ if environ is None else environ
 
     def say(message):
-        sys.stderr.write(message + "\n")
+        sys.stderr.write(SECRETS.redact(message) + "\n")
         sys.stderr.flush()
 
     args = parse_args(sys.argv[1:] if argv is None else argv, program_name(sys.argv[0]))
