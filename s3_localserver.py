@@ -1651,6 +1651,14 @@ def sso_token_needs_refresh(cached, now):
         cached.get(key) for key in ("refreshToken", "clientId", "clientSecret"))
 
 
+def sso_token_expired(cached, now):
+    """Whether a cached SSO access token is past its expiresAt (or has none usable)."""
+    try:
+        return parse_timestamp(cached["expiresAt"].replace("UTC", "Z")) <= now
+    except (KeyError, ValueError, AttributeError):
+        return True
+
+
 def refresh_sso_token(cached, url, start_url, sso_region, now, opener):
     """SSO OIDC CreateToken with the refresh token: the cache entry the CLI would write,
     or None if the service refused (the user must log in again)."""
@@ -1728,38 +1736,44 @@ def sso_source(files, name, settings, context):
     login = "run 'aws sso login --profile {}'".format(name)
     clock, pool = context.clock, context.pool  # the run's: AWS's time, proxies, CA bundle
 
-    def load():
+    def read_cache():
         try:
             with open(cache_file, encoding="utf-8") as handle:
                 cached = json.load(handle)
-            token, expires = cached["accessToken"], cached["expiresAt"]
-            SECRETS.add(token, cached.get("refreshToken"), cached.get("clientSecret"))
-        except (OSError, ValueError, KeyError, TypeError):
+            if not (cached.get("accessToken") and cached.get("expiresAt")):
+                raise ValueError("no access token")
+            SECRETS.add(cached["accessToken"], cached.get("refreshToken"),
+                        cached.get("clientSecret"))
+        except (OSError, ValueError, AttributeError):
             raise LocalServerError("no SSO login found for profile '{}': {}".format(name, login))
+        return cached
+
+    def load():
+        cached, now = read_cache(), clock.aws_now()
         # botocore refreshes only tokens of sso_session logins; legacy ones hold no
         # refresh token anyway.
-        def expired():
+        if session and sso_token_needs_refresh(cached, now):
             try:
-                return parse_timestamp(expires.replace("UTC", "Z")) <= clock.aws_now()
-            except (ValueError, AttributeError):
-                return True
-        if session and sso_token_needs_refresh(cached, clock.aws_now()):
-            try:
-                fresh = refresh_sso_token(cached, oidc, start_url, sso_region,
-                                          clock.aws_now(), pool)
+                fresh = refresh_sso_token(cached, oidc, start_url, sso_region, now, pool)
             except LocalServerError:
                 # SSO OIDC is down or unreachable: as botocore, the cached token serves
                 # while it is valid, and the refresh is tried again at the next load.
-                if expired():
+                if sso_token_expired(cached, now):
                     raise
                 fresh = None
             if fresh is not None:
                 SECRETS.add(fresh["accessToken"], fresh.get("refreshToken"))
                 _write_json_atomically(cache_file, fresh)
-                token, expires = fresh["accessToken"], fresh["expiresAt"]
-        if expired():
+                cached = fresh
+            else:
+                # Another process sharing this login may have refreshed first: the
+                # refresh token we sent was then spent (it rotates), and the file now
+                # holds the new one.
+                cached = read_cache()
+        if sso_token_expired(cached, now):
             raise LocalServerError("the SSO login for profile '{}' has expired: {}".format(
                 name, login))
+        token = cached["accessToken"]
         url = "{}/federation/credentials?{}".format(portal, urllib.parse.urlencode(
             [("role_name", role), ("account_id", account)]))
         status, body = _fetch_local(url, {"x-amz-sso_bearer_token": token}, "the SSO portal",

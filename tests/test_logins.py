@@ -383,6 +383,36 @@ def test_sso_oidc_outage_keeps_a_login_that_is_still_valid(files, sso_home, outa
     assert len(world.oidc.requests) == (2 if outage == "answers 503" else 0)
 
 
+def test_sso_refresh_token_rotated_by_another_process(files, sso_home):
+    """Suspected in issue 20: two processes share one SSO login.  The other one refreshes
+    first (the refresh token rotates, the cache file is rewritten) while this one holds
+    the old refresh token, which SSO OIDC then refuses: the login is not over, the file
+    holds the new token."""
+    clock = Clock(1_700_000_000.0)
+    world = SSOWorld(clock)
+    cache_file = sso_cache_file(sso_home)
+    cache_file.write_text(json.dumps(world.cache_entry(expires_in=-60)))  # both must refresh
+    environ = dict(files(sso_config()), **world.environ())
+
+    def other_process_first(body, headers):
+        # The other process's refresh, with refresh-0, lands first; it writes the file.
+        _, answer = world.create_token(body, headers)
+        answer = json.loads(answer.decode())
+        cache_file.write_text(json.dumps(dict(
+            world.cache_entry(expires_in=3600), accessToken=answer["accessToken"],
+            refreshToken=answer["refreshToken"])))
+        return world.create_token(body, headers)  # then ours: refresh-0 is spent
+    world.oidc.routes[("POST", "/token")] = other_process_first
+    try:
+        base = s.resolve_credentials(args_for("--profile", "dev"), environ, clock=clock)
+        assert base.get().access_key_id == "ASIASSO1"
+    finally:
+        world.stop()
+    assert [headers["x-amz-sso_bearer_token"] for _, _, headers, _ in world.portal.requests] == [
+        "access-1"]
+    assert json.loads(cache_file.read_text())["refreshToken"] == "refresh-1"
+
+
 def test_sso_three_days_on_one_login(files, sso_home):
     """3 simulated days: 1-hour access tokens, 8-hour role credentials.  Every reload
     refreshes the (expired) access token with the rotating refresh token, and the base
