@@ -3509,6 +3509,37 @@ def run_command(command, env):
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as shells say
 
 
+class StopRequest(object):
+    """Set by the SIGTERM handler; the main thread waits for it.
+
+    Not a threading.Event: its set() takes the lock that Event.wait() holds for a
+    moment at every timeout, and a signal handler runs on the main thread, between
+    any two bytecodes, so it could wait forever for a lock its own thread holds.
+    Appending to a list takes no lock the handler could find held."""
+
+    poll = 0.1  # seconds between looks; a signal also cuts a sleep short
+
+    def __init__(self):
+        self._signals = []
+
+    def set(self, signum=None, frame=None):
+        """The signal handler itself: ``signal.signal(SIGTERM, stop.set)``."""
+        self._signals.append(signum)
+
+    def is_set(self):
+        return bool(self._signals)
+
+    def wait(self, timeout):
+        """True once set, else False after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self._signals:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(self.poll, left))
+        return True
+
+
 def wait_for_signal(stop):
     """Block the main thread until Ctrl+C, or until ``stop`` is set (SIGTERM)."""
     try:
@@ -3719,8 +3750,8 @@ def main(argv=None, environ=None):
 
     # SIGTERM's handler goes in before anything says we are up: a supervisor (or a
     # test) may send it the moment it reads the first line.
-    stop = threading.Event()
-    previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    stop = StopRequest()
+    previous_sigterm = signal.signal(signal.SIGTERM, stop.set)
     host = server.server_address[0]
     url_host = args.host if ":" not in args.host else "[{}]".format(args.host)
     say("Serving {} credentials for {} at http://{}:{}/".format(
