@@ -2848,6 +2848,8 @@ class CredentialServer(http.server.HTTPServer):
     allow_reuse_address = True
     worker_idle_exit = 60.0  # seconds a spare worker thread waits before it ends
     request_queue_size = 128
+    refuse_wait = 2.0  # seconds a refused connection has to send its request
+    max_refusing = 256  # refused connections read at once; past that, closed at once
     _BUSY_BODY = b'{"code": "TooManyConnections", "message": "too many connections"}\n'
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
@@ -2877,7 +2879,8 @@ class CredentialServer(http.server.HTTPServer):
         self._spare_workers = 0  # workers that are, or are about to be, waiting for work
         self.date_header = (0, "")  # (second, formatted Date) shared by the handlers
         self._work = queue.Queue()
-        self._refusals = queue.Queue(maxsize=32)  # connections waiting for their 503
+        # Refused connections on their way to the refusing thread (see _refuse).
+        self._refusals = queue.Queue(maxsize=self.max_refusing)
         self._refuser = None
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -2947,8 +2950,10 @@ class CredentialServer(http.server.HTTPServer):
 
     def _refuse(self, request):
         """Answer 503 from one small thread that reads the request first (closing on
-        unread data would reset the connection and lose the answer); past a short
-        queue of them, just close."""
+        unread data would reset the connection and lose the answer).  It reads every
+        refused connection at once, each for at most ``refuse_wait`` seconds however
+        slowly it sends, so none holds up another; past ``max_refusing`` of them, just
+        close."""
         try:
             self._refusals.put_nowait(request)
         except queue.Full:
@@ -2960,25 +2965,49 @@ class CredentialServer(http.server.HTTPServer):
             self._refuser.start()
 
     def _refuse_queued(self):
-        while True:
-            request = self._refusals.get()
-            if request is None:
-                return
-            try:
-                request.settimeout(0.5)
-                head = b""
-                while b"\r\n\r\n" not in head and len(head) < 65536:
-                    chunk = request.recv(65536)
-                    if not chunk:
+        reading = {}  # connection -> [deadline (monotonic), last 3 bytes, bytes read]
+        with selectors.DefaultSelector() as selector:
+            while True:
+                # Take in the new ones; wait for one only with none in hand.
+                while True:
+                    try:
+                        request = self._refusals.get(block=not reading)
+                    except queue.Empty:
                         break
-                    head += chunk
-            except OSError:
-                pass
-            try:
-                request.sendall(self.BUSY)
-            except OSError:
-                pass
-            self.shutdown_request(request)
+                    if request is None:
+                        for request in list(reading):
+                            self.shutdown_request(request)
+                        return
+                    try:
+                        request.setblocking(False)
+                        selector.register(request, selectors.EVENT_READ)
+                    except (OSError, ValueError):
+                        self.shutdown_request(request)
+                        continue
+                    reading[request] = [time.monotonic() + self.refuse_wait, b"", 0]
+                # A short wait, so connections refused meanwhile are taken in soon.
+                for key, _ in selector.select(0.05):
+                    state = reading[key.fileobj]
+                    try:
+                        chunk = key.fileobj.recv(65536)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        chunk = b""
+                    seen = state[1] + chunk
+                    state[1:] = [seen[-3:], state[2] + len(chunk)]
+                    if not chunk or b"\r\n\r\n" in seen or state[2] >= 65536:
+                        state[0] = 0  # the whole head is in (or never will be): answer
+                now = time.monotonic()
+                for request in [done for done, state in reading.items() if state[0] <= now]:
+                    del reading[request]
+                    selector.unregister(request)
+                    try:
+                        request.settimeout(0.5)  # the answer fits any socket buffer
+                        request.sendall(self.BUSY)
+                    except OSError:
+                        pass
+                    self.shutdown_request(request)
 
     @staticmethod
     def _answer_now(request):
