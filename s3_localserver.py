@@ -334,12 +334,18 @@ def build_policy(permission, buckets, prefix="*", extra_statements=(), partition
 def policy_json(policy, check=True):
     """Serialize compactly: STS counts every character against its 2048 limit."""
     text = json.dumps(policy, separators=(",", ":"))
-    if check and len(text) > POLICY_MAX_CHARS:
+    if check:
+        check_policy_length(text)
+    return text
+
+
+def check_policy_length(text):
+    """The usual Error when a serialized policy is longer than STS allows."""
+    if len(text) > POLICY_MAX_CHARS:
         raise LocalServerError(
             "the session policy is {} characters; STS allows at most {} "
             "(use fewer buckets or fewer or shorter --statement options; --print-policy "
             "shows it)".format(len(text), POLICY_MAX_CHARS))
-    return text
 
 
 ######################################################################
@@ -1377,6 +1383,16 @@ class AWSFiles(object):
                        if self.credentials.has_section(name) else None)
         return self.section("profile", name), credentials
 
+    def settings(self, name):
+        """A profile's settings from both files, the credentials file's winning (as
+        botocore merges them); None if neither has the profile."""
+        config, credentials = self.profile(name)
+        if config is None and credentials is None:
+            return None
+        settings = dict(config or {})
+        settings.update(credentials or {})
+        return settings
+
     def endpoints(self, name):
         """The profile's endpoint settings, for custom_endpoint."""
         config = self.section("profile", name) or {}
@@ -1461,8 +1477,9 @@ def environment_source(environ, clock=None):
     return BaseCredentials.fixed(credentials, "environment") if credentials else None
 
 
-def _fetch_local(url, headers, what, timeout=2.0, method="GET", opener=None, data=None):
-    """GET (or PUT, or POST ``data``) a credential endpoint; (status, body bytes).
+def http_fetch(url, headers, what, timeout=2.0, method="GET", opener=None, data=None):
+    """One plain HTTP request (GET, PUT, or POST ``data``) to a credential endpoint or an
+    SSO service, not signed; (status, body bytes).  ``what`` names it in errors.
 
     Without an ``opener`` (the AWS calls' pool, for the SSO services), any HTTP
     proxy is bypassed: the link-local container and instance metadata addresses
@@ -1519,7 +1536,7 @@ def container_source(environ, clock=None):
         elif environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN"):
             headers["Authorization"] = environ["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
         SECRETS.add(headers.get("Authorization"))
-        status, body = _fetch_local(url, headers, "the container credentials endpoint")
+        status, body = http_fetch(url, headers, "the container credentials endpoint")
         if status != 200:
             raise LocalServerError("the container credentials endpoint answered {}".format(
                 status))
@@ -1536,18 +1553,18 @@ def instance_metadata_source(environ, clock=None):
 
     def load():
         # One quick try, as botocore: off EC2 nothing answers at the link-local address.
-        status, token = _fetch_local(base + "/latest/api/token",
-                                  {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, what,
-                                  timeout=1.0, method="PUT")
+        status, token = http_fetch(base + "/latest/api/token",
+                                   {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, what,
+                                   timeout=1.0, method="PUT")
         if status != 200:
             raise LocalServerError("{} refused a session token ({})".format(what, status))
         headers = {"X-aws-ec2-metadata-token": token.decode("ascii", "replace").strip()}
         path = base + "/latest/meta-data/iam/security-credentials/"
-        status, role = _fetch_local(path, headers, what, timeout=1.0)
+        status, role = http_fetch(path, headers, what, timeout=1.0)
         role = role.decode("utf-8", "replace").strip().splitlines()
         if status != 200 or not role:
             raise LocalServerError("{} has no IAM role for this instance".format(what))
-        status, body = _fetch_local(path + role[0], headers, what, timeout=1.0)
+        status, body = http_fetch(path + role[0], headers, what, timeout=1.0)
         if status != 200:
             raise LocalServerError("{} answered {} for role {}".format(what, status, role[0]))
         return _credentials_from_json(body, what)
@@ -1664,7 +1681,7 @@ def refresh_sso_token(cached, url, start_url, sso_region, now, opener):
     or None if the service refused (the user must log in again)."""
     body = json.dumps({"clientId": cached["clientId"], "clientSecret": cached["clientSecret"],
                        "grantType": "refresh_token", "refreshToken": cached["refreshToken"]})
-    status, answer = _fetch_local(url, {"Content-Type": "application/json"}, "SSO OIDC",
+    status, answer = http_fetch(url, {"Content-Type": "application/json"}, "SSO OIDC",
                                   timeout=REQUEST_TIMEOUT, method="POST", opener=opener,
                                   data=body.encode("utf-8"))
     if 400 <= status < 500:
@@ -1776,7 +1793,7 @@ def sso_source(files, name, settings, context):
         token = cached["accessToken"]
         url = "{}/federation/credentials?{}".format(portal, urllib.parse.urlencode(
             [("role_name", role), ("account_id", account)]))
-        status, body = _fetch_local(url, {"x-amz-sso_bearer_token": token}, "the SSO portal",
+        status, body = http_fetch(url, {"x-amz-sso_bearer_token": token}, "the SSO portal",
                                     timeout=REQUEST_TIMEOUT, opener=pool)
         if status in (401, 403):
             raise LocalServerError("the SSO portal refused the login of profile '{}': "
@@ -1810,12 +1827,7 @@ class ProfileResolver(object):
 
     def settings(self, name):
         """A profile's settings, the credentials file's winning; None if it has none."""
-        config, credentials = self.files.profile(name)
-        if config is None and credentials is None:
-            return None
-        settings = dict(config or {})
-        settings.update(credentials or {})
-        return settings
+        return self.files.settings(name)
 
     def client(self, base):
         return self.context.client(base)
@@ -3609,7 +3621,7 @@ def print_policy(args, environ, say):
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
     say("{} characters; STS allows at most {}".format(len(text), POLICY_MAX_CHARS))
-    policy_json(policy)  # the usual Error line when it is too long
+    check_policy_length(text)  # the usual Error line when it is too long
     return 0
 
 
@@ -3624,9 +3636,7 @@ def trust_environment(args, environ, files=None):
         bundle, origin = environ.get("AWS_CA_BUNDLE"), "AWS_CA_BUNDLE"
     if not bundle:
         name = selected_profile(args, environ)
-        config, credentials = (files or AWSFiles(environ)).profile(name)
-        settings = dict(config or {})
-        settings.update(credentials or {})
+        settings = (files or AWSFiles(environ)).settings(name) or {}
         bundle, origin = settings.get("ca_bundle"), "ca_bundle of profile " + name
     if not bundle:
         return environ
