@@ -2559,18 +2559,20 @@ class MetadataTokens(object):
     _NONCE = 16  # random bytes: tokens cannot be told from each other or the clock
     _MAC = 24  # bytes of the HMAC-SHA256 kept: 192 bits cannot be forged
 
-    def __init__(self, clock=time.monotonic):
-        self.clock = clock  # seconds; monotonic, so a clock change cannot revive a token
+    def __init__(self, monotonic=time.monotonic):
+        # A time function, not a Clock: seconds on a clock that is never set, so no
+        # change of the wall clock (or of AWS's time) can revive a token.
+        self.monotonic = monotonic
         self._key = secrets.token_bytes(32)  # never leaves the process
 
     def _seal(self, nonce, expiry):
-        """The token for ``nonce`` and ``expiry`` (milliseconds of the clock), as bytes."""
+        """The token for ``nonce`` and ``expiry`` (milliseconds of ``monotonic``), as bytes."""
         body = nonce + expiry.to_bytes(8, "big")
         mac = hmac.new(self._key, body, hashlib.sha256).digest()[:self._MAC]
         return base64.urlsafe_b64encode(body + mac)
 
     def issue(self, ttl):
-        expiry = int(self.clock() * 1000) + int(ttl) * 1000
+        expiry = int(self.monotonic() * 1000) + int(ttl) * 1000
         return self._seal(secrets.token_bytes(self._NONCE), expiry).decode("ascii")
 
     def valid(self, token):
@@ -2585,7 +2587,7 @@ class MetadataTokens(object):
         expiry = int.from_bytes(raw[self._NONCE:self._NONCE + 8], "big")
         # The whole text is compared, so no other spelling of the same bytes passes.
         return (hmac.compare_digest(self._seal(raw[:self._NONCE], expiry), sent)
-                and int(self.clock() * 1000) < expiry)
+                and int(self.monotonic() * 1000) < expiry)
 
 
 def metadata_document(credentials, updated):
