@@ -3560,10 +3560,14 @@ class StopRequest(object):
     any two bytecodes, so it could wait forever for a lock its own thread holds.
     Appending to a list takes no lock the handler could find held."""
 
-    poll = 0.1  # seconds between looks; a signal also cuts a sleep short
+    poll = 0.1  # seconds between looks
 
     def __init__(self):
         self._signals = []
+        # Held for good, so that acquiring it again is a pause with a timeout that the
+        # handler never touches.  Not time.sleep: under libfaketime it fails (EINVAL).
+        self._pause = threading.Lock()
+        self._pause.acquire()
 
     def set(self, signum=None, frame=None):
         """The signal handler itself: ``signal.signal(SIGTERM, stop.set)``."""
@@ -3579,7 +3583,7 @@ class StopRequest(object):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            time.sleep(min(self.poll, left))
+            self._pause.acquire(timeout=min(self.poll, left))
         return True
 
 

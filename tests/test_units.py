@@ -380,18 +380,19 @@ def test_windows_command_split_examples():
     assert s.split_windows_command(r'a\\\"b "" c\\') == ['a\\"b', "", "c\\\\"]
 
 
-def test_stop_request_set_by_a_handler_in_the_middle_of_wait(monkeypatch):
+def test_stop_request_set_by_a_handler_in_the_middle_of_wait():
     """Suspected in issue 20: the SIGTERM handler runs on the main thread, between any
     two bytecodes of stop.wait(); setting the request there takes no lock, so it cannot
     wait for one its own thread holds (threading.Event's set() could)."""
     stop = s.StopRequest()
     fired = []
 
-    def handler_fires_during_the_wait(seconds):
-        if not fired:
-            fired.append(seconds)
-            stop.set(signal.SIGTERM, None)  # exactly what signal.signal installs
-    monkeypatch.setattr(s.time, "sleep", handler_fires_during_the_wait)
+    class Pause(object):
+        def acquire(self, timeout):
+            if not fired:
+                fired.append(timeout)
+                stop.set(signal.SIGTERM, None)  # exactly what signal.signal installs
+    stop._pause = Pause()
     assert stop.wait(3600.0) is True and fired
     assert stop.is_set()
     assert s.StopRequest().wait(0) is False
