@@ -571,7 +571,7 @@ def test_refused_mfa_code_reports_aws_reason_and_is_sent_once(moto, roles, files
                     **mfa_files(files, moto, roles["login-target"], static_keys_of(moto)))
     try:
         code, out, err = run_script([BUCKET, "-d", "1h", "--profile", "mfa", "--mfa-code",
-                                     "123456"], env)
+                                     "123456", "-p", "0"], env)
     finally:
         proxy.stop()
     assert code == 1
