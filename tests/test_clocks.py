@@ -578,3 +578,21 @@ def test_retry_after_header_names_the_next_attempt():
         server.shutdown()
         server.server_close()
     assert response.status == 503 and response.getheader("Retry-After") == "2"
+
+
+def test_one_clock_per_run_and_its_times_named():
+    """Issue 20's design step: a Clock is not callable (aws_now, local_now and elapsed
+    say which time), its own aws_now cannot be wrapped in a new Clock (AWS's time would
+    pass for local time and the offset count twice), and every client of a context
+    signs with the context's one Clock."""
+    world = World(fast=600)
+    assert not callable(world.clock)
+    with pytest.raises(TypeError):
+        s.Clock.of(world.clock.aws_now)
+    assert s.Clock.of(world.clock) is world.clock
+    context = s.AWSContext("us-east-1", environ={}, clock=world.clock)
+    clients = [context.client(None), context.client(s.Credentials("AKIDEXAMPLE", "secret"))]
+    assert all(client.clock is world.clock and client.opener is context.pool
+               for client in clients)
+    world.clock.learn(world.aws)
+    assert world.clock.aws_now() == world.aws and world.clock.local_now() == world.aws + 600
