@@ -100,8 +100,9 @@ class SecretRegistry(object):
     MARK = "[redacted]"
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _known
         self._known = collections.OrderedDict()  # secret -> None, oldest first
+        self._longest_first = ()  # what redact() looks for: a token before any part of it
 
     def add(self, *values):
         with self._lock:
@@ -111,11 +112,11 @@ class SecretRegistry(object):
                     self._known[value] = None
             while len(self._known) > self.limit:
                 self._known.popitem(last=False)
+            # Sorted here, once a refresh, not at every log line.
+            self._longest_first = tuple(sorted(self._known, key=len, reverse=True))
 
     def redact(self, text):
-        with self._lock:
-            known = sorted(self._known, key=len, reverse=True)  # a token before its part
-        for secret in known:
+        for secret in self._longest_first:  # one tuple, replaced whole: no lock needed
             if secret in text:
                 text = text.replace(secret, self.MARK)
         return text

@@ -397,3 +397,13 @@ def test_stop_request_set_by_a_handler_in_the_middle_of_wait():
     assert stop.is_set()
     assert s.StopRequest().wait(0) is False
 
+
+
+def test_secret_registry_redacts_longest_first_and_keeps_the_newest():
+    registry = s.SecretRegistry()
+    registry.limit = 3
+    registry.add("token-abcdefgh", "abcdefgh", "short", None, 42)
+    assert registry.redact("x token-abcdefgh y abcdefgh short") == (
+        "x [redacted] y [redacted] short")  # under 8 characters: no secret worth mangling
+    registry.add("second-secret", "third-secret")
+    assert registry.redact("token-abcdefgh third-secret") == "token-[redacted] [redacted]"
