@@ -24,6 +24,7 @@ I/O last.
 import argparse
 import base64
 import calendar
+import collections
 import configparser
 import email.utils
 import errno
@@ -45,6 +46,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -88,8 +90,52 @@ REQUEST_TIMEOUT = 10.0  # seconds, connect and each read of every AWS call
 ######################################################################
 
 
+class SecretRegistry(object):
+    """Every secret this process has held, so that none shows in any text it logs or
+    serves, wherever the text came from: AWS quotes the canonical request, session
+    token included, in some SignatureDoesNotMatch messages, and a credential_process
+    may print anything.  Secret keys, session tokens, SSO and web identity tokens and
+    the Authorization token are added as they arrive; the newest ``limit`` are kept
+    (the served sets of a long run add up), and values shorter than ``shortest``
+    are not secrets worth the mangled text (test stand-ins' 's' and 't')."""
+
+    limit = 1024
+    shortest = 8
+    MARK = "[redacted]"
+
+    def __init__(self):
+        self._lock = threading.Lock()  # guards _known
+        self._known = collections.OrderedDict()  # secret -> None, oldest first
+        self._longest_first = ()  # what redact() looks for: a token before any part of it
+
+    def add(self, *values):
+        with self._lock:
+            for value in values:
+                if isinstance(value, str) and len(value) >= self.shortest:
+                    self._known.pop(value, None)
+                    self._known[value] = None
+            while len(self._known) > self.limit:
+                self._known.popitem(last=False)
+            # Sorted here, once a refresh, not at every log line.
+            self._longest_first = tuple(sorted(self._known, key=len, reverse=True))
+
+    def redact(self, text):
+        for secret in self._longest_first:  # one tuple, replaced whole: no lock needed
+            if secret in text:
+                text = text.replace(secret, self.MARK)
+        return text
+
+
+SECRETS = SecretRegistry()
+
+
 class LocalServerError(Exception):
-    """A problem the user can act on; main() prints it as one 'Error:' line."""
+    """A problem the user can act on; main() prints it as one 'Error:' line.
+
+    Its text never shows a secret the process holds (see SecretRegistry)."""
+
+    def __str__(self):
+        return SECRETS.redact(Exception.__str__(self))
 
 
 class CommandError(LocalServerError):
@@ -303,12 +349,18 @@ def build_policy(permission, buckets, prefix="*", extra_statements=(), partition
 def policy_json(policy, check=True):
     """Serialize compactly: STS counts every character against its 2048 limit."""
     text = json.dumps(policy, separators=(",", ":"))
-    if check and len(text) > POLICY_MAX_CHARS:
+    if check:
+        check_policy_length(text)
+    return text
+
+
+def check_policy_length(text):
+    """The usual Error when a serialized policy is longer than STS allows."""
+    if len(text) > POLICY_MAX_CHARS:
         raise LocalServerError(
             "the session policy is {} characters; STS allows at most {} "
             "(use fewer buckets or fewer or shorter --statement options; --print-policy "
             "shows it)".format(len(text), POLICY_MAX_CHARS))
-    return text
 
 
 def _listed(value):
@@ -396,7 +448,8 @@ class Clock(object):
     goes back: the offset absorbs it.  Either way the next AWS answer sets
     the offset right again.
 
-    Calling a Clock gives the local wall time, so it stands in for time.time.
+    A Clock is not callable: ``aws_now()``, ``elapsed()`` and ``local_now()``
+    name which time a caller means.  There is one per run (AWSContext.clock).
     """
 
     resolution = 2.0  # seconds; AWS's Date header has whole seconds
@@ -411,12 +464,20 @@ class Clock(object):
 
     @classmethod
     def of(cls, clock=None):
-        """A Clock; None for the system's; a time function serves as both clocks (tests)."""
+        """A Clock; None for the system's; a time function serves as both clocks (tests).
+
+        A Clock's own aws_now is refused: wrapped in a new Clock, AWS's time would
+        pass for local time and the offset would be counted twice."""
         if clock is None:
             return cls()
-        return clock if isinstance(clock, Clock) else cls(clock, clock)
+        if isinstance(clock, Clock):
+            return clock
+        if isinstance(getattr(clock, "__self__", None), Clock):
+            raise TypeError("pass the Clock itself, not one of its methods")
+        return cls(clock, clock)
 
-    def __call__(self):
+    def local_now(self):
+        """The local wall clock (epoch seconds): for names and logs, never for expiry."""
         return self.wall()
 
     def _look(self):
@@ -483,6 +544,7 @@ class Credentials(object):
         self.secret_access_key = secret_access_key
         self.session_token = session_token or None
         self.expiration = expiration  # epoch seconds, or None for long-term keys
+        SECRETS.add(secret_access_key, session_token)
 
     def __repr__(self):
         return "Credentials({!r}, expiration={})".format(
@@ -1184,12 +1246,52 @@ def default_opener(environ=None):
     return ConnectionPool(_expand(bundle) if bundle else None, environ)
 
 
+class AWSContext(object):
+    """Everything an AWS call of this run needs besides credentials, in one place.
+
+    One per run: the one Clock (AWS's time, learnt once by whichever call first
+    hears it, and then used by every signer and by the credential cache), the
+    region, the endpoints (--endpoint-url, the environment, the profile's
+    endpoint_url and [services]), the environment that names proxies and the CA
+    bundle, and the one ConnectionPool.  Every AWSClient of a run, nested
+    profile clients and the SSO calls included, is made by ``client()``, so no
+    call can sign with another clock or go to another endpoint.
+    """
+
+    def __init__(self, region=None, endpoint_url=None, environ=None, endpoints=None,
+                 clock=None, pool=None, log=None, sleep=time.sleep):
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.environ = os.environ if environ is None else environ
+        self.endpoints = endpoints  # the config file's part (AWSFiles.endpoints)
+        self.clock = Clock.of(clock)
+        self.pool = pool or default_opener(self.environ)  # proxies and CA bundle apply
+        self.log = log or (lambda message: None)
+        self.sleep = sleep
+
+    def custom_endpoint(self, service):
+        """The URL the user set for ``service``, or None (see custom_endpoint)."""
+        return custom_endpoint(service, self.endpoint_url, self.environ, self.endpoints)
+
+    def endpoint(self, service, region=None):
+        """(base URL, signing region) of ``service``; in ``region`` if given."""
+        return service_endpoint(service, region or self.region, self.endpoint_url,
+                                self.environ, self.endpoints)
+
+    def client(self, credentials, timeout=REQUEST_TIMEOUT):
+        """An AWSClient signing with ``credentials`` (Credentials, BaseCredentials or
+        None for unsigned calls) and everything else of this run."""
+        return AWSClient(credentials, context=self, timeout=timeout)
+
+
 class AWSClient(object):
     """Signs and sends the few AWS calls this server needs.
 
-    ``opener``, ``clock`` and ``sleep`` are injectable so tests never wait or
-    reach a network.  Transient failures are retried like botocore does: at most
-    ``max_attempts`` tries with jittered exponential backoff.
+    Everything but the credentials comes from an AWSContext; the keyword
+    arguments build one for a client on its own (tests): ``opener``, ``clock``
+    and ``sleep`` are injectable so tests never wait or reach a network.
+    Transient failures are retried like botocore does: at most ``max_attempts``
+    tries with jittered exponential backoff.
     """
 
     max_attempts = 3
@@ -1197,20 +1299,22 @@ class AWSClient(object):
 
     def __init__(self, credentials, region=None, endpoint_url=None, environ=None,
                  opener=None, clock=None, sleep=time.sleep, timeout=REQUEST_TIMEOUT,
-                 log=None, endpoints=None):
+                 log=None, endpoints=None, context=None):
         # Credentials, or BaseCredentials that reload themselves before they expire
         # (None for a client that only makes unsigned calls).
         self.base = BaseCredentials.fixed(credentials) if isinstance(
             credentials, Credentials) else credentials
-        self.region = region
-        self.endpoint_url = endpoint_url
-        self.endpoints = endpoints  # the config file's endpoints (AWSFiles.endpoints)
-        self.environ = os.environ if environ is None else environ
-        self.opener = opener or default_opener(self.environ)
-        self.clock = Clock.of(clock)  # shared with the credential cache: AWS's time
-        self.sleep = sleep
+        self.context = context or AWSContext(region, endpoint_url, environ, endpoints, clock,
+                                             opener, log, sleep)
         self.timeout = timeout
-        self.log = log or (lambda message: None)
+
+    # The run's settings, read from the context: a client has no copy to go stale.
+    region = property(lambda self: self.context.region)
+    environ = property(lambda self: self.context.environ)
+    opener = property(lambda self: self.context.pool)
+    clock = property(lambda self: self.context.clock)
+    sleep = property(lambda self: self.context.sleep)
+    log = property(lambda self: self.context.log)
 
     @property
     def partition(self):
@@ -1221,8 +1325,7 @@ class AWSClient(object):
         return self.clock.offset
 
     def endpoint(self, service):
-        return service_endpoint(service, self.region, self.endpoint_url, self.environ,
-                                self.endpoints)
+        return self.context.endpoint(service)
 
     # -- transport ---------------------------------------------------------
 
@@ -1417,10 +1520,8 @@ class AWSClient(object):
                                                ("PolicyArn", policy_arn)], IAM_VERSION)
 
     def bucket_url(self, bucket, region):
-        base, signing_region = service_endpoint("s3", region, self.endpoint_url, self.environ,
-                                                self.endpoints)
-        if custom_endpoint("s3", self.endpoint_url, self.environ, self.endpoints) or \
-                "." in bucket:
+        base, signing_region = self.context.endpoint("s3", region)
+        if self.context.custom_endpoint("s3") or "." in bucket:
             # Path style: custom endpoints (moto, MinIO) and dotted names, whose
             # virtual host would not match AWS's TLS certificate.
             return "{}/{}".format(base, uri_encode(bucket)), signing_region
@@ -1543,10 +1644,10 @@ class BaseCredentials(object):
     refresh_margin = 15 * 60.0
     expiry_floor = 60.0
 
-    def __init__(self, load, source, clock=time.time, is_role=False):
+    def __init__(self, load, source, clock=None, is_role=False):
         self.load = load
         self.source = source  # where they come from, for messages
-        self.clock = clock
+        self.clock = Clock.of(clock)  # they expire on AWS's clock
         self.is_role = is_role
         self._lock = threading.Lock()  # one reload at a time
         self._current = None
@@ -1559,7 +1660,7 @@ class BaseCredentials(object):
         with self._lock:
             current = self._current
             left = None if current is None or current.expiration is None else (
-                current.expiration - self.clock())
+                current.expiration - self.clock.aws_now())
             if current is None or (left is not None and left < self.refresh_margin):
                 try:
                     current = self._current = self.load()
@@ -1645,6 +1746,16 @@ class AWSFiles(object):
                        if self.credentials.has_section(name) else None)
         return self.section("profile", name), credentials
 
+    def settings(self, name):
+        """A profile's settings from both files, the credentials file's winning (as
+        botocore merges them); None if neither has the profile."""
+        config, credentials = self.profile(name)
+        if config is None and credentials is None:
+            return None
+        settings = dict(config or {})
+        settings.update(credentials or {})
+        return settings
+
     def endpoints(self, name):
         """The profile's endpoint settings, for custom_endpoint and endpoint_settings."""
         config = self.section("profile", name) or {}
@@ -1690,8 +1801,8 @@ def _assumes_role(settings):
     return bool(settings.get("role_arn")) and "web_identity_token_file" not in settings
 
 
-def _default_session_name(clock=time.time):
-    return "s3_localserver-{}".format(int(clock()))
+def _default_session_name(clock):
+    return "s3_localserver-{}".format(int(clock.local_now()))
 
 
 def read_auth_file(path):
@@ -1723,15 +1834,18 @@ def read_auth_file(path):
     return Credentials(*keys)
 
 
-def environment_source(environ):
-    """AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with a session token), if set."""
+def environment_source(environ, clock=None):
+    """AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with a session token), if set.
+
+    ``clock`` is taken as the other sources take it; these keys carry no expiry."""
     credentials = _static(environ, "the environment", "AWS_ACCESS_KEY_ID",
                           "AWS_SECRET_ACCESS_KEY", ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"))
     return BaseCredentials.fixed(credentials, "environment") if credentials else None
 
 
-def _fetch_local(url, headers, what, timeout=2.0, method="GET", opener=None, data=None):
-    """GET (or PUT, or POST ``data``) a credential endpoint; (status, body bytes).
+def http_fetch(url, headers, what, timeout=2.0, method="GET", opener=None, data=None):
+    """One plain HTTP request (GET, PUT, or POST ``data``) to a credential endpoint or an
+    SSO service, not signed; (status, body bytes).  ``what`` names it in errors.
 
     Without an ``opener`` (the AWS calls' pool, for the SSO services), any HTTP
     proxy is bypassed: the link-local container and instance metadata addresses
@@ -1771,7 +1885,7 @@ def _credentials_from_json(body, what, keys=("AccessKeyId", "SecretAccessKey", "
         raise LocalServerError("{} answered without usable credentials".format(what))
 
 
-def container_source(environ):
+def container_source(environ, clock=None):
     """The ECS/EKS container endpoint, if AWS_CONTAINER_CREDENTIALS_* say where it is."""
     full = environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
     relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
@@ -1790,15 +1904,16 @@ def container_source(environ):
                 raise LocalServerError("cannot read {}: {}".format(token_file, error.strerror))
         elif environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN"):
             headers["Authorization"] = environ["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
-        status, body = _fetch_local(url, headers, "the container credentials endpoint")
+        SECRETS.add(headers.get("Authorization"))
+        status, body = http_fetch(url, headers, "the container credentials endpoint")
         if status != 200:
             raise LocalServerError("the container credentials endpoint answered {}".format(
                 status))
         return _credentials_from_json(body, "the container credentials endpoint")
-    return BaseCredentials(load, "container endpoint", is_role=True)
+    return BaseCredentials(load, "container endpoint", clock, is_role=True)
 
 
-def instance_metadata_source(environ):
+def instance_metadata_source(environ, clock=None):
     """EC2 instance metadata (IMDSv2 only), unless AWS_EC2_METADATA_DISABLED is true."""
     if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
         return None
@@ -1807,22 +1922,22 @@ def instance_metadata_source(environ):
 
     def load():
         # One quick try, as botocore: off EC2 nothing answers at the link-local address.
-        status, token = _fetch_local(base + "/latest/api/token",
-                                  {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, what,
-                                  timeout=1.0, method="PUT")
+        status, token = http_fetch(base + "/latest/api/token",
+                                   {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, what,
+                                   timeout=1.0, method="PUT")
         if status != 200:
             raise LocalServerError("{} refused a session token ({})".format(what, status))
         headers = {"X-aws-ec2-metadata-token": token.decode("ascii", "replace").strip()}
         path = base + "/latest/meta-data/iam/security-credentials/"
-        status, role = _fetch_local(path, headers, what, timeout=1.0)
+        status, role = http_fetch(path, headers, what, timeout=1.0)
         role = role.decode("utf-8", "replace").strip().splitlines()
         if status != 200 or not role:
             raise LocalServerError("{} has no IAM role for this instance".format(what))
-        status, body = _fetch_local(path + role[0], headers, what, timeout=1.0)
+        status, body = http_fetch(path + role[0], headers, what, timeout=1.0)
         if status != 200:
             raise LocalServerError("{} answered {} for role {}".format(what, status, role[0]))
         return _credentials_from_json(body, what)
-    return BaseCredentials(load, "instance metadata", is_role=True)
+    return BaseCredentials(load, "instance metadata", clock, is_role=True)
 
 
 def split_windows_command(command):
@@ -1858,7 +1973,7 @@ def split_windows_command(command):
     return parts
 
 
-def process_source(command, profile):
+def process_source(command, profile, clock=None):
     """A profile's credential_process: run it (no shell) and read its JSON."""
     import subprocess  # only needed for credential_process profiles
     what = "credential_process of profile '{}'".format(profile)
@@ -1886,7 +2001,7 @@ def process_source(command, profile):
             raise LocalServerError("{} must print JSON with \"Version\": 1".format(what))
         return _credentials_from_json(result.stdout, what, ("AccessKeyId", "SecretAccessKey",
                                                             "SessionToken", "Expiration"))
-    return BaseCredentials(load, "credential_process (profile {})".format(profile))
+    return BaseCredentials(load, "credential_process (profile {})".format(profile), clock)
 
 
 def web_identity_source(client, role_arn, token_file, session=None):
@@ -1903,6 +2018,7 @@ def web_identity_source(client, role_arn, token_file, session=None):
                 token_file, getattr(error, "strerror", None) or "not UTF-8 text"))
         if not token:
             raise LocalServerError("the web identity token file {} is empty".format(token_file))
+        SECRETS.add(token)
         return client.assume_role_with_web_identity(
             role_arn, session or _default_session_name(client.clock), token)
     return BaseCredentials(load, "web identity ({})".format(token_file), client.clock,
@@ -1921,12 +2037,20 @@ def sso_token_needs_refresh(cached, now):
         cached.get(key) for key in ("refreshToken", "clientId", "clientSecret"))
 
 
+def sso_token_expired(cached, now):
+    """Whether a cached SSO access token is past its expiresAt (or has none usable)."""
+    try:
+        return parse_timestamp(cached["expiresAt"].replace("UTC", "Z")) <= now
+    except (KeyError, ValueError, AttributeError):
+        return True
+
+
 def refresh_sso_token(cached, url, start_url, sso_region, now, opener):
     """SSO OIDC CreateToken with the refresh token: the cache entry the CLI would write,
     or None if the service refused (the user must log in again)."""
     body = json.dumps({"clientId": cached["clientId"], "clientSecret": cached["clientSecret"],
                        "grantType": "refresh_token", "refreshToken": cached["refreshToken"]})
-    status, answer = _fetch_local(url, {"Content-Type": "application/json"}, "SSO OIDC",
+    status, answer = http_fetch(url, {"Content-Type": "application/json"}, "SSO OIDC",
                                   timeout=REQUEST_TIMEOUT, method="POST", opener=opener,
                                   data=body.encode("utf-8"))
     if 400 <= status < 500:
@@ -1965,7 +2089,7 @@ def _write_json_atomically(path, data):
         raise LocalServerError("cannot write {}: {}".format(path, error.strerror or error))
 
 
-def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
+def sso_source(files, name, settings, context):
     """An IAM Identity Center profile: the token `aws sso login` cached, exchanged at
     the SSO portal for the role's credentials.  An sso_session token about to
     expire is first refreshed at SSO OIDC, and the cache file updated, as the CLI
@@ -1990,38 +2114,55 @@ def sso_source(files, name, settings, environ, clock=time.time, endpoints=None):
     cache_file = os.path.join(_expand("~/.aws/sso/cache"),
                               hashlib.sha1(cache_key.encode("utf-8")).hexdigest() + ".json")
     suffix = _dns_suffix(partition_for_region(sso_region))
-    portal = (custom_endpoint("sso", None, environ, endpoints)
+    # --endpoint-url is the STS/IAM/S3 endpoint, not these: only their own settings.
+    portal = (custom_endpoint("sso", None, context.environ, context.endpoints)
               or "https://portal.sso.{}.{}".format(sso_region, suffix)).rstrip("/")
-    oidc = (custom_endpoint("sso-oidc", None, environ, endpoints)
+    oidc = (custom_endpoint("sso-oidc", None, context.environ, context.endpoints)
             or "https://oidc.{}.{}".format(sso_region, suffix)).rstrip("/") + "/token"
     login = "run 'aws sso login --profile {}'".format(name)
+    clock, pool = context.clock, context.pool  # the run's: AWS's time, proxies, CA bundle
 
-    pool = default_opener(environ)  # AWS's services: proxies and CA bundle apply
-
-    def load():
+    def read_cache():
         try:
             with open(cache_file, encoding="utf-8") as handle:
                 cached = json.load(handle)
-            token, expires = cached["accessToken"], cached["expiresAt"]
-        except (OSError, ValueError, KeyError, TypeError):
+            if not (cached.get("accessToken") and cached.get("expiresAt")):
+                raise ValueError("no access token")
+            SECRETS.add(cached["accessToken"], cached.get("refreshToken"),
+                        cached.get("clientSecret"))
+        except (OSError, ValueError, AttributeError):
             raise LocalServerError("no SSO login found for profile '{}': {}".format(name, login))
+        return cached
+
+    def load():
+        cached, now = read_cache(), clock.aws_now()
         # botocore refreshes only tokens of sso_session logins; legacy ones hold no
         # refresh token anyway.
-        if session and sso_token_needs_refresh(cached, clock()):
-            fresh = refresh_sso_token(cached, oidc, start_url, sso_region, clock(), pool)
+        if session and sso_token_needs_refresh(cached, now):
+            try:
+                fresh = refresh_sso_token(cached, oidc, start_url, sso_region, now, pool)
+            except LocalServerError:
+                # SSO OIDC is down or unreachable: as botocore, the cached token serves
+                # while it is valid, and the refresh is tried again at the next load.
+                if sso_token_expired(cached, now):
+                    raise
+                fresh = None
             if fresh is not None:
+                SECRETS.add(fresh["accessToken"], fresh.get("refreshToken"))
                 _write_json_atomically(cache_file, fresh)
-                token, expires = fresh["accessToken"], fresh["expiresAt"]
-        try:
-            expired = parse_timestamp(expires.replace("UTC", "Z")) <= clock()
-        except (ValueError, AttributeError):
-            expired = True
-        if expired:
+                cached = fresh
+            else:
+                # Another process sharing this login may have refreshed first: the
+                # refresh token we sent was then spent (it rotates), and the file now
+                # holds the new one.
+                cached = read_cache()
+        if sso_token_expired(cached, now):
             raise LocalServerError("the SSO login for profile '{}' has expired: {}".format(
                 name, login))
+        token = cached["accessToken"]
         url = "{}/federation/credentials?{}".format(portal, urllib.parse.urlencode(
             [("role_name", role), ("account_id", account)]))
-        status, body = _fetch_local(url, {"x-amz-sso_bearer_token": token}, "the SSO portal",
+        status, body = http_fetch(url, {"x-amz-sso_bearer_token": token}, "the SSO portal",
                                     timeout=REQUEST_TIMEOUT, opener=pool)
         if status in (401, 403):
             raise LocalServerError("the SSO portal refused the login of profile '{}': "
@@ -2060,8 +2201,8 @@ def refresh_login_token(cached, url, now, opener, jti, again):
     body = json.dumps({"clientId": cached["clientId"], "grantType": "refresh_token",
                        "refreshToken": cached["refreshToken"]}).encode("utf-8")
     headers = {"Content-Type": "application/json", "DPoP": dpop_proof(key, url, now, jti)}
-    status, answer = _fetch_local(url, headers, "the sign-in service", timeout=REQUEST_TIMEOUT,
-                                  method="POST", opener=opener, data=body)
+    status, answer = http_fetch(url, headers, "the sign-in service", timeout=REQUEST_TIMEOUT,
+                                method="POST", opener=opener, data=body)
     if 400 <= status < 500:
         try:
             error = json.loads(answer.decode("utf-8")).get("error")
@@ -2094,16 +2235,16 @@ def refresh_login_token(cached, url, now, opener, jti, again):
     return fresh
 
 
-def login_source(name, settings, environ, region, clock=time.time, endpoints=None):
+def login_source(name, settings, context):
     """A profile with login_session: the credentials `aws login` cached.  Within 5
     minutes of their expiry they are refreshed at the sign-in service and the cache
     file rewritten, as the CLI does; this happens at every load, so the login lasts
     as long as its refresh token."""
     session = settings["login_session"]
-    cache_file = login_cache_file(session, environ)
+    cache_file = login_cache_file(session, context.environ)
     again = "run 'aws login --profile {}' again".format(name)
-    aws_now = Clock.of(clock).aws_now  # expiry as AWS judges it
-    pool = default_opener(environ)  # AWS's services: proxies and CA bundle apply
+    aws_now = context.clock.aws_now  # expiry as AWS judges it
+    pool = context.pool  # the run's: proxies and CA bundle apply
 
     def load():
         try:
@@ -2115,13 +2256,17 @@ def login_source(name, settings, environ, region, clock=time.time, endpoints=Non
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise LocalServerError("no usable aws login session '{}' found for profile '{}' in "
                                    "{}: {}".format(session, name, cache_file, again))
+        # The process holds them now: no error text or log line may repeat them.
+        SECRETS.add(cached.get("refreshToken"), cached.get("dpopKey"))
         if expires - aws_now() < LOGIN_REFRESH_WINDOW:
             # The token's signInRegion (newer logins record it) beats the configured one.
-            sign_in_region = cached.get("signInRegion") or region
+            sign_in_region = cached.get("signInRegion") or context.region
             if not sign_in_region:
                 raise LocalServerError("profile '{}' needs a region to refresh its aws login "
                                        "session".format(name))
-            url = service_endpoint("signin", sign_in_region, None, environ, endpoints)[0]
+            # --endpoint-url is the STS/IAM/S3 endpoint, not this one: only its own settings.
+            url = service_endpoint("signin", sign_in_region, None, context.environ,
+                                   context.endpoints)[0]
             try:
                 cached = refresh_login_token(cached, url + "/v1/token", aws_now(), pool,
                                              str(uuid.uuid4()), again)
@@ -2131,41 +2276,35 @@ def login_source(name, settings, environ, region, clock=time.time, endpoints=Non
                 if expires - aws_now() <= BaseCredentials.expiry_floor:
                     raise
             else:
+                SECRETS.add(cached.get("refreshToken"))
                 _write_json_atomically(cache_file, cached)
         return _credentials_from_json(
             json.dumps(cached["accessToken"]).encode("utf-8"), "the aws login cache",
             ("accessKeyId", "secretAccessKey", "sessionToken", "expiresAt"))
-    return BaseCredentials(load, "aws login profile {}".format(name), clock)
+    return BaseCredentials(load, "aws login profile {}".format(name), context.clock)
 
 
 class ProfileResolver(object):
     """Turns a profile into BaseCredentials, following source_profile chains as
     botocore's AssumeRoleProvider does."""
 
-    def __init__(self, files, environ, region, endpoint_url, mfa_code=None, ask=None,
-                 endpoints=None, use_environ=True, clock=time.time):
+    def __init__(self, files, context, mfa_code=None, ask=None, use_environ=True):
         self.files = files
-        self.environ = environ
-        self.region = region
-        self.endpoint_url = endpoint_url
+        # The run's AWSContext: its endpoints are the selected profile's, for every
+        # client of the chain (as botocore), and its clock is the one every signer uses.
+        self.context = context
+        self.environ = context.environ
+        self.clock = context.clock
         self.mfa_code = mfa_code
         self.ask = ask  # asks the user for an MFA code, or None when nobody can answer
-        self.endpoints = endpoints  # the selected profile's, for every client (as botocore)
         self.use_environ = use_environ  # AWS_WEB_IDENTITY_TOKEN_FILE...: not with --profile
-        self.clock = clock
 
     def settings(self, name):
         """A profile's settings, the credentials file's winning; None if it has none."""
-        config, credentials = self.files.profile(name)
-        if config is None and credentials is None:
-            return None
-        settings = dict(config or {})
-        settings.update(credentials or {})
-        return settings
+        return self.files.settings(name)
 
     def client(self, base):
-        return AWSClient(base, self.region, self.endpoint_url, self.environ, clock=self.clock,
-                         endpoints=self.endpoints)
+        return self.context.client(base)
 
     def resolve(self, name):
         """BaseCredentials for the selected profile, None if it has none, or LocalServerError."""
@@ -2183,15 +2322,13 @@ class ProfileResolver(object):
         if source is not None:
             return source
         if settings.get("sso_session") or settings.get("sso_start_url"):
-            return sso_source(self.files, name, settings, self.environ, self.clock,
-                              self.endpoints)
+            return sso_source(self.files, name, settings, self.context)
         keys = _static(credentials, "profile '{}' in {}".format(
             name, self.files.credentials_path))
         if keys is None and settings.get("login_session"):
-            return login_source(name, settings, self.environ, self.region, self.clock,
-                                self.endpoints)
+            return login_source(name, settings, self.context)
         if keys is None and settings.get("credential_process"):
-            return process_source(settings["credential_process"], name)
+            return process_source(settings["credential_process"], name, self.clock)
         keys = keys or _static(config, "profile '{}' in {}".format(name, self.files.config_path))
         return BaseCredentials.fixed(keys, "profile " + name) if keys else None
 
@@ -2239,7 +2376,7 @@ class ProfileResolver(object):
             make = {"Environment": environment_source,
                     "Ec2InstanceMetadata": instance_metadata_source,
                     "EcsContainer": container_source}.get(credential_source)
-            source = make(self.environ) if make else None
+            source = make(self.environ, self.clock) if make else None
             if source is None:
                 raise LocalServerError("credential_source {} of profile '{}' gives no "
                                        "credentials".format(credential_source, name))
@@ -2258,36 +2395,55 @@ class ProfileResolver(object):
             extra.append(("ExternalId", settings["external_id"]))
         serial = settings.get("mfa_serial")
         used = []
+        code = self.mfa_code
+        if serial and code is None and self.ask is not None:
+            # Asked now, on the main thread, before anything runs in parallel: a prompt
+            # on another thread could not give the terminal its echo back when Ctrl+C
+            # ends the main thread.
+            code = self.ask("MFA code for {}: ".format(serial))
+
+        refused = []  # AWS's answer to the one code, if it refused it
 
         def mfa_code():
-            # Only the first load may use --mfa-code or ask: a code works once, and
-            # later loads run in the refresher thread, where nobody can type one.
+            # Only the first load may use --mfa-code or the code typed: a code works
+            # once, and later loads run in the refresher thread, where nobody can type.
+            # A code AWS refused is not sent again: its reason is told again instead.
+            if refused:
+                raise refused[0]
             if used:
                 raise LocalServerError("profile '{}' needs a new MFA code for {}: restart "
                                        "the server with --mfa-code".format(name, serial))
-            code = self.mfa_code
-            if code is None and self.ask is not None:
-                code = self.ask("MFA code for {}: ".format(serial))
             if not code:
                 raise LocalServerError("profile '{}' needs an MFA code for {}: give "
                                        "--mfa-code".format(name, serial))
             used.append(True)
             return code.strip()
 
+        def with_code(call):
+            # call(code); AWS's refusal of the code is kept for mfa_code().
+            sent = mfa_code()
+            try:
+                return call(sent)
+            except AWSError as error:
+                if not error.transient:
+                    refused.append(error)
+                raise
+
         # With long-term keys one code buys a 12-hour MFA session (GetSessionToken, as
         # aws-vault does); its credentials then assume the role at every load, no code.
         mfa_session = self.client(BaseCredentials(
-            lambda: client.get_session_token(serial, mfa_code(), MFA_SESSION_DURATION),
+            lambda: with_code(lambda sent: client.get_session_token(
+                serial, sent, MFA_SESSION_DURATION)),
             "MFA session of profile {}".format(name), self.clock)) if serial else None
 
         def load():
-            params = list(extra)
-            signer = client
             if serial and source.get().session_token is None:
-                signer = mfa_session
-            elif serial:
-                params += [("SerialNumber", serial), ("TokenCode", mfa_code())]
-            return signer.assume_role(role_arn, session, None, duration, params)
+                return mfa_session.assume_role(role_arn, session, None, duration, extra)
+            if serial:
+                return with_code(lambda sent: client.assume_role(
+                    role_arn, session, None, duration,
+                    extra + [("SerialNumber", serial), ("TokenCode", sent)]))
+            return client.assume_role(role_arn, session, None, duration, extra)
         return BaseCredentials(load, "assume-role profile {}".format(name), self.clock,
                                is_role=True)
 
@@ -2305,14 +2461,15 @@ def _ask_on_terminal(prompt):
     return getpass.getpass(prompt)
 
 
-def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=time.time,
-                        files=None):
+def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=None,
+                        files=None, context=None):
     """Find the base credentials the way the AWS CLI does: BaseCredentials.
 
     First match wins: --access-key/--secret-key, -a/--auth, the environment
     keys (unless --profile is given), the profile (which includes web identity
     from AWS_WEB_IDENTITY_TOKEN_FILE), the container endpoint, then EC2
-    instance metadata.
+    instance metadata.  The clients a profile needs are made from ``context``
+    (by default one for ``environ``, ``region`` and ``clock``).
     """
     if args.access_key or args.secret_key:
         if not (args.access_key and args.secret_key):
@@ -2329,9 +2486,11 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=
             return source
     files = files or AWSFiles(environ)
     profile = selected_profile(args, environ)
-    resolver = ProfileResolver(files, environ, region, args.endpoint_url,
-                               getattr(args, "mfa_code", None), ask, files.endpoints(profile),
-                               use_environ=not args.profile, clock=clock)
+    if context is None:
+        context = AWSContext(region, args.endpoint_url, environ, files.endpoints(profile),
+                             clock)
+    resolver = ProfileResolver(files, context, getattr(args, "mfa_code", None), ask,
+                               use_environ=not args.profile)
     source = resolver.resolve(profile)
     if source is not None:
         return source
@@ -2344,7 +2503,7 @@ def resolve_credentials(args, environ, region=None, ask=_ask_on_terminal, clock=
             (container_source, "container endpoint", "not configured"),
             (instance_metadata_source, "EC2 instance metadata",
              "disabled by AWS_EC2_METADATA_DISABLED")):
-        source = make(environ)
+        source = make(environ, context.clock)
         if source is None:
             looked.append("{} ({})".format(place, absent))
             continue
@@ -2422,7 +2581,7 @@ class CredentialMaker(object):
             account = self.client.get_caller_identity()["Account"]
             self.log("Creating IAM role {}...".format(DEFAULT_ROLE_NAME))
             role = self.client.create_default_role(DEFAULT_ROLE_NAME, account)
-            self.role_created_at = self.client.clock()
+            self.role_created_at = self.client.clock.elapsed()
             self._attach_policy()
         else:
             self._check_policy()
@@ -2491,7 +2650,7 @@ class CredentialMaker(object):
                     continue
                 # A role created moments ago is refused until IAM has propagated it.
                 new_role = self.role_created_at is not None and (
-                    self.client.clock() - self.role_created_at < self.propagation_wait)
+                    self.client.clock.elapsed() - self.role_created_at < self.propagation_wait)
                 if error.code != "AccessDenied" or not new_role:
                     raise
                 self.log("The new role is not usable yet (IAM propagation); retrying...")
@@ -2524,7 +2683,7 @@ class Unavailable(LocalServerError):
 
     def __init__(self, code, message, retry_after=5):
         self.code = code
-        self.message = message
+        self.message = SECRETS.redact(message)  # served to any local client
         self.retry_after = retry_after
         super().__init__("{}: {}".format(code, message))
 
@@ -2607,13 +2766,14 @@ class CredentialCache(object):
 
     # -- readers -----------------------------------------------------------
 
-    def current(self):
+    def current(self, wait=True):
         """(Credentials, body) to serve now; raises Unavailable if none is valid.
 
         With less than ``min_lifetime`` left (as after a suspend) or nothing
-        valid at all, waits up to ``request_wait`` for the refresh.  While STS
-        fails, still-valid credentials are served at once, and with nothing
-        valid only an attempt under way or starting now is waited for.
+        valid at all, waits up to ``request_wait`` for the refresh (never with
+        ``wait`` False).  While STS fails, still-valid credentials are served at
+        once, and with nothing valid only an attempt under way or starting now
+        is waited for.
         """
         deadline = None
         with self._lock:
@@ -2637,7 +2797,7 @@ class CredentialCache(object):
                     worth_waiting = busy or next_at < deadline
                 if worth_waiting:
                     self._wake.set()
-                if not (self._running and worth_waiting and mono < deadline):
+                if not (wait and self._running and worth_waiting and mono < deadline):
                     break
                 self._changed.wait(deadline - mono)
             last_error = self._last_error
@@ -2655,6 +2815,14 @@ class CredentialCache(object):
             "no valid credentials" if current else "no credentials yet",
             "a refresh is under way" if under_way
             else "the next refresh starts in {}s".format(retry_after)), retry_after)
+
+    def answers_at_once(self):
+        """True if current() would serve credentials without waiting for a refresh."""
+        with self._lock:
+            current = self._current
+            now = self.clock.aws_now()
+            return self._valid(current, now) and (
+                current[0].expiration - now >= self.min_lifetime)
 
     @property
     def last_refresh(self):
@@ -2985,18 +3153,20 @@ class MetadataTokens(object):
     _NONCE = 16  # random bytes: tokens cannot be told from each other or the clock
     _MAC = 24  # bytes of the HMAC-SHA256 kept: 192 bits cannot be forged
 
-    def __init__(self, clock=time.monotonic):
-        self.clock = clock  # seconds; monotonic, so a clock change cannot revive a token
+    def __init__(self, monotonic=time.monotonic):
+        # A time function, not a Clock: seconds on a clock that is never set, so no
+        # change of the wall clock (or of AWS's time) can revive a token.
+        self.monotonic = monotonic
         self._key = secrets.token_bytes(32)  # never leaves the process
 
     def _seal(self, nonce, expiry):
-        """The token for ``nonce`` and ``expiry`` (milliseconds of the clock), as bytes."""
+        """The token for ``nonce`` and ``expiry`` (milliseconds of ``monotonic``), as bytes."""
         body = nonce + expiry.to_bytes(8, "big")
         mac = hmac.new(self._key, body, hashlib.sha256).digest()[:self._MAC]
         return base64.urlsafe_b64encode(body + mac)
 
     def issue(self, ttl):
-        expiry = int(self.clock() * 1000) + int(ttl) * 1000
+        expiry = int(self.monotonic() * 1000) + int(ttl) * 1000
         return self._seal(secrets.token_bytes(self._NONCE), expiry).decode("ascii")
 
     def valid(self, token):
@@ -3011,7 +3181,7 @@ class MetadataTokens(object):
         expiry = int.from_bytes(raw[self._NONCE:self._NONCE + 8], "big")
         # The whole text is compared, so no other spelling of the same bytes passes.
         return (hmac.compare_digest(self._seal(raw[:self._NONCE], expiry), sent)
-                and int(self.clock() * 1000) < expiry)
+                and int(self.monotonic() * 1000) < expiry)
 
 
 def metadata_document(credentials, updated):
@@ -3086,7 +3256,8 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     IMDS_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
     reason = None  # why the current request was refused, for the log line
     # True on the accepting thread's handler: it answers the one request already in,
-    # then closes whatever the headers ask, so that thread never waits on a client.
+    # then closes whatever the headers ask, and never waits for a refresh, so that
+    # thread never waits on a client or on STS.
     answer_once = False
 
     def setup(self):
@@ -3165,7 +3336,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
                            {"Allow": "GET, HEAD"})
         elif path in self.CREDENTIAL_PATHS or secret_path:
             try:
-                _, body = self.server.cache.current()
+                _, body = self.server.cache.current(wait=not self.answer_once)
             except Unavailable as error:
                 self.send_unavailable(error)
                 return
@@ -3208,7 +3379,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         path = path[:-1] if path.endswith("/") else path
         if path == self.IMDS_CREDENTIALS + self.IMDS_ROLE:
             try:
-                credentials, _ = self.server.cache.current()
+                credentials, _ = self.server.cache.current(wait=not self.answer_once)
             except Unavailable as error:
                 self.send_unavailable(error)
                 return
@@ -3290,6 +3461,8 @@ class CredentialServer(http.server.HTTPServer):
     allow_reuse_address = True
     worker_idle_exit = 60.0  # seconds a spare worker thread waits before it ends
     request_queue_size = 128
+    refuse_wait = 2.0  # seconds a refused connection has to send its request
+    max_refusing = 256  # refused connections read at once; past that, closed at once
     _BUSY_BODY = b'{"code": "TooManyConnections", "message": "too many connections"}\n'
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
@@ -3319,7 +3492,8 @@ class CredentialServer(http.server.HTTPServer):
         self._spare_workers = 0  # workers that are, or are about to be, waiting for work
         self.date_header = (0, "")  # (second, formatted Date) shared by the handlers
         self._work = queue.Queue()
-        self._refusals = queue.Queue(maxsize=32)  # connections waiting for their 503
+        # Refused connections on their way to the refusing thread (see _refuse).
+        self._refusals = queue.Queue(maxsize=self.max_refusing)
         self._refuser = None
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -3361,11 +3535,13 @@ class CredentialServer(http.server.HTTPServer):
         if busy:
             self.log_access(client_address[0], "-", "-", 503, "too many connections")
             self._refuse(request)
-        elif self._answer_now(request):
+        elif self._answer_now(request) and self.cache.answers_at_once():
             # A whole one-shot request is already here: answering it on this thread
             # costs no hand-over between threads.  This thread must never wait on a
             # client, so its handler reads no second request, whatever the headers
-            # say (http.server may read them otherwise than _answer_now does).
+            # say (http.server may read them otherwise than _answer_now does); nor on
+            # a refresh: with credentials due, every request goes to a worker (/healthz
+            # too, which never waits but would queue behind nothing here).
             self._serve(request, client_address, OneShotHandler)
         else:
             with self._deadlines_lock:
@@ -3387,8 +3563,10 @@ class CredentialServer(http.server.HTTPServer):
 
     def _refuse(self, request):
         """Answer 503 from one small thread that reads the request first (closing on
-        unread data would reset the connection and lose the answer); past a short
-        queue of them, just close."""
+        unread data would reset the connection and lose the answer).  It reads every
+        refused connection at once, each for at most ``refuse_wait`` seconds however
+        slowly it sends, so none holds up another; past ``max_refusing`` of them, just
+        close."""
         try:
             self._refusals.put_nowait(request)
         except queue.Full:
@@ -3400,25 +3578,49 @@ class CredentialServer(http.server.HTTPServer):
             self._refuser.start()
 
     def _refuse_queued(self):
-        while True:
-            request = self._refusals.get()
-            if request is None:
-                return
-            try:
-                request.settimeout(0.5)
-                head = b""
-                while b"\r\n\r\n" not in head and len(head) < 65536:
-                    chunk = request.recv(65536)
-                    if not chunk:
+        reading = {}  # connection -> [deadline (monotonic), last 3 bytes, bytes read]
+        with selectors.DefaultSelector() as selector:
+            while True:
+                # Take in the new ones; wait for one only with none in hand.
+                while True:
+                    try:
+                        request = self._refusals.get(block=not reading)
+                    except queue.Empty:
                         break
-                    head += chunk
-            except OSError:
-                pass
-            try:
-                request.sendall(self.BUSY)
-            except OSError:
-                pass
-            self.shutdown_request(request)
+                    if request is None:
+                        for request in list(reading):
+                            self.shutdown_request(request)
+                        return
+                    try:
+                        request.setblocking(False)
+                        selector.register(request, selectors.EVENT_READ)
+                    except (OSError, ValueError):
+                        self.shutdown_request(request)
+                        continue
+                    reading[request] = [time.monotonic() + self.refuse_wait, b"", 0]
+                # A short wait, so connections refused meanwhile are taken in soon.
+                for key, _ in selector.select(0.05):
+                    state = reading[key.fileobj]
+                    try:
+                        chunk = key.fileobj.recv(65536)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        chunk = b""
+                    seen = state[1] + chunk
+                    state[1:] = [seen[-3:], state[2] + len(chunk)]
+                    if not chunk or b"\r\n\r\n" in seen or state[2] >= 65536:
+                        state[0] = 0  # the whole head is in (or never will be): answer
+                now = time.monotonic()
+                for request in [done for done, state in reading.items() if state[0] <= now]:
+                    del reading[request]
+                    selector.unregister(request)
+                    try:
+                        request.settimeout(0.5)  # the answer fits any socket buffer
+                        request.sendall(self.BUSY)
+                    except OSError:
+                        pass
+                    self.shutdown_request(request)
 
     @staticmethod
     def _answer_now(request):
@@ -3494,7 +3696,7 @@ class CredentialServer(http.server.HTTPServer):
 
     def log(self, message):
         try:
-            self.stream.write(message + "\n")
+            self.stream.write(SECRETS.redact(message) + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass
@@ -3562,6 +3764,9 @@ OUTRANKING_VARIABLES = (
     "AWS_ROLE_SESSION_NAME",
     "AWS_CREDENTIAL_FILE",  # botocore's legacy EC2-tools key file
 )
+# The names SDKs read for the shared credentials file: a client gets the empty one.
+CREDENTIALS_FILE_VARIABLES = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CREDENTIAL_PROFILES_FILE",
+                              "BOTO_CONFIG")
 # What the child's generated config keeps of the profile the server used: settings
 # that shape requests, never one that is, names or obtains credentials.  A list of
 # the harmless rather than of the dangerous, so a login the SDKs add later stays out.
@@ -3830,6 +4035,7 @@ def resolve_auth_token(args, environ):
     if token is not None and (not token or token != token.strip() or "\n" in token):
         raise LocalServerError("the auth token must be non-empty, on one line, without "
                                "leading or trailing spaces")
+    SECRETS.add(token)
     return token, (origin if token is not None else None)
 
 
@@ -3856,14 +4062,37 @@ def client_config(files, profile):
     return "\n".join(lines) + "\n"
 
 
+def private_folder(environ):
+    """The user's own folder for the files handed to clients: $XDG_RUNTIME_DIR or
+    ~/.cache, then s3_localserver, made mode 0700.  Not the temporary folder: a shell
+    set up by --auth-token generate keeps naming those files after the server is
+    gone, and anyone may create a file of that name in /tmp (a credential_process
+    of theirs, run as this user by the next AWS command)."""
+    parent = environ.get("XDG_RUNTIME_DIR") or environ.get("XDG_CACHE_HOME") or "~/.cache"
+    folder = os.path.join(_expand(parent), "s3_localserver")
+    try:
+        os.makedirs(folder, 0o700, exist_ok=True)
+        status = os.lstat(folder)
+        owner = getattr(os, "getuid", None)  # POSIX: owned by us, open to nobody else
+        if owner is not None and (not stat.S_ISDIR(status.st_mode)
+                                  or status.st_uid != owner()):
+            raise LocalServerError("{} is not a folder of this user's".format(folder))
+        if os.name != "nt" and status.st_mode & 0o077:
+            os.chmod(folder, 0o700)
+    except OSError as error:
+        raise LocalServerError("cannot make the folder {}: {}".format(
+            folder, error.strerror or error))
+    return folder
+
+
 class ClientFiles(object):
     """A private folder holding the config file and the empty credentials file that a
     program using the served credentials is pointed at, so no profile of the user's
     (keys, SSO, credential_process...) can outrank the served credentials."""
 
-    def __init__(self, config_text):
+    def __init__(self, config_text, environ):
         import tempfile  # only for the files handed to clients
-        self.folder = tempfile.mkdtemp(prefix="s3_localserver-")  # mode 0700
+        self.folder = tempfile.mkdtemp(prefix="run-", dir=private_folder(environ))  # 0700
         self.config = os.path.join(self.folder, "config")
         self.credentials = os.path.join(self.folder, "credentials")
         for path, text in ((self.config, config_text), (self.credentials, "")):
@@ -3882,10 +4111,13 @@ def client_environment(environ, url, token, region, files):
     if token is not None:
         env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
     env["AWS_CONFIG_FILE"] = files.config
-    env["AWS_SHARED_CREDENTIALS_FILE"] = files.credentials
-    # botocore also reads boto 2's ~/.boto and /etc/boto.cfg, before the container
-    # provider, unless BOTO_CONFIG names another file: the empty one.
-    env["BOTO_CONFIG"] = files.credentials
+    # Every SDK's name for the credentials file gets the empty one, as each reads it
+    # before the container provider: AWS_SHARED_CREDENTIALS_FILE (botocore, Go, JS,
+    # Ruby, PHP, .NET, Rust, C++, Java v2), AWS_CREDENTIAL_PROFILES_FILE (Java v1,
+    # Cognitect's aws-api), and BOTO_CONFIG (boto 2's ~/.boto and /etc/boto.cfg,
+    # which botocore reads too).
+    for name in CREDENTIALS_FILE_VARIABLES:
+        env[name] = files.credentials
     if region:
         env["AWS_REGION"] = region
         env.setdefault("AWS_DEFAULT_REGION", region)
@@ -3897,7 +4129,7 @@ def shell_setup(env, pid=None):
     and the server's process id in S3_LOCALSERVER_PID, a shell variable (not exported)
     to stop it with."""
     names = ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-             "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "BOTO_CONFIG")
+             "AWS_CONFIG_FILE") + CREDENTIALS_FILE_VARIABLES
     lines = ["export {}={}".format(name, shlex.quote(env[name])) for name in names
              if name in env]
     lines.append("unset " + " ".join(OUTRANKING_VARIABLES))
@@ -3980,6 +4212,41 @@ def run_command(command, env):
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as shells say
 
 
+class StopRequest(object):
+    """Set by the SIGTERM handler; the main thread waits for it.
+
+    Not a threading.Event: its set() takes the lock that Event.wait() holds for a
+    moment at every timeout, and a signal handler runs on the main thread, between
+    any two bytecodes, so it could wait forever for a lock its own thread holds.
+    Appending to a list takes no lock the handler could find held."""
+
+    poll = 0.1  # seconds between looks
+
+    def __init__(self):
+        self._signals = []
+        # Held for good, so that acquiring it again is a pause with a timeout that the
+        # handler never touches.  Not time.sleep: under libfaketime it fails (EINVAL).
+        self._pause = threading.Lock()
+        self._pause.acquire()
+
+    def set(self, signum=None, frame=None):
+        """The signal handler itself: ``signal.signal(SIGTERM, stop.set)``."""
+        self._signals.append(signum)
+
+    def is_set(self):
+        return bool(self._signals)
+
+    def wait(self, timeout):
+        """True once set, else False after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self._signals:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._pause.acquire(timeout=min(self.poll, left))
+        return True
+
+
 def wait_for_signal(stop):
     """Block the main thread until Ctrl+C, or until ``stop`` is set (SIGTERM)."""
     try:
@@ -3989,15 +4256,20 @@ def wait_for_signal(stop):
         pass
 
 
+def run_context(args, environ, files, log=None):
+    """The run's AWSContext: trust store, region and endpoints from the command line,
+    the environment and the profile."""
+    environ = trust_environment(args, environ, files)
+    return AWSContext(resolve_region(args, environ, files), args.endpoint_url, environ,
+                      configured_endpoints(args, environ, files), log=log)
+
+
 def print_identity(args, environ):
     """--print-identity: which credentials the script would use, and whose they are."""
     files = AWSFiles(environ)  # read once; the calls below only look things up
-    environ = trust_environment(args, environ, files)
-    region = resolve_region(args, environ, files)
-    base = resolve_credentials(args, environ, region, files=files)
-    identity = AWSClient(base, region, args.endpoint_url, environ,
-                         endpoints=configured_endpoints(args, environ, files)
-                         ).get_caller_identity()
+    context = run_context(args, environ, files)
+    base = resolve_credentials(args, context.environ, files=files, context=context)
+    identity = context.client(base).get_caller_identity()
     sys.stdout.write("{} (account {}, credentials from {})\n".format(
         identity["Arn"], identity["Account"], base.source))
     return 0
@@ -4015,7 +4287,7 @@ def print_policy(args, environ, say):
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
     say("{} characters; STS allows at most {}".format(len(text), POLICY_MAX_CHARS))
-    policy_json(policy)  # the usual Error line when it is too long
+    check_policy_length(text)  # the usual Error line when it is too long
     return 0
 
 
@@ -4030,9 +4302,7 @@ def trust_environment(args, environ, files=None):
         bundle, origin = environ.get("AWS_CA_BUNDLE"), "AWS_CA_BUNDLE"
     if not bundle:
         name = selected_profile(args, environ)
-        config, credentials = (files or AWSFiles(environ)).profile(name)
-        settings = dict(config or {})
-        settings.update(credentials or {})
+        settings = (files or AWSFiles(environ)).settings(name) or {}
         bundle, origin = settings.get("ca_bundle"), "ca_bundle of profile " + name
     if not bundle:
         return environ
@@ -4163,18 +4433,16 @@ def start_server(args, environ, say, files):
     if unguarded and args.require_token:
         raise LocalServerError("refusing to serve on {} without an auth token "
                                "(--require-token); set --auth-token".format(args.host))
-    environ = trust_environment(args, environ, files)
-    region = resolve_region(args, environ, files)
+    context = run_context(args, environ, files, log=say)
+    region = context.region
     policy = policy_json(session_policy(args, region))  # too long: say so before any call
-    clock = Clock()  # AWS's time, learnt by the client, used by the cache
-    # Base credentials from STS or SSO expire on AWS's clock too.
-    base = resolve_credentials(args, environ, region, clock=clock.aws_now, files=files)
-    client = AWSClient(base, region, args.endpoint_url, environ, clock=clock, log=say,
-                       endpoints=configured_endpoints(args, environ, files))
+    # Every client signs with the context's clock, and the cache judges expiry by it.
+    base = resolve_credentials(args, context.environ, files=files, context=context)
+    client = context.client(base)
     mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
     maker = CredentialMaker(client, mode, policy, args.duration, args.permission, args.buckets,
                             role_arn=args.role_arn, log=say)
-    cache = CredentialCache(maker, maker.duration, clock=clock, log=say)
+    cache = CredentialCache(maker, maker.duration, clock=context.clock, log=say)
     rules = AccessRules([args.host] + args.allow_host, token, args.allow_client)
     try:
         server = CredentialServer((args.host, args.port), cache, rules,
@@ -4212,8 +4480,7 @@ def start_server(args, environ, say, files):
             if isinstance(error, BucketDenied) and failure is None:
                 # Callers that may only assume the role: the served credentials must
                 # reach the bucket anyway, so they are the ones that decide.
-                served = AWSClient(cache.current()[0], region, args.endpoint_url, environ,
-                                   opener=client.opener, log=say)
+                served = context.client(cache.current()[0])
                 buckets[index] = _outcome(served.head_bucket, args.buckets[index])
         bucket_failure = next((error for _, error in buckets if error is not None), None)
         # The most useful error first: refused keys, then the role, then the bucket.
@@ -4252,7 +4519,7 @@ def main(argv=None, environ=None):
     environ = os.environ if environ is None else environ
 
     def say(message):
-        sys.stderr.write(message + "\n")
+        sys.stderr.write(SECRETS.redact(message) + "\n")
         sys.stderr.flush()
 
     args = parse_args(sys.argv[1:] if argv is None else argv, program_name(sys.argv[0]))
@@ -4271,8 +4538,8 @@ def main(argv=None, environ=None):
 
     # SIGTERM's handler goes in before anything says we are up: a supervisor (or a
     # test) may send it the moment it reads the first line.
-    stop = threading.Event()
-    previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    stop = StopRequest()
+    previous_sigterm = signal.signal(signal.SIGTERM, stop.set)
     host = server.server_address[0]
     # The URL SDKs accept over plain http names a loopback address: for a server
     # bound to every address (0.0.0.0, ::), that is the loopback one.
@@ -4303,7 +4570,8 @@ def main(argv=None, environ=None):
     client_files = None
     try:
         if args.command or token_origin == "generated":
-            client_files = ClientFiles(client_config(files, selected_profile(args, environ)))
+            client_files = ClientFiles(client_config(files, selected_profile(args, environ)),
+                                       environ)
             env = client_environment(environ, full_uri, server.rules.token, region,
                                      client_files)
         if args.command:

@@ -3,6 +3,7 @@
 Everything listens on 127.0.0.1 only, on ports the OS picks.
 """
 
+import calendar
 import http.client
 import http.server
 import json
@@ -106,6 +107,30 @@ class Fault(object):
         self.headers = headers or {}
 
 
+def skew_refusal(method, headers, body):
+    """AWS's answer to a request signed too far from its time, as a Fault; None for one
+    signed in time.  S3 allows 15 minutes and answers a HEAD with a bare 403 (a HEAD
+    answer has no body, so no code), other calls RequestTimeTooSkewed; STS and IAM
+    (query calls) allow 5 minutes and answer SignatureDoesNotMatch 'Signature expired'."""
+    stamp = headers.get("X-Amz-Date")
+    if not stamp:
+        return None
+    signed = calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
+    if abs(signed - time.time()) <= (5 if b"Action=" in body else 15) * 60:
+        return None
+    if method == "HEAD":
+        fault = Fault("status", 403)
+    elif b"Action=" in body:
+        fault = aws_error("SignatureDoesNotMatch", "Signature expired: {} is now earlier "
+                          "than the allowed window".format(stamp), 403)
+    else:
+        fault = Fault("status", 403, b"<Error><Code>RequestTimeTooSkewed</Code><Message>The "
+                      b"difference between the request time and the current time is too "
+                      b"large.</Message></Error>", headers={"Content-Type": "application/xml"})
+    fault.name = "skewed"
+    return fault
+
+
 def aws_error(code, message="injected", status=400):
     body = ("<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error>"
             "<Type>Sender</Type><Code>{}</Code><Message>{}</Message></Error>"
@@ -118,11 +143,16 @@ class RecordingProxy(object):
 
     Requests are forwarded byte for byte (Host header included, so moto checks
     the signature the script made).  ``faults`` holds Fault objects, consumed
-    one per matching request, to simulate a misbehaving AWS.
+    one per matching request, to simulate a misbehaving AWS.  ``clock`` (a time
+    function) dates the answers, for tests on an injected clock: the script learns
+    AWS's time from the Date header.  With ``check_skew``, a request signed too far
+    from the real time is refused as AWS does (moto does not check): see skew_refusal.
     """
 
-    def __init__(self, target, match=None):
+    def __init__(self, target, match=None, clock=None, check_skew=False):
         self.target = target.replace("http://", "")
+        self.clock = clock
+        self.check_skew = check_skew
         self.requests = []  # (method, path, headers dict, body bytes, status)
         self.faults = queue.Queue()
         self.match = match or (lambda method, body: True)
@@ -137,15 +167,17 @@ class RecordingProxy(object):
             def handle_any(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                fault = None
-                if proxy.match(self.command, body):
+                fault = skew_refusal(self.command, self.headers, body) if (
+                    proxy.check_skew) else None
+                if fault is None and proxy.match(self.command, body):
                     try:
                         fault = proxy.faults.get_nowait()
                     except queue.Empty:
                         fault = None
                 record = {"method": self.command, "path": self.path,
                           "headers": dict(self.headers.items()), "body": body,
-                          "fault": fault.kind if fault else None}
+                          "fault": getattr(fault, "name", None) or (
+                              fault.kind if fault else None)}
                 proxy.requests.append(record)
                 if fault is not None and fault.kind == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
@@ -181,6 +213,8 @@ class RecordingProxy(object):
                     if name.lower() not in ("content-length", "transfer-encoding",
                                             "connection", "date", "server"):
                         self.send_header(name, value)
+                if proxy.clock is not None and (fault is None or fault.kind != "skew"):
+                    headers["Date"] = self.date_time_string(proxy.clock())
                 self.send_header("Date", headers.get("Date") or self.date_time_string())
                 self.send_header("Content-Length", str(declared))
                 self.send_header("Connection", "close")
@@ -240,9 +274,11 @@ class StandIn(object):
     """A tiny local HTTP service answering by (method, path with query): a stand-in for
     the SSO portal and SSO OIDC, a container endpoint or instance metadata.  Each route
     is (status, body bytes) or a function (body bytes, headers) -> (status, body bytes);
-    every request is recorded as (method, path, lower-case headers, body bytes)."""
+    every request is recorded as (method, path, lower-case headers, body bytes).
+    ``clock`` (a time function) dates the answers, for a stand-in on an injected clock:
+    the script learns AWS's time from that Date."""
 
-    def __init__(self, routes):
+    def __init__(self, routes, clock=None):
         self.routes = routes
         self.requests = []
         stand_in = self
@@ -250,6 +286,11 @@ class StandIn(object):
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def date_time_string(self, timestamp=None):
+                if timestamp is None and clock is not None:
+                    timestamp = clock()
+                return http.server.BaseHTTPRequestHandler.date_time_string(self, timestamp)
 
             def answer(self):
                 length = int(self.headers.get("Content-Length") or 0)

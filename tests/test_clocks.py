@@ -364,6 +364,22 @@ def test_client_learns_aws_time_from_every_answer():
     assert logged == ["the local clock is +7200s off AWS's; signing with AWS's time"]
 
 
+@pytest.mark.parametrize("minutes", [3, -3])
+def test_three_minute_offset_is_learnt_and_signs_the_next_call(minutes):
+    """Issue 20, defect 11: the clock's resolution is pinned: an offset of 3 minutes
+    (inside STS's 5-minute window, but most of it) is learnt from one answer, and the
+    next request is signed with AWS's time; the cache judges expiry by it too."""
+    from test_units import ASSUME_ROLE
+    world = World(fast=-minutes * 60)
+    answers = [(200, world.aws, ASSUME_ROLE), (200, world.aws, ASSUME_ROLE)]
+    client = scripted_client(world, answers)
+    client.assume_role("arn:aws:iam::1:role/r", "s3.read-write.b", "{}", 3600)
+    assert client.clock.offset == minutes * 60
+    client.assume_role("arn:aws:iam::1:role/r", "s3.read-write.b", "{}", 3600)
+    assert client.signed_at[1] == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(world.aws))
+    assert abs(client.clock.aws_now() - world.aws) < 1
+
+
 def test_wall_clock_running_slow_is_followed():
     """A wall clock running at 0.3x (found with libfaketime by a review): drift under
     the resolution at every look still adds up, so AWS's time keeps pace with the
@@ -562,3 +578,21 @@ def test_retry_after_header_names_the_next_attempt():
         server.shutdown()
         server.server_close()
     assert response.status == 503 and response.getheader("Retry-After") == "2"
+
+
+def test_one_clock_per_run_and_its_times_named():
+    """Issue 20's design step: a Clock is not callable (aws_now, local_now and elapsed
+    say which time), its own aws_now cannot be wrapped in a new Clock (AWS's time would
+    pass for local time and the offset count twice), and every client of a context
+    signs with the context's one Clock."""
+    world = World(fast=600)
+    assert not callable(world.clock)
+    with pytest.raises(TypeError):
+        s.Clock.of(world.clock.aws_now)
+    assert s.Clock.of(world.clock) is world.clock
+    context = s.AWSContext("us-east-1", environ={}, clock=world.clock)
+    clients = [context.client(None), context.client(s.Credentials("AKIDEXAMPLE", "secret"))]
+    assert all(client.clock is world.clock and client.opener is context.pool
+               for client in clients)
+    world.clock.learn(world.aws)
+    assert world.clock.aws_now() == world.aws and world.clock.local_now() == world.aws + 600

@@ -23,7 +23,7 @@ EVAL_LINE = 'eval "$(python3 s3_localserver.py my-bucket -d 1h --auth-token gene
 STOP_LINE = "kill $S3_LOCALSERVER_PID"
 EXEC_LINE = "python3 s3_localserver.py my-bucket -d 1h -- aws s3 ls s3://my-bucket/"
 CLEAN = ('env -i PATH="$PATH" AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null '
-         'BOTO_CONFIG=/dev/null ')
+         'AWS_CREDENTIAL_PROFILES_FILE=/dev/null BOTO_CONFIG=/dev/null ')
 CONTAINER_LINE = (CLEAN + "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:8094/ "
                   "aws s3 ls s3://my-bucket/")
 IMDS_LINE = CLEAN + "AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:8094/ aws s3 ls s3://my-bucket/"

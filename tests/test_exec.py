@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+import s3_localserver as s
 from conftest import BUCKET
 from helpers import BIN, SCRIPT, StandIn, clean_env, run_script
 
@@ -124,6 +125,43 @@ def test_child_gets_harmless_settings_and_no_credentials(moto, user_login):
         assert name not in seen["names"]
 
 
+# Every variable an SDK reads for the shared credentials and config files (SDK sources):
+# botocore, Go, JavaScript, Ruby, PHP, .NET, Rust, C++ and Java v2 read these two;
+# Java v1 (CredentialsEnvVarOverrideLocationProvider) and Cognitect's aws-api read
+# AWS_CREDENTIAL_PROFILES_FILE, and boto 2 BOTO_CONFIG.
+CREDENTIALS_FILE_VARIABLES = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CREDENTIAL_PROFILES_FILE",
+                              "BOTO_CONFIG")
+
+
+def test_every_sdks_credentials_file_is_the_empty_one(moto, user_login, tmp_path):
+    """Issue 20, defect 5: Java SDK v1 reads AWS_CREDENTIAL_PROFILES_FILE (default
+    ~/.aws/credentials) before the container provider; it must name the empty file."""
+    env, auth = user_login("keys")
+    users_keys = tmp_path / "users-keys"
+    users_keys.write_text("[default]\naws_access_key_id = AKIAUSERSOWN\n"
+                          "aws_secret_access_key = users-own-secret\n")
+    env["AWS_CREDENTIAL_PROFILES_FILE"] = str(users_keys)
+    probe = ("import os, json; names = " + repr(CREDENTIALS_FILE_VARIABLES + ("AWS_CONFIG_FILE",))
+             + "; print(json.dumps({name: [os.environ.get(name), open(os.environ[name]).read() "
+               "if os.environ.get(name) else None] for name in names}))")
+    code, out, err = run_script([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-a", auth,
+                                 "--", sys.executable, "-c", probe], env)
+    assert code == 0, err
+    seen = json.loads(out)
+    empty = seen["AWS_SHARED_CREDENTIALS_FILE"]
+    for name in CREDENTIALS_FILE_VARIABLES:
+        assert seen[name] == empty and empty[1] == "", (name, seen)
+    assert seen["AWS_CONFIG_FILE"][0].startswith(os.path.dirname(empty[0]))
+    files = s.ClientFiles("", env)
+    try:
+        lines = s.shell_setup(s.client_environment(env, "http://127.0.0.1:1/", "t", None,
+                                                   files)).splitlines()
+    finally:
+        files.remove()
+    for name in CREDENTIALS_FILE_VARIABLES:
+        assert any(line.startswith("export {}=".format(name)) for line in lines), name
+
+
 def test_client_files_are_removed_after_the_command(moto, user_login, tmp_path):
     env, auth = user_login("keys")
     probe = "import os; print(os.environ['AWS_CONFIG_FILE'])"
@@ -148,6 +186,36 @@ def test_generated_token_lines_set_up_a_shell_that_acts_as_the_role(moto, user_l
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
     assert SERVED_ROLE in result.stdout.decode()
+
+
+def creatable_by_others(path):
+    """Whether another local user could create ``path``: its nearest existing folder is
+    someone else's, or writable by group or others (as /tmp is, sticky bit or not)."""
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    status = os.stat(folder)
+    return status.st_uid != os.getuid() or bool(status.st_mode & 0o022)
+
+
+def test_generated_shell_names_no_file_others_can_create_once_stopped(moto, user_login, start):
+    """Issue 20, defect 4: the files the generated lines export must not be re-creatable
+    by another user (with a credential_process of theirs) once the server is gone."""
+    env, auth = user_login("keys")
+    server = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-a", auth,
+                    "--auth-token", "generate"], env)
+    deadline = time.time() + 30
+    while b"unset" not in server.stdout and time.time() < deadline:
+        time.sleep(0.05)
+    exported = dict(line[len("export "):].split("=", 1) for line in
+                    server.stdout.decode().splitlines() if line.startswith("export "))
+    paths = [exported[name] for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                                         "BOTO_CONFIG")]
+    assert all(os.path.isfile(path) for path in paths)
+    assert server.finish() == 0
+    for path in paths:
+        assert not os.path.exists(path)
+        assert not creatable_by_others(path), path
 
 
 # --- signals --------------------------------------------------------------------------------

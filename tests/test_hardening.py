@@ -6,6 +6,7 @@ import io
 import json
 import socket
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -281,3 +282,46 @@ def test_repeated_framing_and_identity_headers_refused(server, name, values):
         lines).encode())
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"more than one " + name.encode() in answer and b"AccessKeyId" not in answer
+
+
+def test_refused_connections_each_get_their_503_despite_a_slow_dripper():
+    """Suspected in issue 20: one refused client dripping a byte every 0.3 s held the one
+    refusing thread (0.5 s per read, up to 64 KiB: hours), and past 32 waiting refusals
+    the rest got a bare close.  Each refused connection gets its 503, side by side."""
+    server = make_server(max_connections=1)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    stop = threading.Event()
+    try:
+        holder = socket.create_connection(("127.0.0.1", server.server_port), timeout=30)
+        deadline = time.monotonic() + 30
+        while server.open_connections < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the holder is accepted: every later connection is refused
+        dripper = socket.create_connection(("127.0.0.1", server.server_port), timeout=60)
+
+        def drip():
+            for byte in iter(lambda: b"G", None):
+                if stop.wait(0.3):
+                    return
+                try:
+                    dripper.sendall(byte)
+                except OSError:
+                    return
+        threading.Thread(target=drip, daemon=True).start()
+        time.sleep(1.0)  # the dripper is the refusing thread's first connection
+        answers = []
+
+        def refused_client():
+            answers.append(raw(server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", timeout=60))
+        clients = [threading.Thread(target=refused_client, daemon=True) for _ in range(40)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(90)
+        assert len(answers) == 40
+        assert all(answer.startswith(b"HTTP/1.1 503 ") and b"TooManyConnections" in answer
+                   for answer in answers), [answer[:40] for answer in answers]
+        holder.close()
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()

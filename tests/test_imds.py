@@ -43,7 +43,7 @@ def test_token_stays_valid_through_20000_later_issues():
 
 def test_token_valid_exactly_for_its_ttl():
     clock = Clock()
-    tokens = s.MetadataTokens(clock=clock)
+    tokens = s.MetadataTokens(monotonic=clock)
     token = tokens.issue(60)
     assert tokens.valid(token)
     clock.now = 1059.999
@@ -78,12 +78,12 @@ def test_altered_token_refused_at_every_position():
 def test_previous_instance_token_refused():
     """A restart voids every token, as a reboot does on EC2."""
     clock = Clock()
-    token = s.MetadataTokens(clock=clock).issue(21600)
-    assert not s.MetadataTokens(clock=clock).valid(token)
+    token = s.MetadataTokens(monotonic=clock).issue(21600)
+    assert not s.MetadataTokens(monotonic=clock).valid(token)
 
 
 def test_tokens_unpredictable_at_the_same_instant():
-    tokens = s.MetadataTokens(clock=Clock())
+    tokens = s.MetadataTokens(monotonic=Clock())
     issued = {tokens.issue(21600) for _ in range(1000)}
     assert len(issued) == 1000 and all(tokens.valid(token) for token in issued)
 
@@ -182,14 +182,14 @@ def test_unknown_region_is_not_invented(server):
 
 def test_expired_and_restarted_tokens_get_401_over_http(server):
     clock = Clock()
-    server.metadata_tokens = s.MetadataTokens(clock=clock)
+    server.metadata_tokens = s.MetadataTokens(monotonic=clock)
     token = token_for(server, "60")
     path = "/latest/meta-data/placement/region"
     assert call(server, "GET", path, {TOKEN: token})[0] == 200
     clock.now += 60
     assert call(server, "GET", path, {TOKEN: token})[0] == 401
     clock.now -= 60
-    server.metadata_tokens = s.MetadataTokens(clock=clock)  # as after a restart
+    server.metadata_tokens = s.MetadataTokens(monotonic=clock)  # as after a restart
     assert call(server, "GET", path, {TOKEN: token})[0] == 401
 
 

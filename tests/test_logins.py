@@ -10,11 +10,18 @@ that moto then checks on every later call.  Injected-clock tests drive
 BaseCredentials.get() with stand-ins for the SSO portal, SSO OIDC and STS.
 """
 
+import fcntl
 import hashlib
 import json
 import os
+import pty
 import re
+import select
+import signal
 import stat
+import subprocess
+import sys
+import termios
 import time
 import urllib.parse
 
@@ -24,10 +31,12 @@ import s3_localserver as s
 from conftest import ADMIN_POLICY, BUCKET, trusting
 from helpers import (
     ACCOUNT,
+    SCRIPT,
     RecordingProxy,
     StandIn,
     aws_error,
     clean_env,
+    free_port,
     role_credentials,
     run_script,
     sts_answer,
@@ -180,7 +189,7 @@ def sts_stand_in(clock, seen):
         return 200, sts_answer("AssumeRoleWithWebIdentity", {
             "AccessKeyId": "ASIAWEB{}".format(len(seen)), "SecretAccessKey": "s",
             "SessionToken": "t", "Expiration": iso(clock.now + 3600)}).body
-    return StandIn({("POST", "/"): answer})
+    return StandIn({("POST", "/"): answer}, clock)
 
 
 def test_web_identity_token_file_rotated_between_reloads(files, tmp_path):
@@ -346,6 +355,64 @@ def test_sso_refresh_impossible_asks_for_login(files, sso_home, case):
     assert world.portal.requests == []
 
 
+@pytest.mark.parametrize("outage", ["answers 503", "unreachable"])
+def test_sso_oidc_outage_keeps_a_login_that_is_still_valid(files, sso_home, outage):
+    """Issue 20, defect 9: as botocore, an SSO OIDC outage does not end a login whose
+    access token is still valid; the refresh is tried again at the next load."""
+    clock = Clock(1_700_000_000.0)
+    world = SSOWorld(clock, role_life=10 * 60)  # under the reload margin: every get reloads
+    healthy = world.oidc.routes[("POST", "/token")]
+    world.oidc.routes[("POST", "/token")] = (503, b'{"error": "ServiceUnavailable"}')
+    environ = dict(files(sso_config()), **world.environ())
+    if outage == "unreachable":
+        environ["AWS_ENDPOINT_URL_SSO_OIDC"] = "http://127.0.0.1:{}".format(free_port())
+    cache_file = sso_cache_file(sso_home)
+    entry = world.cache_entry(expires_in=10 * 60)  # due for a refresh, valid 10 more minutes
+    cache_file.write_text(json.dumps(entry))
+    try:
+        base = s.resolve_credentials(args_for("--profile", "dev"), environ, clock=clock)
+        assert base.get().access_key_id == "ASIASSO1"
+        assert json.loads(cache_file.read_text()) == entry  # nothing to write
+        world.oidc.routes[("POST", "/token")] = healthy  # SSO OIDC answers again
+        clock.now += 60
+        assert base.get().access_key_id == "ASIASSO2"
+    finally:
+        world.stop()
+    assert [headers["x-amz-sso_bearer_token"] for _, _, headers, _ in world.portal.requests] == [
+        "access-0", "access-1" if outage == "answers 503" else "access-0"]
+    assert len(world.oidc.requests) == (2 if outage == "answers 503" else 0)
+
+
+def test_sso_refresh_token_rotated_by_another_process(files, sso_home):
+    """Suspected in issue 20: two processes share one SSO login.  The other one refreshes
+    first (the refresh token rotates, the cache file is rewritten) while this one holds
+    the old refresh token, which SSO OIDC then refuses: the login is not over, the file
+    holds the new token."""
+    clock = Clock(1_700_000_000.0)
+    world = SSOWorld(clock)
+    cache_file = sso_cache_file(sso_home)
+    cache_file.write_text(json.dumps(world.cache_entry(expires_in=-60)))  # both must refresh
+    environ = dict(files(sso_config()), **world.environ())
+
+    def other_process_first(body, headers):
+        # The other process's refresh, with refresh-0, lands first; it writes the file.
+        _, answer = world.create_token(body, headers)
+        answer = json.loads(answer.decode())
+        cache_file.write_text(json.dumps(dict(
+            world.cache_entry(expires_in=3600), accessToken=answer["accessToken"],
+            refreshToken=answer["refreshToken"])))
+        return world.create_token(body, headers)  # then ours: refresh-0 is spent
+    world.oidc.routes[("POST", "/token")] = other_process_first
+    try:
+        base = s.resolve_credentials(args_for("--profile", "dev"), environ, clock=clock)
+        assert base.get().access_key_id == "ASIASSO1"
+    finally:
+        world.stop()
+    assert [headers["x-amz-sso_bearer_token"] for _, _, headers, _ in world.portal.requests] == [
+        "access-1"]
+    assert json.loads(cache_file.read_text())["refreshToken"] == "refresh-1"
+
+
 def test_sso_three_days_on_one_login(files, sso_home):
     """3 simulated days: 1-hour access tokens, 8-hour role credentials.  Every reload
     refreshes the (expired) access token with the rotating refresh token, and the base
@@ -421,7 +488,8 @@ def test_mfa_code_once_per_session_with_user_keys(moto, roles, files):
     clock = Clock()
     session = role_credentials(moto, roles["login-source"], "mfa-session")
     session["Expiration"] = iso(clock.now + 12 * 3600)  # GetSessionToken's 12 hours
-    proxy = RecordingProxy(moto.url, match=lambda method, body: b"GetSessionToken" in body)
+    proxy = RecordingProxy(moto.url, match=lambda method, body: b"GetSessionToken" in body,
+                           clock=clock)
     proxy.faults.put(sts_answer("GetSessionToken", session))
     asked = []
 
@@ -473,7 +541,7 @@ def test_mfa_with_temporary_source_never_prompts_again(moto, roles, files):
     source = role_credentials(moto, roles["login-source"], "temporary")
     keys = "aws_access_key_id = {}\naws_secret_access_key = {}\naws_session_token = {}\n".format(
         source["AccessKeyId"], source["SecretAccessKey"], source["SessionToken"])
-    proxy = RecordingProxy(moto.url)
+    proxy = RecordingProxy(moto.url, clock=clock)
     asked = []
     env = dict(mfa_files(files, moto, roles["login-target"], keys), AWS_ENDPOINT_URL=proxy.url)
     try:
@@ -491,6 +559,66 @@ def test_mfa_with_temporary_source_never_prompts_again(moto, roles, files):
     (action, key, sent), = sts_calls(proxy)
     assert (action, key, sent["TokenCode"], sent["SerialNumber"]) == (
         "AssumeRole", source["AccessKeyId"], "111111", SERIAL)
+
+
+def test_refused_mfa_code_reports_aws_reason_and_is_sent_once(moto, roles, files, home):
+    """Issue 20, defect 7: STS refuses the --mfa-code given; its reason reaches the user
+    (not 'restart the server with --mfa-code'), and the code goes to STS once."""
+    proxy = RecordingProxy(moto.url, match=lambda method, body: b"GetSessionToken" in body)
+    reason = "MultiFactorAuthentication failed with invalid MFA one time pass code."
+    proxy.faults.put(aws_error("AccessDenied", reason, 403))
+    env = clean_env(home, AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=proxy.url,
+                    **mfa_files(files, moto, roles["login-target"], static_keys_of(moto)))
+    try:
+        code, out, err = run_script([BUCKET, "-d", "1h", "--profile", "mfa", "--mfa-code",
+                                     "123456", "-p", "0"], env)
+    finally:
+        proxy.stop()
+    assert code == 1
+    assert "Error: AccessDenied: " + reason in err, err
+    assert "restart the server" not in err
+    assert sum(1 for action, _, _ in sts_calls(proxy) if action == "GetSessionToken") == 1
+
+
+def read_until(fd, wanted, process, seconds=60):
+    """What the terminal's master side shows, until ``wanted`` appears."""
+    shown, deadline = b"", time.monotonic() + seconds
+    while wanted not in shown:
+        assert time.monotonic() < deadline and process.poll() is None, shown
+        if select.select([fd], [], [], 0.1)[0]:
+            shown += os.read(fd, 1024)
+    return shown
+
+
+def test_ctrl_c_at_the_mfa_prompt_leaves_the_terminal_echoing(moto, roles, files, home):
+    """Issue 20, defect 6: Ctrl+C while the MFA prompt has echo off; the terminal must
+    echo again once the script has exited with 130."""
+    env = clean_env(home, AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=moto.url,
+                    **mfa_files(files, moto, roles["login-target"], static_keys_of(moto)))
+    master, slave = pty.openpty()
+
+    def session():
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)  # the pty is its controlling terminal
+    process = subprocess.Popen([sys.executable, SCRIPT, BUCKET, "-d", "1h", "--profile", "mfa",
+                                "--role-arn", roles["login-target"], "-p", "0"], env=env,
+                               preexec_fn=session, stdin=slave, stdout=slave,
+                               stderr=subprocess.PIPE)
+    try:
+        read_until(master, b"MFA code for", process)
+        assert not termios.tcgetattr(slave)[3] & termios.ECHO  # getpass turned echo off
+        os.write(master, b"\x03")  # Ctrl+C: SIGINT to the terminal's foreground group
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 130, err.decode()
+        assert termios.tcgetattr(slave)[3] & termios.ECHO, "the terminal was left silent"
+        assert b"Traceback" not in err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+        os.close(slave)
 
 
 # --- 4. role chaining ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and abuse of the HTTP layer.  Each attack is tried on the real script."""
 import http.client
 import json
 import re
+import signal
 import socket
 import time
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 import s3_localserver as s
 from conftest import BUCKET
-from helpers import ScriptProcess, clean_env, free_port, run_script
+from helpers import ScriptProcess, aws_error, clean_env, free_port, role_credentials, run_script
 
 
 def request(server, method="GET", path="/", headers=None, host=None):
@@ -350,3 +351,45 @@ def test_arbitrary_bytes_never_break_the_server(fuzz_target, data, hang_up, read
     status, body = request(fuzz_target, host="127.0.0.1")
     assert status == 200
     fuzz_target.secrets.append(json.loads(body.decode())["SecretAccessKey"])
+
+
+def quoting_canonical_request(token, secret):
+    """STS's SignatureDoesNotMatch that quotes the canonical request it expected, token
+    included (and, to stand for any secret in any text, the secret key)."""
+    return aws_error("SignatureDoesNotMatch", (
+        "The request signature we calculated does not match the signature you provided. "
+        "The Canonical String for this request should have been 'POST\n/\n\nhost:sts\n"
+        "x-amz-security-token:{}\n\nhost;x-amz-security-token' (key {})").format(
+            token, secret), 403)
+
+
+@pytest.mark.parametrize("when", ["start-up", "refresh"])
+def test_secrets_quoted_by_aws_are_redacted(moto, start, home, proxy, chain_roles, when):
+    """Issue 20, defect 10: text from AWS that quotes a secret is logged and served by
+    /healthz (which needs no token) with every secret the process holds redacted."""
+    base = role_credentials(moto, chain_roles["chain1"], "s1")
+    env = clean_env(home, AWS_DEFAULT_REGION="us-east-1", AWS_ACCESS_KEY_ID=base["AccessKeyId"],
+                    AWS_SECRET_ACCESS_KEY=base["SecretAccessKey"],
+                    AWS_SESSION_TOKEN=base["SessionToken"])
+    args = [BUCKET, "-d", "1h", "--endpoint-url", proxy.url, "--role-arn", chain_roles["chain2"]]
+    fault = quoting_canonical_request(base["SessionToken"], base["SecretAccessKey"])
+    if when == "start-up":
+        proxy.faults.put(fault)
+        proxy.match = lambda method, body: b"Action=AssumeRole" in body
+        code, out, err = run_script(args + ["-p", "0"], env)
+        shown = [out + err]
+        assert code == 1 and "SignatureDoesNotMatch" in err
+    else:
+        server = start(args, env)
+        proxy.match = lambda method, body: b"Action=AssumeRole" in body
+        proxy.faults.put(fault)
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.time() + 60
+        while "SignatureDoesNotMatch" not in server.output and time.time() < deadline:
+            time.sleep(0.05)
+        status, _, body = server.fetch("/healthz")
+        health = json.loads(body.decode())
+        assert "SignatureDoesNotMatch" in health["last_error"]
+        shown = [server.output, body.decode()]
+    for text in shown:
+        assert base["SessionToken"] not in text and base["SecretAccessKey"] not in text

@@ -4,6 +4,8 @@ import http.client
 import io
 import json
 import threading
+import time
+import urllib.request
 
 import pytest
 
@@ -107,3 +109,63 @@ def test_each_answer_leaves_in_one_write(server, monkeypatch):
     connection.close()
     assert len(counters) == 1  # one keep-alive connection...
     assert counters[0].writes == 3  # ...and one write per answer
+
+
+class HangingSTS(object):
+    """STS that grants one set with 20 minutes left (under the cache's minimum lifetime,
+    so requests wait for a refresh), then hangs until released."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls > 1:
+            self.release.wait(60)
+            raise s.AWSError("RequestTimeout", "hung", 504)
+        return s.Credentials("ASIAHANG", "secret-hang", "token-hang", time.time() + 20 * 60)
+
+
+def one_shot(port, path, finished, name):
+    """A urllib GET: it sends 'Connection: close', so the whole request is there at once."""
+    with urllib.request.urlopen("http://127.0.0.1:{}{}".format(port, path), timeout=60) as got:
+        got.read()
+    finished.append(name)
+
+
+def test_one_shot_requests_never_wait_on_the_accepting_thread():
+    """Issue 20, defect 3: one-shot requests that wait for a hung refresh are answered by
+    workers, side by side, and /healthz never waits behind them."""
+    sts = HangingSTS()
+    cache = s.CredentialCache(sts, 3600)
+    cache.refresh()
+    cache.start()
+    cache.request_refresh()  # at once, not after the backoff for early credentials
+    server = s.CredentialServer(("127.0.0.1", 0), cache, stream=io.StringIO())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    finished = []
+
+    def wait_until(condition):
+        deadline = time.monotonic() + 30
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    try:
+        wait_until(lambda: sts.calls >= 2)  # the refresh hangs now
+        clients = [threading.Thread(target=one_shot, args=(server.server_port, "/", finished,
+                                                           "credentials"), daemon=True)
+                   for _ in range(4)]
+        for client in clients:
+            client.start()
+        wait_until(lambda: server.open_connections >= 1)  # one is waiting for STS
+        one_shot(server.server_port, "/healthz", finished, "healthz")
+        for client in clients:
+            client.join(60)
+    finally:
+        sts.release.set()
+        cache.stop()
+        server.shutdown()
+        server.server_close()
+    # Each credential request waited (up to request_wait) for the refresh; the health
+    # check was answered before any of them, not after all of them.
+    assert finished == ["healthz"] + ["credentials"] * 4

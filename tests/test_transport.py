@@ -446,6 +446,24 @@ def test_caller_that_may_only_assume_the_role(moto, start, home, assumer, proxy)
     assert aws_calls(proxy)[-1] == "AssumeRole"
 
 
+@pytest.mark.parametrize("setting", ["endpoint_url = {url}",
+                                     "services = local\n[services local]\ns3 =\n"
+                                     "  endpoint_url = {url}\nsts =\n  endpoint_url = {url}"])
+def test_served_recheck_uses_the_profiles_endpoint(moto, start, home, assumer, proxy, setting):
+    """Issue 20, defect 2: with the endpoint from the config file (endpoint_url or a
+    [services] section), the served credentials' bucket re-check goes there too, not
+    to AWS's own host."""
+    config = home / "config"
+    config.write_text("[default]\n" + setting.format(url=proxy.url) + "\n")
+    env = clean_env(home, AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=str(config),
+                    **assumer["keys"])
+    server = start([BUCKET, "-d", "1h", "--role-arn", assumer["assumable"]], env)
+    assert server.fetch_json()["Version"] == 1
+    heads = [record for record in proxy.requests if record["method"] == "HEAD"]
+    assert [record["status"] for record in heads] == [403, 200]
+    assert "X-Amz-Security-Token" in heads[1]["headers"]
+
+
 def test_bucket_denied_to_the_served_credentials_too(moto, home, assumer):
     env = clean_env(home, AWS_DEFAULT_REGION="us-east-1", **assumer["keys"])
     code, _, err = run_script([BUCKET, "-d", "1h", "-p", "0", "--endpoint-url", moto.url,
@@ -586,12 +604,14 @@ def test_sso_portal_is_reached_with_the_ca_bundle(throwaway_ca, tmp_path, monkey
         tmp_path / "none"), "AWS_ENDPOINT_URL_SSO": "https://localhost:{}".format(relay.port)}
     files = s.AWSFiles(environ)
     try:
-        untrusted = s.sso_source(files, "dev", files.section("profile", "dev"), environ)
+        untrusted = s.sso_source(files, "dev", files.section("profile", "dev"),
+                                 s.AWSContext(environ=environ))
         with pytest.raises(s.LocalServerError) as refused:
             untrusted.get()
         assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
         environ["AWS_CA_BUNDLE"] = throwaway_ca["ca.pem"]
-        trusted = s.sso_source(files, "dev", files.section("profile", "dev"), environ)
+        trusted = s.sso_source(files, "dev", files.section("profile", "dev"),
+                               s.AWSContext(environ=environ))
         assert trusted.get().access_key_id == "ASIASSOPORTAL"
     finally:
         relay.stop()

@@ -3,6 +3,7 @@
 import argparse
 import json
 import re
+import signal
 
 import pytest
 from hypothesis import given, settings
@@ -410,3 +411,32 @@ def trust(principal, action="sts:AssumeRole", effect="Allow"):
 ])
 def test_trust_admits(policy, caller, admitted):
     assert s.trust_admits(policy, ROLE, caller) is admitted
+
+
+def test_stop_request_set_by_a_handler_in_the_middle_of_wait():
+    """Suspected in issue 20: the SIGTERM handler runs on the main thread, between any
+    two bytecodes of stop.wait(); setting the request there takes no lock, so it cannot
+    wait for one its own thread holds (threading.Event's set() could)."""
+    stop = s.StopRequest()
+    fired = []
+
+    class Pause(object):
+        def acquire(self, timeout):
+            if not fired:
+                fired.append(timeout)
+                stop.set(signal.SIGTERM, None)  # exactly what signal.signal installs
+    stop._pause = Pause()
+    assert stop.wait(3600.0) is True and fired
+    assert stop.is_set()
+    assert s.StopRequest().wait(0) is False
+
+
+
+def test_secret_registry_redacts_longest_first_and_keeps_the_newest():
+    registry = s.SecretRegistry()
+    registry.limit = 3
+    registry.add("token-abcdefgh", "abcdefgh", "short", None, 42)
+    assert registry.redact("x token-abcdefgh y abcdefgh short") == (
+        "x [redacted] y [redacted] short")  # under 8 characters: no secret worth mangling
+    registry.add("second-secret", "third-secret")
+    assert registry.redact("token-abcdefgh third-secret") == "token-[redacted] [redacted]"
