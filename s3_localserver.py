@@ -2582,12 +2582,12 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(405, {"code": "MethodNotAllowed", "message": "use GET or HEAD"},
                            {"Allow": "GET, HEAD"})
         elif path in self.CREDENTIAL_PATHS:
+            self.look_up_client()
             try:
                 _, body = self.server.cache.current()
             except Unavailable as error:
                 self.send_unavailable(error)
                 return
-            self.look_up_client()
             self.send_body(200, body)
         elif path == "/healthz":
             self.send_json(200, self.server.cache.status())
@@ -2626,12 +2626,12 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         # EC2 answers a path with or without its trailing slash, and SDKs ask for both.
         path = path[:-1] if path.endswith("/") else path
         if path == self.IMDS_CREDENTIALS + self.IMDS_ROLE:
+            self.look_up_client()
             try:
                 credentials, _ = self.server.cache.current()
             except Unavailable as error:
                 self.send_unavailable(error)
                 return
-            self.look_up_client()
             self.send_body(200, metadata_document(credentials, self.server.cache.last_refresh))
             return
         body = metadata_answer(path, self.IMDS_ROLE, self.server.region)
@@ -2642,15 +2642,17 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             self.send_body(200, body, content_type="text/plain")  # as EC2 labels them all
 
     def look_up_client(self):
-        # Credentials are about to go out: name who takes them, once per connection,
-        # on the lookup's own thread (this one only queues it).
+        # Credentials are asked for: the log line of their answer names who took them.
+        # Once per connection, on the lookup's thread: this one only queues it, now,
+        # while the client surely waits for its answer (after it, curl has already
+        # closed its socket, and nothing would show who held it).
         attribution = self.server.attribution
         if attribution is not None and self.lookup is None:
             try:
-                self.lookup = attribution.begin(self.client_address,
-                                                self.connection.getsockname())
+                self.lookup = ClientLookup(self.client_address, self.connection.getsockname())
             except OSError:
-                pass
+                return
+            attribution.start(self.lookup)
 
     def send_unavailable(self, error):
         # The container-credentials error shape; Retry-After: when the next refresh is tried.
@@ -3259,7 +3261,7 @@ def socket_owner(tables, client, server):
                 uid, inode = int(fields[7]), int(fields[9])
             except ValueError:
                 continue
-            if ((_plain(local[0]), local[1]), (_plain(remote[0]), remote[1])) == want and inode:
+            if ((_plain(local[0]), local[1]), (_plain(remote[0]), remote[1])) == want:
                 return uid, inode
     return None
 
@@ -3309,13 +3311,36 @@ def diag_socket_owner(client, server, timeout=1.0):
     return struct.unpack_from("=II", answer, 16 + 64)
 
 
-def socket_process(inode, uid, deadline, clock=time.monotonic, proc="/proc"):
+def socket_process(inode, uid, deadline, clock=time.monotonic, proc="/proc", first=()):
     """(pid, program) of a process of ``uid`` holding socket ``inode``, or None.
 
-    Gives up at ``deadline`` (of ``clock``).  Newest processes first: a client
-    is most often one just started.
+    Gives up at ``deadline`` (of ``clock``).  The pids in ``first`` are looked
+    at first (the clients found lately, which often come back), then the newest
+    processes: a client is most often one just started.
     """
     target = "socket:[{}]".format(inode)
+
+    def program_holding(pid):
+        base = os.path.join(proc, str(pid))
+        try:
+            if os.stat(base).st_uid != uid:
+                return None
+            fds = os.listdir(os.path.join(base, "fd"))
+        except OSError:  # gone, or not ours to look at
+            return None
+        for fd in fds:
+            try:
+                if os.readlink(os.path.join(base, "fd", fd)) == target:
+                    with open(os.path.join(base, "comm"), "rb") as handle:
+                        return handle.read(64).decode("utf-8", "replace").strip()
+            except OSError:
+                continue
+        return None
+
+    for pid in first:
+        program = program_holding(pid)
+        if program is not None:
+            return pid, program
     try:
         pids = sorted((int(name) for name in os.listdir(proc) if name.isdigit()), reverse=True)
     except OSError:
@@ -3323,22 +3348,10 @@ def socket_process(inode, uid, deadline, clock=time.monotonic, proc="/proc"):
     for pid in pids:
         if clock() > deadline:
             return None
-        base = os.path.join(proc, str(pid))
-        try:
-            if os.stat(base).st_uid != uid:
-                continue
-            fds = os.listdir(os.path.join(base, "fd"))
-        except OSError:  # gone, or not ours to look at
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(os.path.join(base, "fd", fd)) != target:
-                    continue
-                with open(os.path.join(base, "comm"), "rb") as handle:
-                    program = handle.read(64).decode("utf-8", "replace").strip()
-            except OSError:
-                continue
-            return pid, program
+        if pid not in first:
+            program = program_holding(pid)
+            if program is not None:
+                return pid, program
     return None
 
 
@@ -3355,14 +3368,17 @@ class ClientLookup(object):
 class ClientAttribution(object):
     """Names the local process that owns a client's socket, for the access log.
 
-    Linux only (/proc/net/tcp{,6}).  A lookup starts when a credential answer is
-    about to be sent, once per connection, on this class's own thread: a client
-    that exits as soon as it has its answer could not be found later, and no
-    client ever waits for a lookup.  The log line is written when the lookup
-    ends, or at ``time_limit`` seconds.  Only processes of the socket's owner
-    are examined, and only if that is the server's user (or the server is
-    root); another user's client is named by uid.  At most ``max_pending``
-    lookups wait; beyond that a line says so instead.
+    Linux only: the kernel's sock_diag (else /proc/net/tcp{,6}) gives the
+    owner and inode of the client's socket, /proc/PID/fd the process holding
+    it.  A lookup runs once per connection, on this class's own thread, and
+    starts as the first credential answer is sent, never holding it up: it
+    must, because a client such as curl closes its socket as soon as it has
+    read the answer, and then nothing shows who held it.  The log line is
+    written when the lookup ends (well under a millisecond, mostly), which is
+    within ``time_limit`` seconds.  Only processes of the socket's owner are
+    examined, and only if that is the server's user (or the server is root);
+    another user's client is named by uid.  At most ``max_pending`` lookups
+    wait; beyond that the line says so at once.
     """
 
     time_limit = 1.0
@@ -3376,25 +3392,38 @@ class ClientAttribution(object):
         self._lock = threading.Lock()  # guards every ClientLookup's found and waiting
         self._queue = queue.Queue(self.max_pending)
         self._thread = None
+        self._recent = []  # pids found lately, latest first; only the lookup thread uses it
 
     @classmethod
     def available(cls, proc="/proc"):
         return hasattr(os, "geteuid") and os.path.exists(os.path.join(proc, "net", "tcp"))
 
-    def begin(self, client, server):
-        """Start looking up the owner of the connection client -> server (our end's
-        addresses); never waits.  Returns the ClientLookup to log against."""
-        lookup = ClientLookup(client, server)
+    def start_thread(self):
+        """Start the lookup thread now: started with the first lookup, it would be late."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="client-lookup",
+                                                daemon=True)
+                self._thread.start()
+
+    def start(self, lookup):
+        """Have the lookup thread find who holds the client's end; never waits."""
+        self.start_thread()
         try:
             self._queue.put_nowait(lookup)
+            # Let the lookup thread run at once: the client may close its socket as
+            # soon as it has the answer.  This thread gets the interpreter back at the
+            # lookup's first system call, microseconds later.
+            time.sleep(0)
         except queue.Full:
-            lookup.found = "client not looked up (too many lookups waiting)"
-            return lookup
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="client-lookup",
-                                            daemon=True)
-            self._thread.start()
-        return lookup
+            with self._lock:
+                lookup.found, waiting, lookup.waiting = (
+                    "client not looked up (too many lookups waiting)", lookup.waiting, [])
+            self._log_all(waiting, lookup.found)
+
+    def _log_all(self, waiting, found):
+        for line, priority in waiting:
+            self.log("{} {}".format(line, found), priority)
 
     def log_after(self, lookup, line, priority=None):
         """Log ``line`` with the client named, now if the lookup has ended, else when it does."""
@@ -3414,11 +3443,14 @@ class ClientAttribution(object):
             found = printable(found)  # a process names itself: it must not forge a line
             with self._lock:
                 lookup.found, waiting, lookup.waiting = found, lookup.waiting, []
-            for line, priority in waiting:
-                self.log("{} {}".format(line, found), priority)
+            self._log_all(waiting, found)
 
     def find(self, client, server):
         """The log suffix naming who holds the client's end of the connection."""
+        peer = _plain(ipaddress.ip_address(client[0].partition("%")[0]))
+        if not (peer.is_loopback or peer == _plain(ipaddress.ip_address(
+                server[0].partition("%")[0]))):
+            return "client remote"  # another machine's: its address is on the line
         deadline = self.clock() + self.time_limit
         try:
             owner = diag_socket_owner(client, server, max(0.05, self.time_limit))
@@ -3431,12 +3463,16 @@ class ClientAttribution(object):
                 except OSError:
                     pass
             owner = socket_owner(tables, client, server)
-        if owner is None:
-            return "client remote"
+        if owner is None or not owner[1]:
+            # Closed already (a TIME_WAIT socket belongs to no one): curl and other
+            # one-shot clients close as soon as they have read the answer.
+            return "client gone (it closed the connection before it was looked up)"
         uid, inode = owner
         if self.user not in (0, uid):
             return "client uid {} (another user's process: not examined)".format(uid)
-        found = socket_process(inode, uid, deadline, self.clock, self.proc)
+        found = socket_process(inode, uid, deadline, self.clock, self.proc, self._recent)
+        if found is not None:
+            self._recent = [found[0]] + [pid for pid in self._recent if pid != found[0]][:7]
         if found is None:
             return "client uid {} (process not found{})".format(
                 uid, ": lookup timed out" if self.clock() > deadline else "")
@@ -4086,6 +4122,7 @@ def main(argv=None, environ=None):
     server.journal = journal
     if not (args.no_client_lookup or server.quiet) and ClientAttribution.available():
         server.attribution = ClientAttribution(server.log)
+        server.attribution.start_thread()
     server.heartbeat = notifier.heartbeat
     cache.after_attempt = lambda: notifier.status(service_status(cache.status(), served))
     cache.start()

@@ -526,20 +526,49 @@ def test_watchdog_beats_from_the_serving_loop():
 
 # --- who took the credentials -------------------------------------------------------------
 
+# A client that keeps its connection for reuse, as every SDK's connection pool does.
+KEEPING_CLIENT = """
+import http.client, os, sys
+connection = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=30)
+connection.request("GET", "/")
+assert connection.getresponse().read()
+print(os.getpid(), open("/proc/self/comm").read().strip(), flush=True)
+sys.stdin.read()  # keep the connection until told
+"""
+
+
 def test_access_log_names_the_local_process(moto, start, tester_env):
     if not s.ClientAttribution.available():
         pytest.skip("needs Linux /proc/net/tcp")
     server = start(["my-bucket", "-d", "1h", "--endpoint-url", moto.url], tester_env())
-    child = subprocess.run(
-        [sys.executable, "-c", "import os, urllib.request; "
-         "urllib.request.urlopen({!r}, timeout=30).read(); "
-         "print(os.getpid(), open('/proc/self/comm').read().strip())".format(
-             server.local_url)], stdout=subprocess.PIPE, timeout=60, check=True)
-    pid, program = child.stdout.decode().split()
-    line = wait_for(lambda: [line for line in server.lines if " GET / 200 client " in line],
-                    what="the access line")[0]
-    # The child exits as soon as it has its answer: it was found all the same.
+    port = server.local_url.rstrip("/").rsplit(":", 1)[1]
+    child = subprocess.Popen([sys.executable, "-c", KEEPING_CLIENT, port],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        pid, program = child.stdout.readline().decode().split()
+        line = wait_for(lambda: [line for line in server.lines
+                                 if " GET / 200 client " in line], what="the access line")[0]
+    finally:
+        child.communicate(timeout=30)
     assert line.endswith(" 127.0.0.1 GET / 200 client pid {} ({})".format(pid, program)), line
+
+
+def test_client_gone_or_remote_is_said_so_never_guessed():
+    attribution = s.ClientAttribution(log=None)
+    # Another machine's client is not looked for (and no packet leaves this one).
+    assert attribution.find(("192.0.2.7", 40000), ("127.0.0.1", 8094)) == "client remote"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    ours, peer = listener.accept()
+    client.close()  # as curl does once it has read its answer
+    try:
+        assert attribution.find(peer, ours.getsockname()) == (
+            "client gone (it closed the connection before it was looked up)")
+    finally:
+        ours.close()
+        listener.close()
 
 
 def test_keep_alive_connection_is_looked_up_once_and_never_waited_for():
@@ -575,16 +604,27 @@ def test_keep_alive_connection_is_looked_up_once_and_never_waited_for():
     assert all(line.endswith(" 127.0.0.1 GET / 200 client pid 1 (test)") for line in logged)
 
 
-def test_socket_owner_finds_a_real_connection():
+@pytest.mark.parametrize("sock_diag", [True, False])
+def test_socket_owner_finds_a_real_connection(monkeypatch, sock_diag):
     if not s.ClientAttribution.available():
         pytest.skip("needs Linux /proc/net/tcp")
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    if not sock_diag:  # as in a sandbox without it: /proc/net/tcp{,6} are read instead
+
+        def unavailable(*args):
+            raise OSError("no sock_diag")
+        monkeypatch.setattr(s, "diag_socket_owner", unavailable)
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"),
+                         (socket.AF_INET6, "::ffff:127.0.0.1")):
         listener = socket.socket(family)
         listener.bind((host, 0))
         listener.listen(1)
-        client = socket.create_connection(listener.getsockname()[:2])
+        client = socket.create_connection((host.replace("::ffff:", ""),
+                                           listener.getsockname()[1]))
         ours, peer = listener.accept()
         try:
+            if sock_diag:
+                assert s.diag_socket_owner(peer, ours.getsockname()) == (
+                    os.geteuid(), os.fstat(client.fileno()).st_ino)
             tables = [open("/proc/net/tcp").read(), open("/proc/net/tcp6").read()]
             found = s.socket_owner(tables, peer, ours.getsockname())
             assert found == (os.geteuid(), os.fstat(client.fileno()).st_ino)
