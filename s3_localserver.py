@@ -3041,6 +3041,8 @@ def take_service_variables(environ):
     them too, so no child (a credential_process, exec mode's command) inherits them.
     """
     taken = {name: environ[name] for name in SERVICE_VARIABLES if name in environ}
+    if not taken:
+        return environ, taken
     if environ is os.environ:
         for name in taken:
             os.environ.pop(name, None)
@@ -3433,9 +3435,24 @@ class ClientAttribution(object):
                 return
         self.log("{} {}".format(line, lookup.found), priority)
 
+    def stop(self):
+        """Let the lookups queued end and write their lines, for 2 * time_limit at
+        most: a line should not be lost because the server is stopping."""
+        with self._lock:
+            thread = self._thread
+        if thread is None:
+            return
+        try:
+            self._queue.put(None, timeout=self.time_limit)
+        except queue.Full:
+            return
+        thread.join(2 * self.time_limit)
+
     def _run(self):
         while True:
             lookup = self._queue.get()
+            if lookup is None:
+                return
             try:
                 found = self.find(lookup.client, lookup.server)
             except Exception as error:  # never let one odd entry end the thread
@@ -4174,6 +4191,8 @@ def main(argv=None, environ=None):
         cache.stop()
         server.shutdown()
         server.server_close()
+        if server.attribution is not None:
+            server.attribution.stop()
         notifier.close()
         if client_files is not None:
             client_files.remove()

@@ -20,6 +20,7 @@ import threading
 import time
 
 import pytest
+from test_interpreters import MINORS, required_python
 
 import s3_localserver as s
 from conftest import BUCKET
@@ -146,9 +147,9 @@ class Systemd(object):
         assert argv[1].endswith("/s3_localserver.py")
         return [arg.replace("%h", str(self.home)) for arg in argv[2:]] + list(extra)
 
-    def start(self, extra=(), wait=True, **changes):
+    def start(self, extra=(), wait=True, python=sys.executable, **changes):
         process = ScriptProcess(self.arguments(extra), self.environment(**changes),
-                                wrapper=SYSTEMD_WRAPPER,
+                                wrapper=SYSTEMD_WRAPPER, python=python,
                                 fds=[sock.fileno() for sock in self.sockets], wait=wait)
         self.processes.append(process)
         return process
@@ -234,6 +235,31 @@ def test_socket_activation_ready_status_and_stopping(systemd):
     assert "STOPPING=1" in lines
     assert lines.index("STOPPING=1") > lines.index("READY=1")
     assert not any(line.startswith("Warning") for line in server.lines), server.lines
+
+
+@pytest.mark.parametrize("minor", MINORS, ids=["3.{}".format(m) for m in MINORS])
+def test_socket_activation_on_interpreter(systemd, minor):
+    python = required_python(minor)
+    manager = systemd()
+    server = manager.start(python=python)
+    me = "GET / 200 client pid {} ({})".format(os.getpid(),
+                                              open("/proc/self/comm").read().strip())
+    for index in range(len(manager.sockets)):
+        # Kept open until the access log names this process, as an SDK's pool keeps it.
+        connection = http.client.HTTPConnection(*manager.address(index), timeout=30)
+        try:
+            connection.request("GET", "/")
+            response = connection.getresponse()
+            assert response.status == 200
+            server.secrets.append(json.loads(response.read().decode())["SecretAccessKey"])
+            wait_for(lambda count=index + 1: sum(line.endswith(me) for line in server.lines)
+                     == count,
+                     what="the access line")
+        finally:
+            connection.close()
+    assert server.finish(signal.SIGTERM) == 0
+    lines = manager.notify.lines()
+    assert lines.index("READY=1") < lines.index("STOPPING=1")
 
 
 def test_watchdog_beats_while_serving(systemd):
