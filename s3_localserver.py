@@ -3066,7 +3066,8 @@ def listen_fds(service, pid):
         return [], [], ignored.format(count, owner, "meant for another process")
     fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + number))
     names = (service.get("LISTEN_FDNAMES") or "").split(":")
-    names = [names[index] if index < len(names) and names[index] else "fd {}".format(fd)
+    names = ["fd {}{}".format(fd, " ({})".format(printable(names[index]))
+                              if index < len(names) and names[index] else "")
              for index, fd in enumerate(fds)]
     return fds, names, None
 
@@ -3413,10 +3414,6 @@ class ClientAttribution(object):
         self.start_thread()
         try:
             self._queue.put_nowait(lookup)
-            # Let the lookup thread run at once: the client may close its socket as
-            # soon as it has the answer.  This thread gets the interpreter back at the
-            # lookup's first system call, microseconds later.
-            time.sleep(0)
         except queue.Full:
             with self._lock:
                 lookup.found, waiting, lookup.waiting = (

@@ -468,7 +468,7 @@ def test_journal_stream_of_another_file_changes_nothing(tmp_path):
 def test_listen_fds_follows_sd_listen_fds():
     assert s.listen_fds({}, 42) == ([], [], None)
     assert s.listen_fds({"LISTEN_FDS": "2", "LISTEN_PID": "42",
-                         "LISTEN_FDNAMES": "web:"}, 42)[:2] == ([3, 4], ["web", "fd 4"])
+                         "LISTEN_FDNAMES": "web:"}, 42)[:2] == ([3, 4], ["fd 3 (web)", "fd 4"])
     for count, pid in (("2", "41"), ("0", "42"), ("-1", "42"), ("２", "42"), ("2", None),
                        ("2", "")):
         fds, _, warning = s.listen_fds({"LISTEN_FDS": count, "LISTEN_PID": pid}, 42)
