@@ -2552,6 +2552,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         http.server.BaseHTTPRequestHandler.handle_one_request(self)
+        self.start_lookup()  # the answer is out (flushed): now look for who took it
         # A keep-alive client must send its next request within the idle timeout.
         self.server.touch(self.connection, self.server.idle_timeout)
 
@@ -2643,16 +2644,24 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
 
     def look_up_client(self):
         # Credentials are asked for: the log line of their answer names who took them.
-        # Once per connection, on the lookup's thread: this one only queues it, now,
-        # while the client surely waits for its answer (after it, curl has already
-        # closed its socket, and nothing would show who held it).
-        attribution = self.server.attribution
-        if attribution is not None and self.lookup is None:
+        # Once per connection, on the lookup's thread, and only once the answer is
+        # out (start_lookup): never on the request's path.
+        if self.server.attribution is not None and self.lookup is None:
             try:
                 self.lookup = ClientLookup(self.client_address, self.connection.getsockname())
             except OSError:
-                return
-            attribution.start(self.lookup)
+                pass
+
+    def start_lookup(self):
+        if self.lookup is not None and not self.lookup.started:
+            self.lookup.started = True
+            self.server.attribution.start(self.lookup)
+
+    def finish(self):
+        try:
+            http.server.BaseHTTPRequestHandler.finish(self)
+        finally:
+            self.start_lookup()  # an answer cut short still gets its line
 
     def send_unavailable(self, error):
         # The container-credentials error shape; Retry-After: when the next refresh is tried.
@@ -3366,6 +3375,7 @@ class ClientLookup(object):
         self.server = server
         self.found = None
         self.waiting = []
+        self.started = False  # queued for the lookup thread
 
 
 class ClientAttribution(object):
@@ -3374,9 +3384,10 @@ class ClientAttribution(object):
     Linux only: the kernel's sock_diag (else /proc/net/tcp{,6}) gives the
     owner and inode of the client's socket, /proc/PID/fd the process holding
     it.  A lookup runs once per connection, on this class's own thread, and
-    starts as the first credential answer is sent, never holding it up: it
-    must, because a client such as curl closes its socket as soon as it has
-    read the answer, and then nothing shows who held it.  The log line is
+    starts once the first credential answer has been sent, so no client waits
+    for it.  A client that keeps its connection (an SDK's pool) is found; one
+    that closes its socket the moment it has read the answer (curl) is often
+    gone by then, and the line says so rather than guess.  The log line is
     written when the lookup ends (well under a millisecond, mostly), which is
     within ``time_limit`` seconds.  Only processes of the socket's owner are
     examined, and only if that is the server's user (or the server is root);
