@@ -47,6 +47,7 @@ import socket
 import socketserver
 import ssl
 import stat
+import struct
 import sys
 import threading
 import time
@@ -2749,6 +2750,7 @@ class CredentialCache(object):
         self._wake = threading.Event()
         self._running = False
         self._stopping = False
+        self.after_attempt = None  # called by the refresher after each attempt (sd_notify)
 
     def _valid(self, current, now):
         return current is not None and current[0].expiration - now > self.expiry_floor
@@ -2951,14 +2953,23 @@ class CredentialCache(object):
                 self.log("Refreshing credentials failed (will retry): {}".format(
                     explain(error)))
                 self._last_logged = getattr(error, "code", repr(error))
+            self._report()
             mono = self.clock.elapsed()
             with self._lock:
                 return self._attempt_at(mono, valid) - mono
+        self._report()
         if self._last_logged is not None:
             self.log("Credentials refreshed; serving again normally")
             self._last_logged = None
         self._forced = False
         return max(0.0, self.refresh_due_at() - self.clock.aws_now())
+
+    def _report(self):
+        if self.after_attempt is not None:
+            try:
+                self.after_attempt()
+            except Exception:  # a report must never stop the refresher
+                pass
 
     def run(self):
         """The refresher thread's loop; returns after stop()."""
@@ -3255,6 +3266,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     IMDS_TOKEN = "/latest/api/token"
     IMDS_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
     reason = None  # why the current request was refused, for the log line
+    lookup = None  # ClientLookup naming this connection's client, once it is started
     # True on the accepting thread's handler: it answers the one request already in,
     # then closes whatever the headers ask, and never waits for a refresh, so that
     # thread never waits on a client or on STS.
@@ -3300,6 +3312,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         http.server.BaseHTTPRequestHandler.handle_one_request(self)
+        self.start_lookup()  # the answer is out (flushed): now look for who took it
         # A keep-alive client must send its next request within the idle timeout.
         self.server.touch(self.connection, self.server.idle_timeout)
 
@@ -3335,6 +3348,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(405, {"code": "MethodNotAllowed", "message": "use GET or HEAD"},
                            {"Allow": "GET, HEAD"})
         elif path in self.CREDENTIAL_PATHS or secret_path:
+            self.look_up_client()
             try:
                 _, body = self.server.cache.current(wait=not self.answer_once)
             except Unavailable as error:
@@ -3378,6 +3392,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         # EC2 answers a path with or without its trailing slash, and SDKs ask for both.
         path = path[:-1] if path.endswith("/") else path
         if path == self.IMDS_CREDENTIALS + self.IMDS_ROLE:
+            self.look_up_client()
             try:
                 credentials, _ = self.server.cache.current(wait=not self.answer_once)
             except Unavailable as error:
@@ -3391,6 +3406,27 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(404, {"code": "NotFound", "message": "not served here"})
         else:
             self.send_body(200, body, content_type="text/plain")  # as EC2 labels them all
+
+    def look_up_client(self):
+        # Credentials are asked for: the log line of their answer names who took them.
+        # Once per connection, on the lookup's thread, and only once the answer is
+        # out (start_lookup): never on the request's path.
+        if self.server.attribution is not None and self.lookup is None:
+            try:
+                self.lookup = ClientLookup(self.client_address, self.connection.getsockname())
+            except OSError:
+                pass
+
+    def start_lookup(self):
+        if self.lookup is not None and not self.lookup.started:
+            self.lookup.started = True
+            self.server.attribution.start(self.lookup)
+
+    def finish(self):
+        try:
+            http.server.BaseHTTPRequestHandler.finish(self)
+        finally:
+            self.start_lookup()  # an answer cut short still gets its line
 
     def send_unavailable(self, error):
         # The container-credentials error shape; Retry-After: when the next refresh is tried.
@@ -3433,7 +3469,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         self.server.log_access(self.client_address[0], getattr(self, "command", None) or "-",
                                (getattr(self, "path", None) or "-").partition("?")[0], code,
-                               self.reason)
+                               self.reason, self.lookup if code == 200 else None)
         self.reason = None
 
     def log_message(self, format, *args):
@@ -3469,11 +3505,14 @@ class CredentialServer(http.server.HTTPServer):
             % (len(_BUSY_BODY), _BUSY_BODY))
 
     def __init__(self, address, cache, rules=None, quiet=False, stream=None, listen=True,
-                 max_connections=256, idle_timeout=30.0, metadata=None, region=None):
+                 max_connections=256, idle_timeout=30.0, metadata=None, region=None,
+                 sockets=None):
         """Bind ``address``; listen at once unless ``listen`` is False.
 
         main() binds first (a port in use fails before any AWS call) and
-        listens once the first credentials are in the cache.
+        listens once the first credentials are in the cache.  ``sockets``:
+        listening sockets to serve instead (systemd socket activation); the
+        first is the server's own, the others get an accepting thread each.
         """
         self.cache = cache
         self.rules = rules or AccessRules()
@@ -3495,9 +3534,23 @@ class CredentialServer(http.server.HTTPServer):
         # Refused connections on their way to the refusing thread (see _refuse).
         self._refusals = queue.Queue(maxsize=self.max_refusing)
         self._refuser = None
+        # Hooks main() sets for service managers (see the Service managers section).
+        self.attribution = None  # a ClientAttribution naming who took credentials
+        self.heartbeat = None  # called from the serving loop: the watchdog's proof of life
+        self.journal = False  # stderr is the journal: '<N>' prefixes, no timestamps
+        self.passed = bool(sockets)
+        self.extra_sockets = list(sockets[1:]) if sockets else []
+        self._closing = threading.Event()  # tells the extra sockets' threads to end
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         http.server.HTTPServer.__init__(self, address, CredentialHandler, bind_and_activate=False)
+        if sockets:
+            # Already bound and listening: systemd chose the address and the backlog.
+            self.socket.close()
+            self.socket = sockets[0]
+            self.server_address = self.socket.getsockname()
+            self.server_name, self.server_port = self.server_address[:2]
+            return
         try:
             self.server_bind()
             if listen:
@@ -3517,6 +3570,39 @@ class CredentialServer(http.server.HTTPServer):
         # HTTPServer.server_bind looks up the host's FQDN, which can take seconds.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def server_activate(self):
+        if not self.passed:  # a passed socket listens already, with systemd's backlog
+            http.server.HTTPServer.server_activate(self)
+
+    def serve_forever(self, poll_interval=0.5):
+        for sock in self.extra_sockets:
+            threading.Thread(target=self._accept_from, args=(sock, poll_interval),
+                             name="acceptor", daemon=True).start()
+        http.server.HTTPServer.serve_forever(self, poll_interval)
+
+    def _accept_from(self, sock, poll_interval):
+        """serve_forever's accepting, for one more listening socket."""
+        sock.setblocking(False)  # two threads never race for one connection, but be sure
+        with selectors.DefaultSelector() as selector:
+            selector.register(sock, selectors.EVENT_READ)
+            while not self._closing.is_set():
+                if not selector.select(poll_interval):
+                    continue
+                try:
+                    request, client_address = sock.accept()
+                except OSError:
+                    continue
+                request.setblocking(True)
+                try:
+                    self.process_request(request, client_address)
+                except Exception:
+                    self.handle_error(request, client_address)
+                    self.shutdown_request(request)
+
+    def shutdown(self):
+        self._closing.set()
+        http.server.HTTPServer.shutdown(self)
 
     # -- connection accounting --------------------------------------------
 
@@ -3658,7 +3744,10 @@ class CredentialServer(http.server.HTTPServer):
                 self._spare_workers += 1
 
     def server_close(self):
+        self._closing.set()
         http.server.HTTPServer.server_close(self)
+        for sock in self.extra_sockets:
+            sock.close()
         with self._deadlines_lock:
             workers = self._spare_workers + len(self._deadlines)
         for _ in range(workers):
@@ -3677,6 +3766,8 @@ class CredentialServer(http.server.HTTPServer):
     def service_actions(self):
         # Called by serve_forever about twice a second: drop connections that
         # have not sent a whole request in time, waking their blocked thread.
+        if self.heartbeat is not None:
+            self.heartbeat()
         now = time.monotonic()
         with self._deadlines_lock:
             late = [sock for sock, deadline in self._deadlines.items()
@@ -3694,22 +3785,33 @@ class CredentialServer(http.server.HTTPServer):
 
     # -- logging ---------------------------------------------------------------
 
-    def log(self, message):
+    def log(self, message, priority=None):
+        if self.journal:
+            message = journal_line(message, priority)
         try:
             self.stream.write(SECRETS.redact(message) + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass
 
-    def log_access(self, client, method, path, status, reason=None):
+    def stamp(self):
+        # journald stamps each line itself.
+        return "" if self.journal else format_timestamp(time.time()) + " "
+
+    def log_access(self, client, method, path, status, reason=None, lookup=None):
+        """One access-log line; with a ClientLookup, written once it names the client."""
         # Rejections are always logged; -q silences only the ordinary lines.
         if reason or not self.quiet:
             redact = self.rules.redact  # before cutting: no part of the secret path either
-            line = "{} {} {} {} {}".format(format_timestamp(time.time()), client,
-                                           method[:16], redact(path)[:200], status)
+            line = "{}{} {} {} {}".format(self.stamp(), client, method[:16], redact(path)[:200],
+                                          status)
             if reason:
                 line += " " + redact(reason)[:300]
-            self.log(printable(line))
+            priority = LOG_WARNING if reason else LOG_INFO
+            if lookup is not None and self.attribution is not None:
+                self.attribution.log_after(lookup, printable(line), priority)
+            else:
+                self.log(printable(line), priority)
 
     def handle_error(self, request, client_address):
         # A client that hangs up mid-request is normal; anything else gets one
@@ -3717,8 +3819,486 @@ class CredentialServer(http.server.HTTPServer):
         error = sys.exc_info()[1]
         if isinstance(error, (ConnectionError, socket.timeout, TimeoutError)):
             return
-        self.log("{} {} internal error: {}".format(
-            format_timestamp(time.time()), client_address[0], error.__class__.__name__))
+        self.log("{}{} internal error: {}".format(
+            self.stamp(), client_address[0], error.__class__.__name__), LOG_ERR)
+
+
+######################################################################
+#  Service managers: systemd socket activation, sd_notify, journald
+######################################################################
+
+# What systemd hands the service it starts (sd_listen_fds(3), sd_notify(3),
+# systemd.exec(5)); none of it is meant for a program the service runs in turn.
+SERVICE_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
+                     "WATCHDOG_USEC", "WATCHDOG_PID")
+SD_LISTEN_FDS_START = 3  # the first passed descriptor, always
+_DECIMAL_RE = re.compile(r"[0-9]{1,20}\Z")
+
+
+def _decimal(text):
+    """The number ``text`` spells in ASCII digits, else None (int() also takes '２', ' 7')."""
+    return int(text) if text and _DECIMAL_RE.match(text) else None
+
+
+def take_service_variables(environ):
+    """(environ without SERVICE_VARIABLES, their values).
+
+    Like sd_listen_fds(unset_environment=1): the process's own environment loses
+    them too, so no child (a credential_process, exec mode's command) inherits them.
+    """
+    taken = {name: environ[name] for name in SERVICE_VARIABLES if name in environ}
+    if not taken:
+        return environ, taken
+    if environ is os.environ:
+        for name in taken:
+            os.environ.pop(name, None)
+    return {name: value for name, value in environ.items() if name not in taken}, taken
+
+
+def listen_fds(service, pid):
+    """sd_listen_fds(3): (the passed descriptors, their names, a warning or None).
+
+    Descriptors are 3, 4, ... up to LISTEN_FDS of them, and only ours when
+    LISTEN_PID is our pid: otherwise they were meant for another process.
+    """
+    count, owner = service.get("LISTEN_FDS"), service.get("LISTEN_PID")
+    if count is None and owner is None:
+        return [], [], None
+    ignored = "Warning: ignoring LISTEN_FDS={!r} LISTEN_PID={!r} ({}); binding as usual"
+    number = _decimal(count)
+    if number is None or not 0 < number <= 1024:
+        return [], [], ignored.format(count, owner, "not a count of sockets")
+    if _decimal(owner) != pid:
+        return [], [], ignored.format(count, owner, "meant for another process")
+    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + number))
+    names = (service.get("LISTEN_FDNAMES") or "").split(":")
+    names = ["fd {}{}".format(fd, " ({})".format(printable(names[index]))
+                              if index < len(names) and names[index] else "")
+             for index, fd in enumerate(fds)]
+    return fds, names, None
+
+
+def passed_socket(fd, name):
+    """The listening TCP socket systemd passed as ``fd``; LocalServerError if it is not one."""
+    problem = "the socket passed by the service manager as {} (LISTEN_FDS)".format(name)
+    try:
+        # Python 3.6 takes the family given; 3.7+ reads it from the descriptor.
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    except OSError as error:
+        raise LocalServerError("{} is not a socket: {}".format(problem, error.strerror or error))
+    try:
+        kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        accepting = getattr(socket, "SO_ACCEPTCONN", None)
+        listening = accepting is None or probe.getsockopt(socket.SOL_SOCKET, accepting)
+        address = probe.getsockname()  # its shape follows the real family
+    except OSError as error:
+        probe.detach()  # not ours to close: it may not even be a socket
+        raise LocalServerError("{} is not a socket: {}".format(problem, error.strerror or error))
+    family = {2: socket.AF_INET, 4: socket.AF_INET6}.get(
+        len(address) if isinstance(address, tuple) else 0)
+    if family is None or kind != socket.SOCK_STREAM or not listening:
+        probe.detach()
+        raise LocalServerError("{} is not a listening TCP socket (check ListenStream= in the "
+                               ".socket unit)".format(problem))
+    sock = socket.socket(family, socket.SOCK_STREAM, 0, probe.detach())
+    sock.set_inheritable(False)  # our children get none of our sockets
+    return sock
+
+
+def socket_activation(service, pid):
+    """(listening sockets passed by systemd, their names, a warning or None)."""
+    fds, names, warning = listen_fds(service, pid)
+    return [passed_socket(fd, name) for fd, name in zip(fds, names)], names, warning
+
+
+class ServiceNotifier(object):
+    """sd_notify(3): tells systemd we are ready, what we serve, that we live, that we stop.
+
+    Each message is one datagram to the AF_UNIX socket NOTIFY_SOCKET names ('@'
+    at the start: the abstract namespace).  Without NOTIFY_SOCKET (or AF_UNIX, as
+    on Windows) every method does nothing.  The socket is non-blocking: a full
+    queue at systemd's end drops a message rather than stall the serving thread.
+    """
+
+    def __init__(self, service, pid, log, clock=time.monotonic):
+        self.log = log
+        self.clock = clock
+        self.shown = service.get("NOTIFY_SOCKET")  # as given, '@' and all, for messages
+        self.address = self.shown or None
+        if self.address and self.address.startswith("@"):
+            self.address = "\0" + self.address[1:]
+        if self.address and getattr(socket, "AF_UNIX", None) is None:
+            self.address = None
+        # The watchdog is ours when WATCHDOG_PID is unset or names us (systemd.service(5)).
+        usec, owner = _decimal(service.get("WATCHDOG_USEC")), service.get("WATCHDOG_PID")
+        ours = owner is None or _decimal(owner) == pid
+        self.watchdog_interval = usec / 2e6 if usec and ours and self.address else None
+        self._last_beat = None
+        self._warned = False
+        self._sock = None
+        if self.address:
+            # Made once, here: the serving, refreshing and main threads all send.
+            try:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sock.setblocking(False)
+            except OSError as error:
+                self._warn(error)
+
+    def _warn(self, error):
+        if not self._warned:
+            self._warned = True
+            self.log("Warning: cannot notify the service manager at NOTIFY_SOCKET={}: {}; "
+                     "serving anyway".format(printable(self.shown), error.strerror or error))
+
+    def send(self, *lines):
+        """Send one message; False if it could not be delivered (warned about once)."""
+        sock = self._sock  # close() may run on another thread
+        if sock is None:
+            return False
+        try:
+            sock.sendto("\n".join(lines).encode("utf-8", "replace"), self.address)
+            return True
+        except OSError as error:
+            self._warn(error)
+            return False
+
+    def ready(self, status):
+        self.send("READY=1", "STATUS=" + status)
+
+    def status(self, status):
+        self.send("STATUS=" + status)
+
+    def stopping(self):
+        self.send("STOPPING=1", "STATUS=Stopping")
+
+    def heartbeat(self):
+        """WATCHDOG=1 if half the watchdog interval has passed since the last one.
+
+        Called from the serving loop, so the beats stop when serving does.
+        """
+        if self.watchdog_interval is None:
+            return
+        now = self.clock()
+        if self._last_beat is None or now - self._last_beat >= self.watchdog_interval:
+            self._last_beat = now
+            self.send("WATCHDOG=1")
+
+    def close(self):
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            sock.close()
+
+
+def service_status(status, what):
+    """The STATUS= line systemctl shows, from CredentialCache.status()."""
+    if status["status"] == "unavailable":
+        return "Not serving: {}".format(status["last_error"] or "no credentials yet")
+    line = "Serving {} until {}".format(what, status["expiration"])
+    if status["consecutive_failures"]:
+        line += "; refreshing has failed {} time{} in a row: {}".format(
+            status["consecutive_failures"], "s" if status["consecutive_failures"] > 1 else "",
+            status["last_error"])
+    return line
+
+
+def journal_stderr(environ, stderr_fd=2):
+    """True if stderr is the journal: JOURNAL_STREAM names its device and inode."""
+    device, _, inode = (environ.get("JOURNAL_STREAM") or "").partition(":")
+    if _decimal(device) is None or _decimal(inode) is None:
+        return False
+    try:
+        found = os.fstat(stderr_fd)
+    except (OSError, ValueError):
+        return False
+    return (found.st_dev, found.st_ino) == (_decimal(device), _decimal(inode))
+
+
+# syslog priorities journald reads from a line's '<N>' prefix (sd-daemon(3)).
+LOG_ERR, LOG_WARNING, LOG_INFO = 3, 4, 6
+_PRIORITY_PREFIXES = (("Error", LOG_ERR), ("Warning", LOG_WARNING),
+                      ("Refreshing credentials failed", LOG_WARNING))
+
+
+def journal_line(message, priority=None):
+    """``message`` as journald wants it: each line starting '<N>'.  Without a
+    priority, lines that start 'Error'/'Warning' say theirs; the rest are info."""
+    if priority is None:
+        priority = next((level for prefix, level in _PRIORITY_PREFIXES
+                         if message.startswith(prefix)), LOG_INFO)
+    return "\n".join("<{}>{}".format(priority, line) for line in message.split("\n"))
+
+
+######################################################################
+#  Who took the credentials: the local process behind a connection (Linux)
+######################################################################
+
+
+def _proc_address(text):
+    """'0100007F:1F90' of /proc/net/tcp{,6} -> (ip_address, port).
+
+    The address is the kernel's in-memory bytes: 32-bit words in host order.
+    """
+    hex_address, _, hex_port = text.partition(":")
+    raw = bytes.fromhex(hex_address)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[at:at + 4][::-1] for at in range(0, len(raw), 4))
+    return ipaddress.ip_address(raw), int(hex_port, 16)
+
+
+def _plain(address):
+    # An IPv4 client of a dual-stack socket shows as ::ffff:a.b.c.d on our side only.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped or address
+
+
+def socket_owner(tables, client, server):
+    """(uid, inode) of the client's end of a TCP connection, from the text of
+    /proc/net/tcp and /proc/net/tcp6; None if no table has it (a remote client).
+
+    ``client`` and ``server`` are (host, port) as our side sees them: the client's
+    socket has them the other way round.
+    """
+    want = ((_plain(ipaddress.ip_address(client[0].partition("%")[0])), client[1]),
+            (_plain(ipaddress.ip_address(server[0].partition("%")[0])), server[1]))
+    for text in tables:
+        for row in text.splitlines()[1:]:
+            fields = row.split()
+            if len(fields) < 10:
+                continue
+            try:
+                local, remote = _proc_address(fields[1]), _proc_address(fields[2])
+                uid, inode = int(fields[7]), int(fields[9])
+            except ValueError:
+                continue
+            if ((_plain(local[0]), local[1]), (_plain(remote[0]), remote[1])) == want:
+                return uid, inode
+    return None
+
+
+# The kernel's sock_diag interface (linux/sock_diag.h, linux/inet_diag.h), as `ss` uses it.
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLMSG_ERROR = 2
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+
+
+def diag_socket_owner(client, server, timeout=1.0):
+    """(uid, inode) of the client's end of a TCP connection, asked of the kernel by
+    its four addresses; None if no such socket here (a remote client).
+
+    One exact lookup: reading /proc/net/tcp makes the kernel print every TCP
+    socket, tens of milliseconds on a busy machine, long enough for a client
+    to have exited.  Raises OSError where sock_diag is not available.
+    """
+    netlink = getattr(socket, "AF_NETLINK", None)
+    if netlink is None:
+        raise OSError("no AF_NETLINK")
+    local = _plain(ipaddress.ip_address(client[0].partition("%")[0]))
+    remote = _plain(ipaddress.ip_address(server[0].partition("%")[0]))
+    family = socket.AF_INET if local.version == 4 else socket.AF_INET6
+    # inet_diag_req_v2: family, protocol, extensions, pad, states; then inet_diag_sockid:
+    # ports and addresses in network order, interface, cookie (none).
+    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+    request += struct.pack("!HH16s16s", client[1], server[1], local.packed, remote.packed)
+    request += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    header = struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, 1, 1, 0)
+    with socket.socket(netlink, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(header + request, (0, 0))
+        answer = sock.recv(65536)
+    if len(answer) < 16:
+        raise OSError("short sock_diag answer")
+    kind = struct.unpack_from("=H", answer, 4)[0]
+    if kind == NLMSG_ERROR:
+        error = -struct.unpack_from("=i", answer, 16)[0]
+        if error == 2:  # ENOENT: not a socket of this machine
+            return None
+        raise OSError(error, os.strerror(error))
+    if kind != SOCK_DIAG_BY_FAMILY or len(answer) < 16 + 72:
+        raise OSError("unexpected sock_diag answer")
+    # inet_diag_msg: 4 bytes, the 48-byte sockid, expires, rqueue, wqueue, uid, inode.
+    return struct.unpack_from("=II", answer, 16 + 64)
+
+
+def socket_process(inode, uid, deadline, clock=time.monotonic, proc="/proc", first=()):
+    """(pid, program) of a process of ``uid`` holding socket ``inode``, or None.
+
+    Gives up at ``deadline`` (of ``clock``).  The pids in ``first`` are looked
+    at first (the clients found lately, which often come back), then the newest
+    processes: a client is most often one just started.
+    """
+    target = "socket:[{}]".format(inode)
+
+    def program_holding(pid):
+        base = os.path.join(proc, str(pid))
+        try:
+            if os.stat(base).st_uid != uid:
+                return None
+            fds = os.listdir(os.path.join(base, "fd"))
+        except OSError:  # gone, or not ours to look at
+            return None
+        for fd in fds:
+            try:
+                if os.readlink(os.path.join(base, "fd", fd)) == target:
+                    with open(os.path.join(base, "comm"), "rb") as handle:
+                        return handle.read(64).decode("utf-8", "replace").strip()
+            except OSError:
+                continue
+        return None
+
+    for pid in first:
+        program = program_holding(pid)
+        if program is not None:
+            return pid, program
+    try:
+        pids = sorted((int(name) for name in os.listdir(proc) if name.isdigit()), reverse=True)
+    except OSError:
+        return None
+    for pid in pids:
+        if clock() > deadline:
+            return None
+        if pid not in first:
+            program = program_holding(pid)
+            if program is not None:
+                return pid, program
+    return None
+
+
+class ClientLookup(object):
+    """One connection's lookup: its answer (a log suffix) and the lines waiting for it."""
+
+    def __init__(self, client, server):
+        self.client = client
+        self.server = server
+        self.found = None
+        self.waiting = []
+        self.started = False  # queued for the lookup thread
+
+
+class ClientAttribution(object):
+    """Names the local process that owns a client's socket, for the access log.
+
+    Linux only: the kernel's sock_diag (else /proc/net/tcp{,6}) gives the
+    owner and inode of the client's socket, /proc/PID/fd the process holding
+    it.  A lookup runs once per connection, on this class's own thread, and
+    starts once the first credential answer has been sent, so no client waits
+    for it.  A client that keeps its connection (an SDK's pool) is found; one
+    that closes its socket the moment it has read the answer (curl) is often
+    gone by then, and the line says so rather than guess.  The log line is
+    written when the lookup ends (well under a millisecond, mostly), which is
+    within ``time_limit`` seconds.  Only processes of the socket's owner are
+    examined, and only if that is the server's user (or the server is root);
+    another user's client is named by uid.  At most ``max_pending`` lookups
+    wait; beyond that the line says so at once.
+    """
+
+    time_limit = 1.0
+    max_pending = 64
+
+    def __init__(self, log, proc="/proc", clock=time.monotonic):
+        self.log = log
+        self.proc = proc
+        self.clock = clock
+        self.user = os.geteuid() if hasattr(os, "geteuid") else None
+        self._lock = threading.Lock()  # guards every ClientLookup's found and waiting
+        self._queue = queue.Queue(self.max_pending)
+        self._thread = None
+        self._recent = []  # pids found lately, latest first; only the lookup thread uses it
+
+    @classmethod
+    def available(cls, proc="/proc"):
+        return hasattr(os, "geteuid") and os.path.exists(os.path.join(proc, "net", "tcp"))
+
+    def start_thread(self):
+        """Start the lookup thread now: started with the first lookup, it would be late."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="client-lookup",
+                                                daemon=True)
+                self._thread.start()
+
+    def start(self, lookup):
+        """Have the lookup thread find who holds the client's end; never waits."""
+        self.start_thread()
+        try:
+            self._queue.put_nowait(lookup)
+        except queue.Full:
+            with self._lock:
+                lookup.found, waiting, lookup.waiting = (
+                    "client not looked up (too many lookups waiting)", lookup.waiting, [])
+            self._log_all(waiting, lookup.found)
+
+    def _log_all(self, waiting, found):
+        for line, priority in waiting:
+            self.log("{} {}".format(line, found), priority)
+
+    def log_after(self, lookup, line, priority=None):
+        """Log ``line`` with the client named, now if the lookup has ended, else when it does."""
+        with self._lock:
+            if lookup.found is None:
+                lookup.waiting.append((line, priority))
+                return
+        self.log("{} {}".format(line, lookup.found), priority)
+
+    def stop(self):
+        """Let the lookups queued end and write their lines, for 2 * time_limit at
+        most: a line should not be lost because the server is stopping."""
+        with self._lock:
+            thread = self._thread
+        if thread is None:
+            return
+        try:
+            self._queue.put(None, timeout=self.time_limit)
+        except queue.Full:
+            return
+        thread.join(2 * self.time_limit)
+
+    def _run(self):
+        while True:
+            lookup = self._queue.get()
+            if lookup is None:
+                return
+            try:
+                found = self.find(lookup.client, lookup.server)
+            except Exception as error:  # never let one odd entry end the thread
+                found = "client not found ({})".format(error.__class__.__name__)
+            found = printable(found)  # a process names itself: it must not forge a line
+            with self._lock:
+                lookup.found, waiting, lookup.waiting = found, lookup.waiting, []
+            self._log_all(waiting, found)
+
+    def find(self, client, server):
+        """The log suffix naming who holds the client's end of the connection."""
+        peer = _plain(ipaddress.ip_address(client[0].partition("%")[0]))
+        if not (peer.is_loopback or peer == _plain(ipaddress.ip_address(
+                server[0].partition("%")[0]))):
+            return "client remote"  # another machine's: its address is on the line
+        deadline = self.clock() + self.time_limit
+        try:
+            owner = diag_socket_owner(client, server, max(0.05, self.time_limit))
+        except OSError:  # no sock_diag (an old kernel, a sandbox): the slower tables
+            tables = []
+            for name in ("tcp", "tcp6"):
+                try:
+                    with open(os.path.join(self.proc, "net", name)) as handle:
+                        tables.append(handle.read())
+                except OSError:
+                    pass
+            owner = socket_owner(tables, client, server)
+        if owner is None or not owner[1]:
+            # Closed already (a TIME_WAIT socket belongs to no one): curl and other
+            # one-shot clients close as soon as they have read the answer.
+            return "client gone (it closed the connection before it was looked up)"
+        uid, inode = owner
+        if self.user not in (0, uid):
+            return "client uid {} (another user's process: not examined)".format(uid)
+        found = socket_process(inode, uid, deadline, self.clock, self.proc, self._recent)
+        if found is not None:
+            self._recent = [found[0]] + [pid for pid in self._recent if pid != found[0]][:7]
+        if found is None:
+            return "client uid {} (process not found{})".format(
+                uid, ": lookup timed out" if self.clock() > deadline else "")
+        return "client pid {} ({})".format(found[0], found[1])
 
 
 ######################################################################
@@ -3846,6 +4426,9 @@ def build_parser(prog="s3_localserver.py"):
                          help="address to bind (default localhost; 127.0.0.1 in exec mode)")
     serving.add_argument("-q", "--quiet", action="store_true",
                          help="no access log (errors and refusals are still printed)")
+    serving.add_argument("--no-client-lookup", action="store_true",
+                         help="do not name the local process (pid, program) that took "
+                              "credentials in the access log (Linux)")
     guard = parser.add_argument_group("who may fetch credentials")
     guard.add_argument("--auth-token", metavar="TOKEN",
                        help="require 'Authorization: TOKEN' on GET / ('generate' makes a "
@@ -4422,17 +5005,20 @@ def metadata_note(url, port, rules):
                 how, describe_clients(rules.clients)))
 
 
-def start_server(args, environ, say, files):
+def start_server(args, environ, say, files, sockets=None):
     """Everything before serving: checks, the first credentials, the bound socket.
 
+    ``sockets``: listening sockets passed by systemd, served instead of binding.
     Returns (server, cache, region, token origin); the region is the bucket's when
     none is configured.  Raises LocalServerError or AWSError.
     """
     token, token_origin = resolve_auth_token(args, environ)
-    unguarded = not is_loopback(args.host) and token is None
+    hosts = [sock.getsockname()[0] for sock in sockets] if sockets else [args.host]
+    exposed = [host for host in hosts if not is_loopback(host)]
+    unguarded = bool(exposed) and token is None
     if unguarded and args.require_token:
         raise LocalServerError("refusing to serve on {} without an auth token "
-                               "(--require-token); set --auth-token".format(args.host))
+                               "(--require-token); set --auth-token".format(exposed[0]))
     context = run_context(args, environ, files, log=say)
     region = context.region
     policy = policy_json(session_policy(args, region))  # too long: say so before any call
@@ -4448,7 +5034,7 @@ def start_server(args, environ, say, files):
         server = CredentialServer((args.host, args.port), cache, rules,
                                   quiet=args.quiet or bool(args.command), listen=False,
                                   max_connections=args.max_connections,
-                                  idle_timeout=args.idle_timeout)
+                                  idle_timeout=args.idle_timeout, sockets=sockets)
     except (OSError, OverflowError) as error:
         advice = listen_advice(args.host, args.port, error)
         raise LocalServerError("cannot listen on {}:{}: {}{}".format(
@@ -4456,7 +5042,7 @@ def start_server(args, environ, say, files):
             " (" + advice + ")" if advice else ""))
     if unguarded:
         say("Warning: serving on {} without --auth-token: {} who can reach this port "
-            "gets the credentials".format(args.host, describe_clients(args.allow_client)))
+            "gets the credentials".format(exposed[0], describe_clients(args.allow_client)))
     try:
         # The bucket checks do not depend on the credential calls: all at once, so
         # start-up costs the longest round trip, not their sum.
@@ -4517,21 +5103,31 @@ def describe_buckets(buckets):
 def main(argv=None, environ=None):
     """Run the server (and the exec-mode command); return the exit code."""
     environ = os.environ if environ is None else environ
+    environ, service = take_service_variables(environ)
+    journal = journal_stderr(environ)
 
     def say(message):
-        sys.stderr.write(SECRETS.redact(message) + "\n")
+        message = SECRETS.redact(message)
+        sys.stderr.write((journal_line(message) if journal else message) + "\n")
         sys.stderr.flush()
 
     args = parse_args(sys.argv[1:] if argv is None else argv, program_name(sys.argv[0]))
+    notifier = ServiceNotifier(service, os.getpid(), say)
     try:
         if args.print_identity:
             return print_identity(args, environ)
         if args.print_policy:
             return print_policy(args, environ, say)
+        sockets, _, warning = socket_activation(service, os.getpid())
+        if warning:
+            say(warning)
         files = AWSFiles(environ)  # the config and credentials files, read once
-        server, cache, region, token_origin = start_server(args, environ, say, files)
+        server, cache, region, token_origin = start_server(args, environ, say, files, sockets)
     except (AWSError, LocalServerError) as error:
         say("Error: {}".format(explain(error)))
+        # A unit that cannot start (an MFA code or SSO login nobody can give here)
+        # shows why in systemctl status.
+        notifier.status("Failed: {}".format(explain(error)))
         return 1
     except KeyboardInterrupt:
         return 130
@@ -4544,25 +5140,42 @@ def main(argv=None, environ=None):
     # The URL SDKs accept over plain http names a loopback address: for a server
     # bound to every address (0.0.0.0, ::), that is the loopback one.
     loopback = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host)
-    url_host = loopback or args.host
+    url_host = loopback or (host if server.passed else args.host)
     url_host = url_host if ":" not in url_host else "[{}]".format(url_host)
-    say("Serving {} credentials for {} at http://{}:{}/".format(
-        args.permission, describe_buckets(args.buckets), url_host, server.server_port))
+    served = "{} credentials for {}".format(args.permission, describe_buckets(args.buckets))
+    say("Serving {} at http://{}:{}/".format(served, url_host, server.server_port))
     if loopback:
         say("Listening on every address ({}): other machines use this one's name or "
-            "address".format(args.host))
+            "address".format(host))
+    for sock in server.extra_sockets:
+        address = sock.getsockname()
+        say("Also serving at http://{}:{}/".format(
+            address[0] if ":" not in address[0] else "[{}]".format(address[0]), address[1]))
     say("Duration: {} seconds".format(args.duration))
     if args.prefix != "*":
         say("Prefix: only keys starting with '{}'".format(args.prefix.rstrip("*")))
     if args.statements:
         say("Extra policy statements: {}".format(len(args.statements)))
+    server.journal = journal
+    if not (args.no_client_lookup or server.quiet) and ClientAttribution.available():
+        server.attribution = ClientAttribution(server.log)
+        server.attribution.start_thread()
+    server.heartbeat = notifier.heartbeat
+    cache.after_attempt = lambda: notifier.status(service_status(cache.status(), served))
     cache.start()
     if hasattr(signal, "SIGHUP"):  # not on Windows
         signal.signal(signal.SIGHUP, lambda signum, frame: cache.request_refresh())
     # serve_forever sees a shutdown only when its select() times out: in exec mode,
     # where the command's exit stops the server, a short poll lets us exit at once.
+    # The watchdog beats from that loop, so it must come round often enough.
+    poll = 0.05 if args.command else 0.5
+    if notifier.watchdog_interval is not None:
+        poll = min(poll, notifier.watchdog_interval / 4)
+    # The first credentials are in the cache: a Type=notify unit is up from here, and
+    # systemd hears it before any client (queued on a passed socket) is answered.
+    notifier.ready(service_status(cache.status(), served))
     threading.Thread(target=server.serve_forever, name="server", daemon=True,
-                     kwargs={"poll_interval": 0.05 if args.command else 0.5}).start()
+                     kwargs={"poll_interval": poll}).start()
     host = loopback or host
     full_uri = "http://{}:{}/".format(
         "[{}]".format(host) if ":" in host else host, server.server_port)
@@ -4601,10 +5214,14 @@ def main(argv=None, environ=None):
         say("Error: {}".format(error))
         code = getattr(error, "exit_code", 1)
     finally:
+        notifier.stopping()
         signal.signal(signal.SIGTERM, previous_sigterm)
         cache.stop()
         server.shutdown()
         server.server_close()
+        if server.attribution is not None:
+            server.attribution.stop()
+        notifier.close()
         if client_files is not None:
             client_files.remove()
     if not args.command:

@@ -444,6 +444,7 @@ def main():
                 finally:
                     stop(process)
 
+    lookup_row = client_lookup_cost(proxy.url, env)
     proxy.stop()
     moto.stop()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -496,6 +497,7 @@ def main():
     else:
         lines.append("| limit: nginx static file | not installed: skipped | | |")
     lines.append(imds_token_put_cost())
+    lines.append(lookup_row)
     notes = [
         "",
         "Medians, with (min–max) over {} cold starts and {} rounds, each round alternating "
@@ -526,6 +528,60 @@ def main():
                   platform.python_version(), _version("moto")))
     with open(os.path.join(HERE, "RESULTS.md"), "w") as handle:
         handle.write(header + table + "\n")
+
+
+# --- the access log's client lookup: off the request path --------------------------------
+
+def answer_time(port):
+    """Seconds from connecting to having the whole answer (by its Content-Length), as a
+    client that does not wait for the server to close, such as any SDK."""
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(REQUEST)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
+                re.search(rb"Content-Length: (\d+)", data).group(1)):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("answer cut short")
+            data += chunk
+        elapsed = time.perf_counter() - started
+    if not data.startswith(b"HTTP/1.1 200 "):
+        raise RuntimeError(data[:100])
+    return elapsed
+
+
+def client_lookup_cost(endpoint, env, rounds=6, per_round=300, gap=0.005):
+    """Table rows: median time to a credential answer on a new connection (one lookup
+    per connection: the worst case) with the client lookup on and off (--no-client-lookup),
+    two servers side by side, alternating which is measured first in each round; once
+    back to back, once with ``gap`` seconds between requests.  The lookup starts once
+    the answer is sent, so a client never waits for its own: back to back, a request
+    can meet the previous one's lookup, which shares the server's CPU and interpreter."""
+    print("client lookup on/off...", file=sys.stderr)
+    on = Target("lookup on", OURS.argv)
+    off = Target("lookup off", OURS.argv + ["--no-client-lookup"])
+    servers = [(target,) + target.start(endpoint, env)[:2] for target in (on, off)]
+    rows = []
+    try:
+        for pause, count in ((0, per_round), (gap, per_round // 3)):
+            times = {on.name: [], off.name: []}
+            for index in range(rounds):
+                for target, _, port in servers[index % 2:] + servers[:index % 2]:
+                    for _ in range(count):
+                        times[target.name].append(answer_time(port))
+                        time.sleep(pause)
+            with_lookup = statistics.median(times[on.name]) * 1000
+            without = statistics.median(times[off.name]) * 1000
+            rows.append(
+                "| credential answer on a new connection, {}, median ms: client lookup on / "
+                "off (ratio), {:,} each | {:.3f} / {:.3f} ({:.2f}x) | | |".format(
+                    "{:.0f} ms apart".format(pause * 1000) if pause else "back to back",
+                    rounds * count, with_lookup, without, with_lookup / without))
+    finally:
+        for _, process, _ in servers:
+            stop(process)
+    return "\n".join(rows)
 
 
 # --- IMDS session tokens: no per-token state -------------------------------------------

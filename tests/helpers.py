@@ -322,10 +322,14 @@ SERVING_RE = re.compile(r"^Serving (\S+) credentials for buckets? (.*) at (http:
 class ScriptProcess(object):
     """s3_localserver.py as a subprocess; stderr collected line by line."""
 
-    def __init__(self, args, env, python=sys.executable, wait=True, timeout=60):
+    def __init__(self, args, env, python=sys.executable, wait=True, timeout=60, wrapper=(),
+                 fds=()):
+        """``wrapper``: a command line the script's is appended to (it must exec it);
+        ``fds``: descriptors the child gets as 3, 4, ... (as systemd passes sockets)."""
         self.args = args
         self.process = subprocess.Popen(
-            [python, SCRIPT] + [str(arg) for arg in args], env=env, preexec_fn=default_sigint,
+            list(wrapper) + [python, SCRIPT] + [str(arg) for arg in args], env=env,
+            preexec_fn=placing_fds(fds), close_fds=not fds,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.lines = []
         self.secrets = []  # every secret served, to check none is ever printed
@@ -411,6 +415,24 @@ def default_sigint():
     # ignored SIGINT, and Python then never raises KeyboardInterrupt: give the
     # script the default disposition a terminal user's process has.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def placing_fds(fds):
+    """A preexec_fn: default SIGINT, and ``fds`` as 3, 4, ... in the child, inheritable.
+
+    Python's own descriptors are not inheritable, so with close_fds=False the child
+    gets these and its standard streams only."""
+    if not fds:
+        return default_sigint
+
+    def place():
+        import fcntl
+        default_sigint()
+        # Out of the way first: a source may itself sit at 3 or 4.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
+        for index, fd in enumerate(high):
+            os.dup2(fd, 3 + index)  # inheritable
+    return place
 
 
 def run_script(args, env, python=sys.executable, timeout=60):
