@@ -363,6 +363,18 @@ class ScriptProcess(object):
             raise AssertionError("server exited: rc={} {}".format(self.process.wait(10),
                                                                    self.lines))
 
+    def wait_for_line(self, text, timeout=30):
+        """The first log line containing ``text``, waiting for it (a credential answer's
+        line is written once its client has been looked up, after the answer)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = next((line for line in list(self.lines) if text in line), None)
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError("no log line with {!r}: {}".format(text, self.lines))
+            time.sleep(0.05)
+
     @property
     def local_url(self):
         """The served URL with the host as an IP literal."""

@@ -222,7 +222,7 @@ def test_client_outside_allow_client_gets_403(lab, moto, start, tester_env):
     with urllib.request.urlopen(request, timeout=20) as answer:
         served = json.loads(answer.read().decode())
     server.secrets += [served["SecretAccessKey"], served["Token"]]
-    assert any(" {} GET / 200".format(DOOR) in line for line in server.lines)
+    server.wait_for_line(" {} GET / 200".format(DOOR))
 
 
 def test_metadata_with_allow_client_outside(lab, moto, start, tester_env):
