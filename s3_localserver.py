@@ -4080,11 +4080,43 @@ def _add_address_command(address, platform):
         return "sudo ifconfig lo0 {}alias {}".format(
             "inet6 " if address.version == 6 else "", address)
     if platform == "win32":
-        return ('netsh interface {} add address "NAME" {} {}, as administrator, NAME being '
+        return ('netsh interface {} add address "NAME" {}{}, as administrator, NAME being '
                 'an adapter from: netsh interface show interface').format(
                     "ipv6" if address.version == 6 else "ipv4", address,
-                    "" if address.version == 6 else "255.255.255.255")
+                    "" if address.version == 6 else " 255.255.255.255")
     return "add {} to an interface of this machine".format(address)
+
+
+def host_port(host, port):
+    """'host:port', with an IPv6 address in brackets."""
+    return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
+
+
+def _address_advice(address, platform):
+    """What to do when this machine lacks ``address``: add it, but only for the
+    container and metadata doors (any other address is more likely a typo)."""
+    if str(address) not in CONTAINER_HOSTS + METADATA_HOSTS:
+        return "{} is not an address of this machine (see {})".format(
+            address, {"win32": "ipconfig", "darwin": "ifconfig"}.get(platform, "ip addr"))
+    advice = "this machine does not have the address {}; add it with: {}".format(
+        address, _add_address_command(address, platform))
+    if str(address) in METADATA_HOSTS:
+        advice += " (never on an EC2 instance: it would hide the instance's own metadata)"
+    if platform in ("darwin", "win32"):
+        advice += " (Docker Desktop's containers cannot reach it: see CONTAINERS.md)"
+    return advice
+
+
+def _kernel_redirect(address, port, to_port):
+    """The NAT rules that send ``address``:``port`` to ``to_port`` in the kernel, from
+    containers (PREROUTING) and from this host's processes (OUTPUT).  Unlike a
+    userspace forwarder (socat), they keep each client's own source address, which
+    --allow-client and the "this host is always answered" rule depend on."""
+    tool = "ip6tables" if address.version == 6 else "iptables"
+    return " and ".join(
+        "'sudo {} -t nat -A {} -d {} -p tcp --dport {} -j DNAT --to-destination {}'".format(
+            tool, chain, address, port, host_port(str(address), to_port))
+        for chain in ("PREROUTING", "OUTPUT"))
 
 
 def listen_advice(host, port, error, platform=sys.platform):
@@ -4094,21 +4126,30 @@ def listen_advice(host, port, error, platform=sys.platform):
     number = getattr(error, "errno", None)
     address = _ip(host)
     if number in (errno.EADDRNOTAVAIL, 10049) and address is not None:  # 10049: Windows
-        return "this machine does not have the address {}; add it with: {}".format(
-            address, _add_address_command(address, platform))
+        return _address_advice(address, platform)
     if number in (errno.EADDRINUSE, 10048):  # 10048: Windows
         return ("another server, perhaps another s3_localserver, is using that port: "
                 "stop it, or choose a port with -p N, or -p 0 for a free one")
-    if number in (errno.EACCES, 10013) and 0 < port < 1024:
+    # The metadata address is named by its own setting: SDKs refuse it in the full URI.
+    setting = ("AWS_EC2_METADATA_SERVICE_ENDPOINT" if host in METADATA_HOSTS
+               else "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    higher_port = "serve on a port above 1023 and give clients the URI ('--port 8094' and " \
+        "{}=http://{}/)".format(setting, host_port(host, 8094))
+    if number == 10013 or (platform == "win32" and number == errno.EACCES):
+        # Windows has no privileged ports: another program holds this one exclusively
+        # (http.sys, say), or it lies in a range the system keeps.
+        return ("another program holds that port exclusively, or it is reserved (see "
+                "'netsh interface ipv4 show excludedportrange protocol=tcp'): " + higher_port)
+    if number == errno.EACCES and 0 < port < 1024:
         # Never "run the script as root": it would serve with root's files and keys.
-        url_host = "[{}]".format(host) if ":" in host else host
-        ways = ["serve on a port above 1023 and give clients the full URI ('--port 8094' "
-                "and AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{}:8094/)".format(url_host),
-                "put a privileged forwarder on port {0} in front of it ('sudo socat "
-                "TCP-LISTEN:{0},bind={1},fork,reuseaddr TCP:{1}:8094')".format(port, url_host)]
+        ways = [higher_port]
         if platform.startswith("linux"):
             ways.insert(0, "allow them with 'sudo sysctl -w "
                            "net.ipv4.ip_unprivileged_port_start={}'".format(port))
+            if address is not None:
+                ways.insert(1, "serve on port 8094 and redirect port {} to it in the "
+                               "kernel with {}".format(port, _kernel_redirect(address, port,
+                                                                              8094)))
         return "ports below 1024 need privilege: " + ", or ".join(ways)
     return ""
 
@@ -4183,12 +4224,15 @@ def start_server(args, environ, say, files):
                                   idle_timeout=args.idle_timeout)
     except (OSError, OverflowError) as error:
         advice = listen_advice(args.host, args.port, error)
-        raise LocalServerError("cannot listen on {}:{}: {}{}".format(
-            args.host, args.port, getattr(error, "strerror", None) or error,
+        raise LocalServerError("cannot listen on {}: {}{}".format(
+            host_port(args.host, args.port), getattr(error, "strerror", None) or error,
             " (" + advice + ")" if advice else ""))
     if unguarded:
         say("Warning: serving on {} without --auth-token: {} who can reach this port "
-            "gets the credentials".format(args.host, describe_clients(args.allow_client)))
+            "gets the credentials{}".format(
+                args.host, describe_clients(args.allow_client),
+                " (anyone, through a userspace forwarder such as socat in front of it)"
+                if args.allow_client else ""))
     try:
         # The bucket checks do not depend on the credential calls: all at once, so
         # start-up costs the longest round trip, not their sum.

@@ -329,7 +329,7 @@ def test_port_80_refused_names_the_ways(home):
     line = err.strip().splitlines()[-1]
     assert line.startswith("Error: cannot listen on 127.0.0.1:80: Permission denied"), err
     assert "allow them with 'sudo sysctl -w net.ipv4.ip_unprivileged_port_start=80'" in line
-    assert "socat" in line and "AWS_CONTAINER_CREDENTIALS_FULL_URI" in line
+    assert "socat" not in line and "AWS_CONTAINER_CREDENTIALS_FULL_URI" in line
     assert "root" not in line.lower().replace("permission", "")
 
 
@@ -350,12 +350,52 @@ def test_listen_advice_for_port_80():
     error = OSError(errno.EACCES, "Permission denied")
     linux = s.listen_advice("169.254.170.2", 80, error, "linux")
     assert "sudo sysctl -w net.ipv4.ip_unprivileged_port_start=80" in linux
-    assert "TCP-LISTEN:80,bind=169.254.170.2" in linux
-    assert "http://169.254.170.2:8094/" in linux
+    # A userspace forwarder would make every client look local, cancelling --allow-client:
+    # only a kernel redirect, which keeps the client's address, is offered.
+    assert "socat" not in linux and "forwarder" not in linux
+    assert ("'sudo iptables -t nat -A PREROUTING -d 169.254.170.2 -p tcp --dport 80 -j DNAT "
+            "--to-destination 169.254.170.2:8094'") in linux
+    assert "-A OUTPUT -d 169.254.170.2 -p tcp --dport 80" in linux  # this host's processes
+    assert "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://169.254.170.2:8094/" in linux
     assert "sysctl" not in s.listen_advice("169.254.170.2", 80, error, "darwin")
     assert s.listen_advice("127.0.0.1", 8094, error, "linux") == ""  # not a port matter
-    assert "[fd00:ec2::23]:8094" in s.listen_advice("fd00:ec2::23", 80, error, "linux")
+    six = s.listen_advice("fd00:ec2::23", 80, error, "linux")
+    assert "FULL_URI=http://[fd00:ec2::23]:8094/" in six
+    assert "sudo ip6tables -t nat -A PREROUTING -d fd00:ec2::23" in six
+    assert "--to-destination [fd00:ec2::23]:8094" in six
+    # SDKs refuse the metadata address in the full URI: it has its own setting.
+    metadata = s.listen_advice("169.254.169.254", 80, error, "linux")
+    assert "AWS_EC2_METADATA_SERVICE_ENDPOINT=http://169.254.169.254:8094/" in metadata
+    assert "FULL_URI" not in metadata
     assert "--host" in s.listen_advice("no-such.invalid", 80, socket.gaierror(-2, "x"))
+
+
+def test_listen_advice_on_windows_has_no_sudo():
+    # 10013 on Windows: the port is held exclusively or reserved; there are no
+    # privileged ports, no sudo and no socat.
+    advice = s.listen_advice("169.254.170.2", 80, OSError(10013, "forbidden"), "win32")
+    assert "sudo" not in advice and "socat" not in advice and "privilege" not in advice
+    assert "excludedportrange" in advice and "FULL_URI=http://169.254.170.2:8094/" in advice
+    netsh = s.listen_advice("fd00:ec2::23", 80, OSError(10049, "x"), "win32")
+    assert "fd00:ec2::23," in netsh and " ," not in netsh
+
+
+def test_listen_advice_adds_only_the_doors():
+    missing = OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+    typo = s.listen_advice("192.168.1.50", 80, missing, "linux")
+    assert "ip addr add" not in typo and "not an address of this machine" in typo
+    metadata = s.listen_advice("169.254.169.254", 80, missing, "linux")
+    assert "sudo ip addr add 169.254.169.254/32 dev lo" in metadata and "EC2" in metadata
+    assert "EC2" not in s.listen_advice("169.254.170.2", 80, missing, "linux")
+    assert "Docker Desktop" in s.listen_advice("169.254.170.2", 80, missing, "darwin")
+
+
+def test_bind_error_brackets_ipv6(home):
+    if not socket.has_ipv6:
+        pytest.skip("needs IPv6")
+    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "fd00:ec2::99", "-p", "8094"],
+                                fake_keys_env(home))
+    assert code == 1 and "cannot listen on [fd00:ec2::99]:8094:" in err, err
 
 
 # --- pure parts ----------------------------------------------------------------------------
