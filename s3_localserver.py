@@ -2903,6 +2903,8 @@ class AccessRules(object):
     answered besides this host's own processes (empty: every client).
     """
 
+    REDACT_FROM = 8  # characters of the secret path's segment that are never logged
+
     def __init__(self, allowed_hosts=(), token=None, clients=()):
         self.allowed_hosts = frozenset(["localhost"] + [h.lower().strip("[]") for h in
                                                         allowed_hosts])
@@ -2910,6 +2912,10 @@ class AccessRules(object):
         self.clients = tuple(clients)
         # The path that stands for the token (None: there is no token to stand for).
         self.relative_uri = None if token is None else relative_uri(token)
+        # Its first REDACT_FROM characters, then whatever base64url follows.
+        self._secret_re = None if token is None else re.compile(
+            re.escape(self.relative_uri[len(RELATIVE_URI_PREFIX):][:self.REDACT_FROM])
+            + "[A-Za-z0-9_-]*", re.IGNORECASE)
         self._verdicts = {}  # Host header value -> allowed; clients send few distinct ones
         self._client_verdicts = {}  # (client, local) address -> allowed
 
@@ -2948,10 +2954,12 @@ class AccessRules(object):
             path.encode("latin-1", "replace"), self.relative_uri.encode("ascii"))
 
     def redact(self, text):
-        """``text`` without the secret path, which must never reach a log."""
-        if self.relative_uri is not None and self.relative_uri in text:
-            text = text.replace(self.relative_uri, RELATIVE_URI_PREFIX + "<relative-uri>")
-        return text
+        """``text`` without the secret path, which must never reach a log: its secret
+        segment is hidden wherever it appears, in any case, under any prefix, and so is
+        any start of it long enough to narrow a guess (a cut-short line, a typo)."""
+        if self._secret_re is None:
+            return text
+        return self._secret_re.sub("<relative-uri>", text)
 
     def refusal(self, headers, needs_token=True, client=None, local=None):
         """None if the request may proceed, else (status, code, reason)."""
@@ -3246,6 +3254,8 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         # http.server's own errors (bad request line, oversized headers...) as JSON.
         # Its messages quote the request line: keep them short, in the answer and the log.
         self.close_connection = True
+        if message:
+            message = self.server.rules.redact(message)  # before the cut: none of the secret
         if message and len(message) > 200:
             message = message[:200] + "..."
         self.reason = message

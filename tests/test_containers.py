@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import urllib.request
 
@@ -440,15 +441,34 @@ def test_log_never_shows_the_relative_uri():
         def flush(self):
             pass
 
-    server = s.CredentialServer(("127.0.0.1", 0), cache=None, rules=rules, stream=Stream(),
-                                listen=False)
+    server = s.CredentialServer(("127.0.0.1", 0), cache=None, rules=rules, stream=Stream())
+    bare = secret[len("/v2/credentials/"):]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     try:
         server.log_access("172.17.0.2", "GET", "x" * 190 + secret, 200)
         server.log_access("172.17.0.2", "GET", "/", 400, "bad request ('GET {}')".format(secret))
+        # Near misses carry the secret under another prefix, in another case, or cut short.
+        for path in ["/v2/credentials//" + bare, "/v2/credentials/x/../" + bare,
+                     "/v2/credentials/%2e/" + bare, "/V2/credentials/" + bare,
+                     "/v2/credentials/" + bare[:-1], "/" + bare.upper(), "/x" + bare[:8]]:
+            server.log_access("172.17.0.2", "GET", path, 404)
+        # http.server's own error quotes the request line: padded so that a cut at 200
+        # characters would fall inside the secret.
+        with socket.create_connection(server.server_address[:2], timeout=30) as client:
+            client.sendall("GET{} /v2/credentials/{} x HTTP/1.1\r\n\r\n".format(
+                " " * 150, bare).encode("ascii"))
+            answer = client.recv(65536)
+        assert b" 400 " in answer.split(b"\r\n")[0] and bare[:8].encode() not in answer
+        deadline = time.monotonic() + 30
+        while len(lines) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
+        server.shutdown()
         server.server_close()
     text = "".join(lines)
-    assert secret[-20:] not in text and secret[16:30] not in text
+    assert len(lines) == 10, text
+    assert bare[:8].lower() not in text.lower(), text
     assert "<relative-uri>" in text
 
 
