@@ -3304,6 +3304,11 @@ class CredentialServer(http.server.HTTPServer):
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
             % (len(_BUSY_BODY), _BUSY_BODY))
+    _NOT_ALLOWED_BODY = b'{"code": "Forbidden", "message": "client is not in --allow-client"}\n'
+    NOT_ALLOWED = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                   % (len(_NOT_ALLOWED_BODY), _NOT_ALLOWED_BODY))
+    refusal_log_interval = 1.0  # seconds between two refusal lines for one client
 
     def __init__(self, address, cache, rules=None, quiet=False, stream=None, listen=True,
                  max_connections=256, idle_timeout=30.0, metadata=None, region=None):
@@ -3331,6 +3336,8 @@ class CredentialServer(http.server.HTTPServer):
         self._work = queue.Queue()
         self._refusals = queue.Queue(maxsize=32)  # connections waiting for their 503
         self._refuser = None
+        self.clock = time.monotonic
+        self._refusal_lines = {}  # client address -> (time of its last line, lines held back)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         http.server.HTTPServer.__init__(self, address, CredentialHandler, bind_and_activate=False)
@@ -3363,7 +3370,40 @@ class CredentialServer(http.server.HTTPServer):
                 self._deadlines[connection] = None if seconds is None else (
                     time.monotonic() + seconds)
 
+    def refused_at_accept(self, request, client_address):
+        """--allow-client, right after accept: True if the client is refused, then
+        handed to the refuser for its 403, so it never holds one of the
+        max_connections slots.  (Not verify_request: socketserver closes the
+        connections that one refuses, before any answer.)"""
+        if not self.rules.clients:
+            return False
+        try:
+            local = request.getsockname()[0]
+        except OSError:
+            local = None
+        if local is not None and self.rules.client_allowed(client_address[0], local):
+            return False
+        self.log_refusal(client_address[0])
+        self._refuse(request, self.NOT_ALLOWED)
+        return True
+
+    def log_refusal(self, client):
+        """One line per client per refusal_log_interval at most, with the number of
+        refusals not logged since: an excluded client cannot flood the log."""
+        now = self.clock()
+        last, held_back = self._refusal_lines.get(client, (None, 0))
+        if last is not None and now - last < self.refusal_log_interval:
+            self._refusal_lines[client] = (last, held_back + 1)
+            return
+        if len(self._refusal_lines) >= 1024:  # bounded: forget old clients at once
+            self._refusal_lines.clear()
+        self._refusal_lines[client] = (now, 0)
+        self.log_access(client, "-", "-", 403, "client {} is not in --allow-client{}".format(
+            client, " ({} more refused)".format(held_back) if held_back else ""))
+
     def process_request(self, request, client_address):
+        if self.refused_at_accept(request, client_address):
+            return
         with self._deadlines_lock:
             busy = len(self._deadlines) >= self.max_connections
             if not busy:
@@ -3395,12 +3435,12 @@ class CredentialServer(http.server.HTTPServer):
         finally:
             self.shutdown_request(request)
 
-    def _refuse(self, request):
-        """Answer 503 from one small thread that reads the request first (closing on
-        unread data would reset the connection and lose the answer); past a short
-        queue of them, just close."""
+    def _refuse(self, request, answer=None):
+        """Answer ``answer`` (by default the 503) from one small thread that reads the
+        request first (closing on unread data would reset the connection and lose the
+        answer); past a short queue of them, just close."""
         try:
-            self._refusals.put_nowait(request)
+            self._refusals.put_nowait((request, answer or self.BUSY))
         except queue.Full:
             self.shutdown_request(request)
             return
@@ -3411,9 +3451,10 @@ class CredentialServer(http.server.HTTPServer):
 
     def _refuse_queued(self):
         while True:
-            request = self._refusals.get()
-            if request is None:
+            item = self._refusals.get()
+            if item is None:
                 return
+            request, answer = item
             try:
                 request.settimeout(0.5)
                 head = b""
@@ -3425,7 +3466,7 @@ class CredentialServer(http.server.HTTPServer):
             except OSError:
                 pass
             try:
-                request.sendall(self.BUSY)
+                request.sendall(answer)
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -4106,7 +4147,7 @@ def _address_advice(address, platform):
     """What to do when this machine lacks ``address``: add it, but only for the
     container and metadata doors (any other address is more likely a typo)."""
     if str(address) not in CONTAINER_HOSTS + METADATA_HOSTS:
-        return "{} is not an address of this machine (see {})".format(
+        return "{} is not an address of this machine: check --host against '{}'".format(
             address, {"win32": "ipconfig", "darwin": "ifconfig"}.get(platform, "ip addr"))
     advice = "this machine does not have the address {}; add it with: {}".format(
         address, _add_address_command(address, platform))

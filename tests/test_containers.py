@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -236,6 +237,59 @@ def test_metadata_with_allow_client_outside(lab, moto, start, tester_env):
     assert "not in --allow-client" in server.output
 
 
+# Opens N connections to host:port, sends nothing on them, says "ready", holds them.
+HOG = ("import socket, sys, time\n"
+       "held = [socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)\n"
+       "        for _ in range(int(sys.argv[3]))]\n"
+       "print('ready', flush=True)\n"
+       "time.sleep(120)\n")
+
+
+def test_refused_clients_hold_no_connection_slot(lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate",
+                   "--allow-client", "10.99.0.0/16", "--max-connections", "4")
+    door = door_settings(server)
+    port = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/")
+    hog = subprocess.Popen(["ip", "netns", "exec", lab.ns.name, sys.executable, "-c", HOG,
+                            DOOR, port, "20"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert hog.stdout.readline().strip() == b"ready"
+        # An allowed client (this host) is answered while the refused one holds 20 sockets.
+        request = urllib.request.Request(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], headers={
+            "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+        with urllib.request.urlopen(request, timeout=20) as answer:
+            served = json.loads(answer.read().decode())
+        server.secrets += [served["SecretAccessKey"], served["Token"]]
+    finally:
+        hog.kill()
+        hog.wait()
+    assert "too many connections" not in server.output
+    # One refusal line per client per second at most, not one per connection.
+    refusals = [line for line in server.lines if "not in --allow-client" in line]
+    assert 1 <= len(refusals) < 20, server.output
+
+
+def test_relative_uri_skips_no_check(lab, moto, start, tester_env):
+    token = "relative-checks-" + os.urandom(8).hex()
+    outside = serve(start, moto, tester_env, DOOR, 80, "--auth-token", token,
+                    "--allow-client", "10.99.0.0/16")
+    relative = door_settings(outside)["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"]
+    url = "http://{}{}".format(DOOR, relative)
+    status, body = lab.fetch(url)
+    assert status == 403 and "AccessKeyId" not in body
+    assert outside.finish() == 0
+    inside = serve(start, moto, tester_env, DOOR, 80, "--auth-token", token,
+                   "--allow-client", lab.ns.network)
+    door_settings(inside)
+    for headers in ({"Origin": "http://evil.example"}, {"Host": "evil.example"},
+                    {"X-Forwarded-For": "10.0.0.1"}):
+        status, body = lab.fetch(url, headers)
+        assert status == 403 and "AccessKeyId" not in body, headers
+    status, body = lab.fetch(url)
+    assert status == 200 and "AccessKeyId" in body
+    inside.secrets += [json.loads(body)["SecretAccessKey"]]
+
+
 # --- Docker Desktop's route: host.docker.internal and instance metadata ----------------
 
 def test_host_docker_internal_through_metadata(lab, moto, start, tester_env):
@@ -293,13 +347,18 @@ def fake_keys_env(home):
 
 
 def test_address_not_on_this_host_names_the_command(home):
-    # 169.254.170.99 is on no interface here (the lab above adds only .2).
-    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "169.254.170.99", "-p",
+    # 169.254.170.23 (a container door) is on no interface here (the lab adds only .2);
+    # 169.254.170.99 is no door: no command to add it, which a typo would follow.
+    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "169.254.170.23", "-p",
                                  "8094"], fake_keys_env(home))
     assert code == 1
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("Error: cannot listen on 169.254.170.99:8094: "), err
-    assert "sudo ip addr add 169.254.170.99/32 dev lo" in lines[-1]
+    assert lines[-1].startswith("Error: cannot listen on 169.254.170.23:8094: "), err
+    assert "sudo ip addr add 169.254.170.23/32 dev lo" in lines[-1]
+    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "169.254.170.99", "-p",
+                                 "8094"], fake_keys_env(home))
+    assert code == 1 and "ip addr add" not in err
+    assert "169.254.170.99 is not an address of this machine: check --host" in err
     assert "Traceback" not in err
 
 
@@ -470,6 +529,37 @@ def test_log_never_shows_the_relative_uri():
     assert len(lines) == 10, text
     assert bare[:8].lower() not in text.lower(), text
     assert "<relative-uri>" in text
+
+
+def test_refusal_lines_are_rate_limited_per_client():
+    lines = []
+
+    class Stream(object):
+        def write(self, text):
+            lines.append(text)
+
+        def flush(self):
+            pass
+
+    rules = s.AccessRules(token="t", clients=[s.client_network("10.99.0.0/16")])
+    server = s.CredentialServer(("127.0.0.1", 0), cache=None, rules=rules, stream=Stream(),
+                                listen=False)
+    now = [100.0]
+    server.clock = lambda: now[0]
+    try:
+        for _ in range(5):
+            server.log_refusal("172.17.0.5")
+        server.log_refusal("172.17.0.6")  # another client has its own allowance
+        now[0] += 1.5
+        server.log_refusal("172.17.0.5")
+        for number in range(3000):  # many clients: the memory stays bounded
+            server.log_refusal("10.1.{}.{}".format(number // 250, number % 250))
+    finally:
+        server.server_close()
+    assert len(server._refusal_lines) <= 1024
+    mine = [line for line in lines if " 172.17.0.5 " in line]
+    assert len(mine) == 2 and "(4 more refused)" in mine[1], mine
+    assert len([line for line in lines if " 172.17.0.6 " in line]) == 1
 
 
 @pytest.mark.parametrize("value", ["not-a-network", "172.17.0.0/33", ""])
