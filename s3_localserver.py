@@ -3082,6 +3082,8 @@ class AccessRules(object):
     answered besides this host's own processes (empty: every client).
     """
 
+    REDACT_FROM = 8  # characters of the secret path's segment that are never logged
+
     def __init__(self, allowed_hosts=(), token=None, clients=()):
         self.allowed_hosts = frozenset(["localhost"] + [h.lower().strip("[]") for h in
                                                         allowed_hosts])
@@ -3089,6 +3091,10 @@ class AccessRules(object):
         self.clients = tuple(clients)
         # The path that stands for the token (None: there is no token to stand for).
         self.relative_uri = None if token is None else relative_uri(token)
+        # Its first REDACT_FROM characters, then whatever base64url follows.
+        self._secret_re = None if token is None else re.compile(
+            re.escape(self.relative_uri[len(RELATIVE_URI_PREFIX):][:self.REDACT_FROM])
+            + "[A-Za-z0-9_-]*", re.IGNORECASE)
         self._verdicts = {}  # Host header value -> allowed; clients send few distinct ones
         self._client_verdicts = {}  # (client, local) address -> allowed
 
@@ -3127,10 +3133,12 @@ class AccessRules(object):
             path.encode("latin-1", "replace"), self.relative_uri.encode("ascii"))
 
     def redact(self, text):
-        """``text`` without the secret path, which must never reach a log."""
-        if self.relative_uri is not None and self.relative_uri in text:
-            text = text.replace(self.relative_uri, RELATIVE_URI_PREFIX + "<relative-uri>")
-        return text
+        """``text`` without the secret path, which must never reach a log: its secret
+        segment is hidden wherever it appears, in any case, under any prefix, and so is
+        any start of it long enough to narrow a guess (a cut-short line, a typo)."""
+        if self._secret_re is None:
+            return text
+        return self._secret_re.sub("<relative-uri>", text)
 
     def refusal(self, headers, needs_token=True, client=None, local=None):
         """None if the request may proceed, else (status, code, reason)."""
@@ -3453,6 +3461,8 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         # http.server's own errors (bad request line, oversized headers...) as JSON.
         # Its messages quote the request line: keep them short, in the answer and the log.
         self.close_connection = True
+        if message:
+            message = self.server.rules.redact(message)  # before the cut: none of the secret
         if message and len(message) > 200:
             message = message[:200] + "..."
         self.reason = message
@@ -3503,6 +3513,11 @@ class CredentialServer(http.server.HTTPServer):
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
             % (len(_BUSY_BODY), _BUSY_BODY))
+    _NOT_ALLOWED_BODY = b'{"code": "Forbidden", "message": "client is not in --allow-client"}\n'
+    NOT_ALLOWED = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                   % (len(_NOT_ALLOWED_BODY), _NOT_ALLOWED_BODY))
+    refusal_log_interval = 1.0  # seconds between two refusal lines for one client
 
     def __init__(self, address, cache, rules=None, quiet=False, stream=None, listen=True,
                  max_connections=256, idle_timeout=30.0, metadata=None, region=None,
@@ -3541,6 +3556,8 @@ class CredentialServer(http.server.HTTPServer):
         self.passed = bool(sockets)
         self.extra_sockets = list(sockets[1:]) if sockets else []
         self._closing = threading.Event()  # tells the extra sockets' threads to end
+        self.monotonic = time.monotonic  # for the refusal lines; injectable
+        self._refusal_lines = {}  # client address -> (time of its last line, lines held back)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         http.server.HTTPServer.__init__(self, address, CredentialHandler, bind_and_activate=False)
@@ -3613,7 +3630,40 @@ class CredentialServer(http.server.HTTPServer):
                 self._deadlines[connection] = None if seconds is None else (
                     time.monotonic() + seconds)
 
+    def refused_at_accept(self, request, client_address):
+        """--allow-client, right after accept: True if the client is refused, then
+        handed to the refuser for its 403, so it never holds one of the
+        max_connections slots.  (Not verify_request: socketserver closes the
+        connections that one refuses, before any answer.)"""
+        if not self.rules.clients:
+            return False
+        try:
+            local = request.getsockname()[0]
+        except OSError:
+            local = None
+        if local is not None and self.rules.client_allowed(client_address[0], local):
+            return False
+        self.log_refusal(client_address[0])
+        self._refuse(request, self.NOT_ALLOWED)
+        return True
+
+    def log_refusal(self, client):
+        """One line per client per refusal_log_interval at most, with the number of
+        refusals not logged since: an excluded client cannot flood the log."""
+        now = self.monotonic()
+        last, held_back = self._refusal_lines.get(client, (None, 0))
+        if last is not None and now - last < self.refusal_log_interval:
+            self._refusal_lines[client] = (last, held_back + 1)
+            return
+        if len(self._refusal_lines) >= 1024:  # bounded: forget old clients at once
+            self._refusal_lines.clear()
+        self._refusal_lines[client] = (now, 0)
+        self.log_access(client, "-", "-", 403, "client {} is not in --allow-client{}".format(
+            client, " ({} more refused)".format(held_back) if held_back else ""))
+
     def process_request(self, request, client_address):
+        if self.refused_at_accept(request, client_address):
+            return
         with self._deadlines_lock:
             busy = len(self._deadlines) >= self.max_connections
             if not busy:
@@ -3647,14 +3697,14 @@ class CredentialServer(http.server.HTTPServer):
         finally:
             self.shutdown_request(request)
 
-    def _refuse(self, request):
-        """Answer 503 from one small thread that reads the request first (closing on
-        unread data would reset the connection and lose the answer).  It reads every
-        refused connection at once, each for at most ``refuse_wait`` seconds however
-        slowly it sends, so none holds up another; past ``max_refusing`` of them, just
-        close."""
+    def _refuse(self, request, answer=None):
+        """Answer ``answer`` (by default the 503) from one small thread that reads the
+        request first (closing on unread data would reset the connection and lose the
+        answer).  It reads every refused connection at once, each for at most
+        ``refuse_wait`` seconds however slowly it sends, so none holds up another; past
+        ``max_refusing`` of them, just close."""
         try:
-            self._refusals.put_nowait(request)
+            self._refusals.put_nowait((request, answer or self.BUSY))
         except queue.Full:
             self.shutdown_request(request)
             return
@@ -3667,23 +3717,26 @@ class CredentialServer(http.server.HTTPServer):
         reading = {}  # connection -> [deadline (monotonic), last 3 bytes, bytes read]
         with selectors.DefaultSelector() as selector:
             while True:
-                # Take in the new ones; wait for one only with none in hand.
-                while True:
+                # Take in the new ones, up to max_refusing in hand (those queued behind
+                # wait their turn, and the queue is bounded too); wait for one only with
+                # none in hand.
+                while len(reading) < self.max_refusing:
                     try:
-                        request = self._refusals.get(block=not reading)
+                        item = self._refusals.get(block=not reading)
                     except queue.Empty:
                         break
-                    if request is None:
+                    if item is None:
                         for request in list(reading):
                             self.shutdown_request(request)
                         return
+                    request, answer = item
                     try:
                         request.setblocking(False)
                         selector.register(request, selectors.EVENT_READ)
                     except (OSError, ValueError):
                         self.shutdown_request(request)
                         continue
-                    reading[request] = [time.monotonic() + self.refuse_wait, b"", 0]
+                    reading[request] = [time.monotonic() + self.refuse_wait, b"", 0, answer]
                 # A short wait, so connections refused meanwhile are taken in soon.
                 for key, _ in selector.select(0.05):
                     state = reading[key.fileobj]
@@ -3694,16 +3747,16 @@ class CredentialServer(http.server.HTTPServer):
                     except OSError:
                         chunk = b""
                     seen = state[1] + chunk
-                    state[1:] = [seen[-3:], state[2] + len(chunk)]
+                    state[1:3] = [seen[-3:], state[2] + len(chunk)]
                     if not chunk or b"\r\n\r\n" in seen or state[2] >= 65536:
                         state[0] = 0  # the whole head is in (or never will be): answer
                 now = time.monotonic()
                 for request in [done for done, state in reading.items() if state[0] <= now]:
-                    del reading[request]
+                    answer = reading.pop(request)[3]
                     selector.unregister(request)
                     try:
                         request.settimeout(0.5)  # the answer fits any socket buffer
-                        request.sendall(self.BUSY)
+                        request.sendall(answer)
                     except OSError:
                         pass
                     self.shutdown_request(request)
@@ -4933,11 +4986,43 @@ def _add_address_command(address, platform):
         return "sudo ifconfig lo0 {}alias {}".format(
             "inet6 " if address.version == 6 else "", address)
     if platform == "win32":
-        return ('netsh interface {} add address "NAME" {} {}, as administrator, NAME being '
+        return ('netsh interface {} add address "NAME" {}{}, as administrator, NAME being '
                 'an adapter from: netsh interface show interface').format(
                     "ipv6" if address.version == 6 else "ipv4", address,
-                    "" if address.version == 6 else "255.255.255.255")
+                    "" if address.version == 6 else " 255.255.255.255")
     return "add {} to an interface of this machine".format(address)
+
+
+def host_port(host, port):
+    """'host:port', with an IPv6 address in brackets."""
+    return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
+
+
+def _address_advice(address, platform):
+    """What to do when this machine lacks ``address``: add it, but only for the
+    container and metadata doors (any other address is more likely a typo)."""
+    if str(address) not in CONTAINER_HOSTS + METADATA_HOSTS:
+        return "{} is not an address of this machine: check --host against '{}'".format(
+            address, {"win32": "ipconfig", "darwin": "ifconfig"}.get(platform, "ip addr"))
+    advice = "this machine does not have the address {}; add it with: {}".format(
+        address, _add_address_command(address, platform))
+    if str(address) in METADATA_HOSTS:
+        advice += " (never on an EC2 instance: it would hide the instance's own metadata)"
+    if platform in ("darwin", "win32"):
+        advice += " (Docker Desktop's containers cannot reach it: see CONTAINERS.md)"
+    return advice
+
+
+def _kernel_redirect(address, port, to_port):
+    """The NAT rules that send ``address``:``port`` to ``to_port`` in the kernel, from
+    containers (PREROUTING) and from this host's processes (OUTPUT).  Unlike a
+    userspace forwarder (socat), they keep each client's own source address, which
+    --allow-client and the "this host is always answered" rule depend on."""
+    tool = "ip6tables" if address.version == 6 else "iptables"
+    return " and ".join(
+        "'sudo {} -t nat -A {} -d {} -p tcp --dport {} -j DNAT --to-destination {}'".format(
+            tool, chain, address, port, host_port(str(address), to_port))
+        for chain in ("PREROUTING", "OUTPUT"))
 
 
 def listen_advice(host, port, error, platform=sys.platform):
@@ -4947,21 +5032,30 @@ def listen_advice(host, port, error, platform=sys.platform):
     number = getattr(error, "errno", None)
     address = _ip(host)
     if number in (errno.EADDRNOTAVAIL, 10049) and address is not None:  # 10049: Windows
-        return "this machine does not have the address {}; add it with: {}".format(
-            address, _add_address_command(address, platform))
+        return _address_advice(address, platform)
     if number in (errno.EADDRINUSE, 10048):  # 10048: Windows
         return ("another server, perhaps another s3_localserver, is using that port: "
                 "stop it, or choose a port with -p N, or -p 0 for a free one")
-    if number in (errno.EACCES, 10013) and 0 < port < 1024:
+    # The metadata address is named by its own setting: SDKs refuse it in the full URI.
+    setting = ("AWS_EC2_METADATA_SERVICE_ENDPOINT" if host in METADATA_HOSTS
+               else "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    higher_port = "serve on a port above 1023 and give clients the URI ('--port 8094' and " \
+        "{}=http://{}/)".format(setting, host_port(host, 8094))
+    if number == 10013 or (platform == "win32" and number == errno.EACCES):
+        # Windows has no privileged ports: another program holds this one exclusively
+        # (http.sys, say), or it lies in a range the system keeps.
+        return ("another program holds that port exclusively, or it is reserved (see "
+                "'netsh interface ipv4 show excludedportrange protocol=tcp'): " + higher_port)
+    if number == errno.EACCES and 0 < port < 1024:
         # Never "run the script as root": it would serve with root's files and keys.
-        url_host = "[{}]".format(host) if ":" in host else host
-        ways = ["serve on a port above 1023 and give clients the full URI ('--port 8094' "
-                "and AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{}:8094/)".format(url_host),
-                "put a privileged forwarder on port {0} in front of it ('sudo socat "
-                "TCP-LISTEN:{0},bind={1},fork,reuseaddr TCP:{1}:8094')".format(port, url_host)]
+        ways = [higher_port]
         if platform.startswith("linux"):
             ways.insert(0, "allow them with 'sudo sysctl -w "
                            "net.ipv4.ip_unprivileged_port_start={}'".format(port))
+            if address is not None:
+                ways.insert(1, "serve on port 8094 and redirect port {} to it in the "
+                               "kernel with {}".format(port, _kernel_redirect(address, port,
+                                                                              8094)))
         return "ports below 1024 need privilege: " + ", or ".join(ways)
     return ""
 
@@ -5037,12 +5131,15 @@ def start_server(args, environ, say, files, sockets=None):
                                   idle_timeout=args.idle_timeout, sockets=sockets)
     except (OSError, OverflowError) as error:
         advice = listen_advice(args.host, args.port, error)
-        raise LocalServerError("cannot listen on {}:{}: {}{}".format(
-            args.host, args.port, getattr(error, "strerror", None) or error,
+        raise LocalServerError("cannot listen on {}: {}{}".format(
+            host_port(args.host, args.port), getattr(error, "strerror", None) or error,
             " (" + advice + ")" if advice else ""))
     if unguarded:
         say("Warning: serving on {} without --auth-token: {} who can reach this port "
-            "gets the credentials".format(exposed[0], describe_clients(args.allow_client)))
+            "gets the credentials{}".format(
+                exposed[0], describe_clients(args.allow_client),
+                " (anyone, through a userspace forwarder such as socat in front of it)"
+                if args.allow_client else ""))
     try:
         # The bucket checks do not depend on the credential calls: all at once, so
         # start-up costs the longest round trip, not their sum.

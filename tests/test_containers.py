@@ -13,7 +13,9 @@ import fcntl
 import json
 import os
 import socket
+import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -235,6 +237,59 @@ def test_metadata_with_allow_client_outside(lab, moto, start, tester_env):
     assert "not in --allow-client" in server.output
 
 
+# Opens N connections to host:port, sends nothing on them, says "ready", holds them.
+HOG = ("import socket, sys, time\n"
+       "held = [socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)\n"
+       "        for _ in range(int(sys.argv[3]))]\n"
+       "print('ready', flush=True)\n"
+       "time.sleep(120)\n")
+
+
+def test_refused_clients_hold_no_connection_slot(lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate",
+                   "--allow-client", "10.99.0.0/16", "--max-connections", "4")
+    door = door_settings(server)
+    port = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/")
+    hog = subprocess.Popen(["ip", "netns", "exec", lab.ns.name, sys.executable, "-c", HOG,
+                            DOOR, port, "20"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert hog.stdout.readline().strip() == b"ready"
+        # An allowed client (this host) is answered while the refused one holds 20 sockets.
+        request = urllib.request.Request(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], headers={
+            "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+        with urllib.request.urlopen(request, timeout=20) as answer:
+            served = json.loads(answer.read().decode())
+        server.secrets += [served["SecretAccessKey"], served["Token"]]
+    finally:
+        hog.kill()
+        hog.wait()
+    assert "too many connections" not in server.output
+    # One refusal line per client per second at most, not one per connection.
+    refusals = [line for line in server.lines if "not in --allow-client" in line]
+    assert 1 <= len(refusals) < 20, server.output
+
+
+def test_relative_uri_skips_no_check(lab, moto, start, tester_env):
+    token = "relative-checks-" + os.urandom(8).hex()
+    outside = serve(start, moto, tester_env, DOOR, 80, "--auth-token", token,
+                    "--allow-client", "10.99.0.0/16")
+    relative = door_settings(outside)["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"]
+    url = "http://{}{}".format(DOOR, relative)
+    status, body = lab.fetch(url)
+    assert status == 403 and "AccessKeyId" not in body
+    assert outside.finish() == 0
+    inside = serve(start, moto, tester_env, DOOR, 80, "--auth-token", token,
+                   "--allow-client", lab.ns.network)
+    door_settings(inside)
+    for headers in ({"Origin": "http://evil.example"}, {"Host": "evil.example"},
+                    {"X-Forwarded-For": "10.0.0.1"}):
+        status, body = lab.fetch(url, headers)
+        assert status == 403 and "AccessKeyId" not in body, headers
+    status, body = lab.fetch(url)
+    assert status == 200 and "AccessKeyId" in body
+    inside.secrets += [json.loads(body)["SecretAccessKey"]]
+
+
 # --- Docker Desktop's route: host.docker.internal and instance metadata ----------------
 
 def test_host_docker_internal_through_metadata(lab, moto, start, tester_env):
@@ -292,13 +347,18 @@ def fake_keys_env(home):
 
 
 def test_address_not_on_this_host_names_the_command(home):
-    # 169.254.170.99 is on no interface here (the lab above adds only .2).
-    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "169.254.170.99", "-p",
+    # 169.254.170.23 (a container door) is on no interface here (the lab adds only .2);
+    # 169.254.170.99 is no door: no command to add it, which a typo would follow.
+    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "169.254.170.23", "-p",
                                  "8094"], fake_keys_env(home))
     assert code == 1
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("Error: cannot listen on 169.254.170.99:8094: "), err
-    assert "sudo ip addr add 169.254.170.99/32 dev lo" in lines[-1]
+    assert lines[-1].startswith("Error: cannot listen on 169.254.170.23:8094: "), err
+    assert "sudo ip addr add 169.254.170.23/32 dev lo" in lines[-1]
+    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "169.254.170.99", "-p",
+                                 "8094"], fake_keys_env(home))
+    assert code == 1 and "ip addr add" not in err
+    assert "169.254.170.99 is not an address of this machine: check --host" in err
     assert "Traceback" not in err
 
 
@@ -329,7 +389,7 @@ def test_port_80_refused_names_the_ways(home):
     line = err.strip().splitlines()[-1]
     assert line.startswith("Error: cannot listen on 127.0.0.1:80: Permission denied"), err
     assert "allow them with 'sudo sysctl -w net.ipv4.ip_unprivileged_port_start=80'" in line
-    assert "socat" in line and "AWS_CONTAINER_CREDENTIALS_FULL_URI" in line
+    assert "socat" not in line and "AWS_CONTAINER_CREDENTIALS_FULL_URI" in line
     assert "root" not in line.lower().replace("permission", "")
 
 
@@ -350,12 +410,52 @@ def test_listen_advice_for_port_80():
     error = OSError(errno.EACCES, "Permission denied")
     linux = s.listen_advice("169.254.170.2", 80, error, "linux")
     assert "sudo sysctl -w net.ipv4.ip_unprivileged_port_start=80" in linux
-    assert "TCP-LISTEN:80,bind=169.254.170.2" in linux
-    assert "http://169.254.170.2:8094/" in linux
+    # A userspace forwarder would make every client look local, cancelling --allow-client:
+    # only a kernel redirect, which keeps the client's address, is offered.
+    assert "socat" not in linux and "forwarder" not in linux
+    assert ("'sudo iptables -t nat -A PREROUTING -d 169.254.170.2 -p tcp --dport 80 -j DNAT "
+            "--to-destination 169.254.170.2:8094'") in linux
+    assert "-A OUTPUT -d 169.254.170.2 -p tcp --dport 80" in linux  # this host's processes
+    assert "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://169.254.170.2:8094/" in linux
     assert "sysctl" not in s.listen_advice("169.254.170.2", 80, error, "darwin")
     assert s.listen_advice("127.0.0.1", 8094, error, "linux") == ""  # not a port matter
-    assert "[fd00:ec2::23]:8094" in s.listen_advice("fd00:ec2::23", 80, error, "linux")
+    six = s.listen_advice("fd00:ec2::23", 80, error, "linux")
+    assert "FULL_URI=http://[fd00:ec2::23]:8094/" in six
+    assert "sudo ip6tables -t nat -A PREROUTING -d fd00:ec2::23" in six
+    assert "--to-destination [fd00:ec2::23]:8094" in six
+    # SDKs refuse the metadata address in the full URI: it has its own setting.
+    metadata = s.listen_advice("169.254.169.254", 80, error, "linux")
+    assert "AWS_EC2_METADATA_SERVICE_ENDPOINT=http://169.254.169.254:8094/" in metadata
+    assert "FULL_URI" not in metadata
     assert "--host" in s.listen_advice("no-such.invalid", 80, socket.gaierror(-2, "x"))
+
+
+def test_listen_advice_on_windows_has_no_sudo():
+    # 10013 on Windows: the port is held exclusively or reserved; there are no
+    # privileged ports, no sudo and no socat.
+    advice = s.listen_advice("169.254.170.2", 80, OSError(10013, "forbidden"), "win32")
+    assert "sudo" not in advice and "socat" not in advice and "privilege" not in advice
+    assert "excludedportrange" in advice and "FULL_URI=http://169.254.170.2:8094/" in advice
+    netsh = s.listen_advice("fd00:ec2::23", 80, OSError(10049, "x"), "win32")
+    assert "fd00:ec2::23," in netsh and " ," not in netsh
+
+
+def test_listen_advice_adds_only_the_doors():
+    missing = OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+    typo = s.listen_advice("192.168.1.50", 80, missing, "linux")
+    assert "ip addr add" not in typo and "not an address of this machine" in typo
+    metadata = s.listen_advice("169.254.169.254", 80, missing, "linux")
+    assert "sudo ip addr add 169.254.169.254/32 dev lo" in metadata and "EC2" in metadata
+    assert "EC2" not in s.listen_advice("169.254.170.2", 80, missing, "linux")
+    assert "Docker Desktop" in s.listen_advice("169.254.170.2", 80, missing, "darwin")
+
+
+def test_bind_error_brackets_ipv6(home):
+    if not socket.has_ipv6:
+        pytest.skip("needs IPv6")
+    code, out, err = run_script([BUCKET, "-d", "1h", "--host", "fd00:ec2::99", "-p", "8094"],
+                                fake_keys_env(home))
+    assert code == 1 and "cannot listen on [fd00:ec2::99]:8094:" in err, err
 
 
 # --- pure parts ----------------------------------------------------------------------------
@@ -400,16 +500,66 @@ def test_log_never_shows_the_relative_uri():
         def flush(self):
             pass
 
-    server = s.CredentialServer(("127.0.0.1", 0), cache=None, rules=rules, stream=Stream(),
-                                listen=False)
+    server = s.CredentialServer(("127.0.0.1", 0), cache=None, rules=rules, stream=Stream())
+    bare = secret[len("/v2/credentials/"):]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     try:
         server.log_access("172.17.0.2", "GET", "x" * 190 + secret, 200)
         server.log_access("172.17.0.2", "GET", "/", 400, "bad request ('GET {}')".format(secret))
+        # Near misses carry the secret under another prefix, in another case, or cut short.
+        for path in ["/v2/credentials//" + bare, "/v2/credentials/x/../" + bare,
+                     "/v2/credentials/%2e/" + bare, "/V2/credentials/" + bare,
+                     "/v2/credentials/" + bare[:-1], "/" + bare.upper(), "/x" + bare[:8]]:
+            server.log_access("172.17.0.2", "GET", path, 404)
+        # http.server's own error quotes the request line: padded so that a cut at 200
+        # characters would fall inside the secret.
+        with socket.create_connection(server.server_address[:2], timeout=30) as client:
+            client.sendall("GET{} /v2/credentials/{} x HTTP/1.1\r\n\r\n".format(
+                " " * 150, bare).encode("ascii"))
+            answer = client.recv(65536)
+        assert b" 400 " in answer.split(b"\r\n")[0] and bare[:8].encode() not in answer
+        deadline = time.monotonic() + 30
+        while len(lines) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
+        server.shutdown()
         server.server_close()
     text = "".join(lines)
-    assert secret[-20:] not in text and secret[16:30] not in text
+    assert len(lines) == 10, text
+    assert bare[:8].lower() not in text.lower(), text
     assert "<relative-uri>" in text
+
+
+def test_refusal_lines_are_rate_limited_per_client():
+    lines = []
+
+    class Stream(object):
+        def write(self, text):
+            lines.append(text)
+
+        def flush(self):
+            pass
+
+    rules = s.AccessRules(token="t", clients=[s.client_network("10.99.0.0/16")])
+    server = s.CredentialServer(("127.0.0.1", 0), cache=None, rules=rules, stream=Stream(),
+                                listen=False)
+    now = [100.0]
+    server.monotonic = lambda: now[0]
+    try:
+        for _ in range(5):
+            server.log_refusal("172.17.0.5")
+        server.log_refusal("172.17.0.6")  # another client has its own allowance
+        now[0] += 1.5
+        server.log_refusal("172.17.0.5")
+        for number in range(3000):  # many clients: the memory stays bounded
+            server.log_refusal("10.1.{}.{}".format(number // 250, number % 250))
+    finally:
+        server.server_close()
+    assert len(server._refusal_lines) <= 1024
+    mine = [line for line in lines if " 172.17.0.5 " in line]
+    assert len(mine) == 2 and "(4 more refused)" in mine[1], mine
+    assert len([line for line in lines if " 172.17.0.6 " in line]) == 1
 
 
 @pytest.mark.parametrize("value", ["not-a-network", "172.17.0.0/33", ""])
