@@ -100,7 +100,7 @@ class SecretRegistry(object):
     (the served sets of a long run add up), and values shorter than ``shortest``
     are not secrets worth the mangled text (test stand-ins' 's' and 't')."""
 
-    limit = 1024
+    limit = 4096  # spellings: about 1,000 secrets
     shortest = 8
     MARK = "[redacted]"
 
@@ -109,12 +109,25 @@ class SecretRegistry(object):
         self._known = collections.OrderedDict()  # secret -> None, oldest first
         self._longest_first = ()  # what redact() looks for: a token before any part of it
 
-    def add(self, *values):
+    @staticmethod
+    def spellings(value):
+        """``value`` as error text may quote it: raw, URL-encoded (a query string's
+        canonical request) and with JSON's optional escaped slash.  Keys and tokens
+        hold '/', '+' and '='."""
+        return {value, urllib.parse.quote(value, safe=""), urllib.parse.quote(value),
+                value.replace("/", "\\/")}
+
+    def add(self, *values, **options):
+        """Register secrets; ``any_length=True`` for one the user chose (the auth
+        token), which is kept out of every text however short it is."""
+        shortest = 1 if options.get("any_length") else self.shortest
         with self._lock:
             for value in values:
-                if isinstance(value, str) and len(value) >= self.shortest:
-                    self._known.pop(value, None)
-                    self._known[value] = None
+                if not isinstance(value, str) or len(value) < shortest:
+                    continue
+                for spelling in self.spellings(value):
+                    self._known.pop(spelling, None)
+                    self._known[spelling] = None
             while len(self._known) > self.limit:
                 self._known.popitem(last=False)
             # Sorted here, once a refresh, not at every log line.
@@ -4671,7 +4684,7 @@ def resolve_auth_token(args, environ):
     if token is not None and (not token or token != token.strip() or "\n" in token):
         raise LocalServerError("the auth token must be non-empty, on one line, without "
                                "leading or trailing spaces")
-    SECRETS.add(token)
+    SECRETS.add(token, any_length=True)
     return token, (origin if token is not None else None)
 
 

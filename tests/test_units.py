@@ -440,3 +440,17 @@ def test_secret_registry_redacts_longest_first_and_keeps_the_newest():
         "x [redacted] y [redacted] short")  # under 8 characters: no secret worth mangling
     registry.add("second-secret", "third-secret")
     assert registry.redact("token-abcdefgh third-secret") == "token-[redacted] [redacted]"
+
+
+def test_secret_registry_redacts_every_spelling_and_short_auth_tokens():
+    """AWS may quote a token URL-encoded (a query string's canonical request) or with
+    JSON's escaped slashes; a user's auth token is kept out however short it is."""
+    registry = s.SecretRegistry()
+    token = "FwoGZXIvYXdzEJr//////////wEaDM+abc/def=="
+    registry.add(token)
+    registry.add("short7x", any_length=True)
+    registry.add("tiny")  # not the user's token: too short to be worth mangling text
+    from urllib.parse import quote
+    for spelling in (token, quote(token, safe=""), quote(token), token.replace("/", "\\/")):
+        assert registry.redact("a {} b".format(spelling)) == "a [redacted] b"
+    assert registry.redact("auth short7x tiny") == "auth [redacted] tiny"
