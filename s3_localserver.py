@@ -1889,13 +1889,16 @@ def _credentials_from_json(body, what, keys=("AccessKeyId", "SecretAccessKey", "
         data = json.loads(body.decode("utf-8"))
         # Key and secret are required; a token and an expiry only for temporary ones.
         values = [data[keys[0]], data[keys[1]], data.get(keys[2]), data.get(keys[3])]
+        if not all(isinstance(value, str) and value for value in values[:2]) or \
+                not isinstance(values[2], (str, type(None))):
+            raise ValueError("keys and token are text")  # they go into signatures
         expiration = values[3]
         if isinstance(expiration, (int, float)):
             expiration = expiration / 1000.0  # the SSO portal says epoch milliseconds
         elif expiration:
             expiration = parse_timestamp(expiration.replace("UTC", "Z"))
         return Credentials(values[0], values[1], values[2], expiration or None)
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
         raise LocalServerError("{} answered without usable credentials".format(what))
 
 
@@ -2090,16 +2093,20 @@ def _write_json_atomically(path, data):
     """Replace ``path`` at once (a temp file in the same directory, then a rename), so
     the CLI reading it alongside never sees half a file."""
     import tempfile  # only for SSO and `aws login` token refreshes
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             json.dump(data, out)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before it takes the old file's place
         os.replace(temporary, path)
     except OSError as error:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
+        if temporary is not None:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
         raise LocalServerError("cannot write {}: {}".format(path, error.strerror or error))
 
 
@@ -2195,6 +2202,12 @@ def sso_source(files, name, settings, context):
 
 # `aws login` sessions, as botocore's LoginProvider and LoginCredentialFetcher keep them.
 _LOG_IN_AGAIN_ERRORS = ("TOKEN_EXPIRED", "USER_CREDENTIALS_CHANGED")
+# The sign-in service's OAuth2ErrorCode values (botocore's data/signin model).
+_LOGIN_ERROR_CODES = frozenset(_LOG_IN_AGAIN_ERRORS + (
+    "INSUFFICIENT_PERMISSIONS", "AUTHCODE_EXPIRED", "server_error", "INVALID_REQUEST",
+    "RESOURCE_NOT_FOUND", "CONFLICT", "SERVICE_QUOTA_EXCEEDED", "unsupported_grant_type",
+    "invalid_request", "invalid_grant", "invalid_scope", "invalid_target", "rate_exceeded",
+    "service_unavailable"))
 
 
 def login_cache_file(session, environ):
@@ -2220,7 +2233,7 @@ def refresh_login_token(cached, url, now, opener, jti, again):
     if 400 <= status < 500:
         try:
             error = json.loads(answer.decode("utf-8")).get("error")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             error = None
         if error in _LOG_IN_AGAIN_ERRORS:
             raise LocalServerError("the aws login session has expired or its credentials "
@@ -2228,7 +2241,8 @@ def refresh_login_token(cached, url, now, opener, jti, again):
         if error == "INSUFFICIENT_PERMISSIONS":
             raise LocalServerError("the sign-in service refused to refresh the aws login "
                                    "session: the login lacks signin:CreateOAuth2Token")
-        code = error if isinstance(error, str) and re.match(r"^\w{1,64}$", error) else status
+        # Only codes the service documents: anything else it echoes could be a token.
+        code = error if error in _LOGIN_ERROR_CODES else status
         raise LocalServerError("the sign-in service refused to refresh the aws login session "
                                "({}): {}".format(code, again))
     try:
@@ -2236,14 +2250,23 @@ def refresh_login_token(cached, url, now, opener, jti, again):
             raise ValueError(status)
         answer = json.loads(answer.decode("utf-8"))
         keys = answer["accessToken"]
+        strings = [keys["accessKeyId"], keys["secretAccessKey"], keys["sessionToken"],
+                   answer["refreshToken"]]
+        lifetime = answer["expiresIn"]
+        # Checked before anything is used or written back: a bad answer must not
+        # replace a cache entry that a new `aws login` would otherwise not need.
+        if not all(isinstance(value, str) and value for value in strings) or \
+                type(lifetime) is not int or not 0 < lifetime <= 12 * 3600:
+            raise ValueError("malformed")
+        SECRETS.add(*strings)
         fresh = dict(cached)
         fresh["accessToken"] = {
             "accessKeyId": keys["accessKeyId"], "secretAccessKey": keys["secretAccessKey"],
             "sessionToken": keys["sessionToken"],
             "accountId": cached["accessToken"].get("accountId"),
-            "expiresAt": format_timestamp(now + int(answer["expiresIn"]))}
+            "expiresAt": format_timestamp(now + lifetime)}
         fresh["refreshToken"] = answer["refreshToken"]
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise LocalServerError("the sign-in service answered {} without new credentials".format(
             status))
     return fresh
@@ -2259,19 +2282,32 @@ def login_source(name, settings, context):
     again = "run 'aws login --profile {}' again".format(name)
     aws_now = context.clock.aws_now  # expiry as AWS judges it
     pool = context.pool  # the run's: proxies and CA bundle apply
+    newest = []  # (entry, expiry) refreshed here that the cache file could not keep
 
-    def load():
+    def read_cache():
         try:
             with open(cache_file, encoding="utf-8") as handle:
+                owner = os.fstat(handle.fileno())
                 cached = json.load(handle)
             expires = parse_timestamp(cached["accessToken"]["expiresAt"])
-            if not all(cached.get(key) for key in ("refreshToken", "dpopKey", "clientId")):
+            if not all(isinstance(cached.get(key), str) and cached[key]
+                       for key in ("refreshToken", "dpopKey", "clientId")):
                 raise ValueError("botocore needs them all")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise LocalServerError("no usable aws login session '{}' found for profile '{}' in "
                                    "{}: {}".format(session, name, cache_file, again))
+        if hasattr(os, "getuid") and (owner.st_uid != os.getuid() or owner.st_mode & 0o022):
+            # Another user could have put keys of their choosing there.
+            raise LocalServerError("{} is not this user's alone (owner or write permission); "
+                                   "remove it and {}".format(cache_file, again))
         # The process holds them now: no error text or log line may repeat them.
-        SECRETS.add(cached.get("refreshToken"), cached.get("dpopKey"))
+        SECRETS.add(cached["refreshToken"], cached["dpopKey"])
+        return cached, expires
+
+    def load():
+        cached, expires = read_cache()
+        if newest and newest[0][1] > expires:
+            cached, expires = newest[0]
         if expires - aws_now() < LOGIN_REFRESH_WINDOW:
             # The token's signInRegion (newer logins record it) beats the configured one.
             sign_in_region = cached.get("signInRegion") or context.region
@@ -2282,16 +2318,33 @@ def login_source(name, settings, context):
             url = service_endpoint("signin", sign_in_region, None, context.environ,
                                    context.endpoints)[0]
             try:
-                cached = refresh_login_token(cached, url + "/v1/token", aws_now(), pool,
-                                             str(uuid.uuid4()), again)
+                fresh = refresh_login_token(cached, url + "/v1/token", aws_now(), pool,
+                                            str(uuid.uuid4()), again)
             except LocalServerError:
-                # Like botocore's advisory refresh: credentials with a minute or more
-                # left are still good; the next load tries again.
-                if expires - aws_now() <= BaseCredentials.expiry_floor:
+                # Another process sharing this login (the CLI, a second server) may have
+                # refreshed first: the refresh token we sent was spent (it rotates), and
+                # the file now holds the new entry.
+                try:
+                    on_disk = read_cache()
+                except LocalServerError:
+                    on_disk = None
+                if on_disk is not None and on_disk[1] > expires:
+                    cached, expires = on_disk
+                # Otherwise keys with a minute or more left still sign: a sign-in outage
+                # need not stop a server whose keys still work, and the next load (a
+                # refresh is due) tries again.  botocore would raise here already.
+                elif expires - aws_now() <= BaseCredentials.expiry_floor:
                     raise
             else:
-                SECRETS.add(cached.get("refreshToken"))
-                _write_json_atomically(cache_file, cached)
+                cached, expires = fresh, parse_timestamp(fresh["accessToken"]["expiresAt"])
+                try:
+                    _write_json_atomically(cache_file, fresh)
+                    del newest[:]
+                except LocalServerError as error:
+                    if not newest:
+                        context.log("Warning: {}; the refreshed aws login is kept in memory "
+                                    "only (the CLI will need a new 'aws login')".format(error))
+                    newest[:] = [(fresh, expires)]
         return _credentials_from_json(
             json.dumps(cached["accessToken"]).encode("utf-8"), "the aws login cache",
             ("accessKeyId", "secretAccessKey", "sessionToken", "expiresAt"))

@@ -544,3 +544,153 @@ def test_server_serves_with_refreshed_login(moto, console_role, start, home, tmp
     assert document["AccessKeyId"] != minted[0]["AccessKeyId"]
     assert json.loads(cache_file.read_text())["accessToken"]["accessKeyId"] == minted[0][
         "AccessKeyId"]
+
+
+# --- the hostile review's cases -------------------------------------------------------------
+
+@pytest.mark.parametrize("message, zero_in", [(b"short 110", "r"), (b"short 13", "s")])
+def test_signature_halves_with_a_leading_zero_byte_keep_32_bytes(message, zero_in):
+    """RFC 6979's key signs these with an r (or s) under 2^248: each half is still 32
+    bytes, as cryptography's own deterministic signature encodes it."""
+    key = ec.derive_private_key(RFC_KEY, ec.SECP256R1())
+    r, s_ = utils.decode_dss_signature(key.sign(message, ec.ECDSA(
+        hashes.SHA256(), deterministic_signing=True)))
+    assert (r if zero_in == "r" else s_) < 2 ** 248
+    ours = s.es256_sign(RFC_KEY, message)
+    assert ours == r.to_bytes(32, "big") + s_.to_bytes(32, "big")
+
+
+def login_env(files, folder, sign_in):
+    return dict(files(login_config()), AWS_LOGIN_CACHE_DIRECTORY=str(folder),
+                AWS_ENDPOINT_URL_SIGNIN=sign_in.url)
+
+
+def test_unwritable_cache_keeps_the_fresh_login_in_memory(files, login_cache, monkeypatch):
+    """A cache folder that cannot be written (a read-only mount): the refreshed login is
+    used, kept in memory with one warning, and its rotated refresh token used next."""
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    folder, cache_file = login_cache
+    clock = Clock(time.time())
+    key = ec.generate_private_key(ec.SECP256R1())
+    entry = cache_entry(key, clock.now - 60)
+    write_private(cache_file, entry)
+    sign_in = SignIn(key, clock)
+    env = login_env(files, folder, sign_in)
+    logged = []
+    context = s.AWSContext("us-east-1", None, env, None, clock, log=logged.append)
+    try:
+        base = s.resolve_credentials(ARGS, env, files=None, context=context)
+        assert base.get().access_key_id == "ASIALOGIN1"
+        clock.now += 11 * 60  # under 5 minutes left: refreshed with refresh-1, from memory
+        assert base.get().access_key_id == "ASIALOGIN2"
+    finally:
+        sign_in.stop()
+    assert len(logged) == 1 and "Read-only file system" in logged[0]
+    assert "kept in memory" in logged[0] and "refresh-" not in logged[0]
+    assert json.loads(cache_file.read_text()) == entry
+
+
+@pytest.mark.parametrize("answer", [
+    b'{"accessToken": {"accessKeyId": "A", "secretAccessKey": "B", "sessionToken": "C"}, '
+    b'"expiresIn": 1e400, "refreshToken": "r-1"}',
+    b'{"accessToken": {"accessKeyId": "A", "secretAccessKey": "B", "sessionToken": "C"}, '
+    b'"expiresIn": -600, "refreshToken": "r-1"}',
+    b'{"accessToken": {"accessKeyId": "A", "secretAccessKey": "B", "sessionToken": "C"}, '
+    b'"expiresIn": true, "refreshToken": "r-1"}',
+    b'{"accessToken": {"accessKeyId": "A", "secretAccessKey": "B", "sessionToken": "C"}, '
+    b'"expiresIn": 900, "refreshToken": null}',
+    b'{"accessToken": {"accessKeyId": "A", "secretAccessKey": "B", "sessionToken": "C"}, '
+    b'"expiresIn": 900, "refreshToken": ""}',
+    b'{"accessToken": {"accessKeyId": "A", "secretAccessKey": 12, "sessionToken": "C"}, '
+    b'"expiresIn": 900, "refreshToken": "r-1"}',
+    b'{"accessToken": {"accessKeyId": null, "secretAccessKey": "B", "sessionToken": "C"}, '
+    b'"expiresIn": 900, "refreshToken": "r-1"}',
+    b"[" * 100000 + b"]" * 100000,
+])
+def test_malformed_sign_in_answers_are_one_error_and_never_cached(files, login_cache, answer):
+    folder, cache_file = login_cache
+    clock = Clock(time.time())
+    key = ec.generate_private_key(ec.SECP256R1())
+    entry = cache_entry(key, clock.now - 60)
+    write_private(cache_file, entry)
+    sign_in = SignIn(key, clock, refuse=(200, answer))
+    try:
+        base = s.resolve_credentials(ARGS, login_env(files, folder, sign_in), "us-east-1",
+                                     clock=clock)
+        with pytest.raises(s.LocalServerError) as raised:
+            base.get()
+    finally:
+        sign_in.stop()
+    assert str(raised.value) == "the sign-in service answered 200 without new credentials"
+    assert json.loads(cache_file.read_text()) == entry
+
+
+def test_hand_edited_cache_with_a_numeric_secret_is_one_error(files, login_cache):
+    folder, cache_file = login_cache
+    clock = Clock(time.time())
+    key = ec.generate_private_key(ec.SECP256R1())
+    entry = cache_entry(key, clock.now + 3600)
+    entry["accessToken"]["secretAccessKey"] = 12
+    write_private(cache_file, entry)
+    env = dict(files(login_config()), AWS_LOGIN_CACHE_DIRECTORY=str(folder))
+    base = s.resolve_credentials(ARGS, env, "us-east-1", clock=clock)
+    with pytest.raises(s.LocalServerError):
+        base.get()
+
+
+def test_a_login_refreshed_meanwhile_by_another_process_is_used(files, login_cache):
+    """Two processes share the login: the other refreshes first, so ours is refused
+    (its refresh token was spent) and must read the entry the other wrote."""
+    folder, cache_file = login_cache
+    clock = Clock(time.time())
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private(cache_file, cache_entry(key, clock.now - 60))
+
+    class Raced(SignIn):
+        def create_token(self, body, headers):
+            newer = cache_entry(key, clock.now + 900, refreshToken="refresh-other")
+            newer["accessToken"]["accessKeyId"] = "ASIAOTHER"
+            write_private(cache_file, newer)
+            return 400, b'{"error": "invalid_grant", "message": "refresh token spent"}'
+    sign_in = Raced(key, clock)
+    try:
+        base = s.resolve_credentials(ARGS, login_env(files, folder, sign_in), "us-east-1",
+                                     clock=clock)
+        assert base.get().access_key_id == "ASIAOTHER"
+    finally:
+        sign_in.stop()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_cache_file_others_may_write_is_refused(files, login_cache):
+    folder, cache_file = login_cache
+    clock = Clock(time.time())
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private(cache_file, cache_entry(key, clock.now + 3600))
+    os.chmod(str(cache_file), 0o666)
+    env = dict(files(login_config()), AWS_LOGIN_CACHE_DIRECTORY=str(folder))
+    base = s.resolve_credentials(ARGS, env, "us-east-1", clock=clock)
+    with pytest.raises(s.LocalServerError) as raised:
+        base.get()
+    assert "is not this user's alone" in str(raised.value)
+
+
+def test_unknown_error_codes_are_not_repeated(files, login_cache):
+    """Only the service's documented codes are quoted: an echoed value could be a token."""
+    folder, cache_file = login_cache
+    clock = Clock(time.time())
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private(cache_file, cache_entry(key, clock.now - 60))
+    sign_in = SignIn(key, clock, refuse=(400, b'{"error": "abcdefg_echoed"}'))
+    try:
+        base = s.resolve_credentials(ARGS, login_env(files, folder, sign_in), "us-east-1",
+                                     clock=clock)
+        with pytest.raises(s.LocalServerError) as raised:
+            base.get()
+    finally:
+        sign_in.stop()
+    assert "abcdefg_echoed" not in str(raised.value) and "(400)" in str(raised.value)
