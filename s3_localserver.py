@@ -882,7 +882,9 @@ _STS_LEGACY_GLOBAL_REGIONS = frozenset([
 
 
 def _true(value):
-    return str(value).strip().lower() == "true"  # botocore's ensure_boolean
+    # botocore's ensure_boolean: a variable's " true" is not true (the config file's
+    # values come stripped already).
+    return isinstance(value, str) and value.lower() == "true"
 
 
 def endpoint_settings(environ, configured=None):
@@ -894,12 +896,12 @@ def endpoint_settings(environ, configured=None):
         value = environ.get(variable)
         return configured.get(key) if value is None else value
     sts = (setting("AWS_STS_REGIONAL_ENDPOINTS", "sts_regional_endpoints") or "regional")
-    if sts.strip().lower() not in ("legacy", "regional"):
+    if sts not in ("legacy", "regional"):  # exactly, as botocore checks it
         raise LocalServerError("sts_regional_endpoints must be legacy or regional, not "
                                "{!r}".format(sts))
     return {"fips": _true(setting("AWS_USE_FIPS_ENDPOINT", "use_fips_endpoint")),
             "dualstack": _true(setting("AWS_USE_DUALSTACK_ENDPOINT", "use_dualstack_endpoint")),
-            "sts_legacy": sts.strip().lower() == "legacy"}
+            "sts_legacy": sts == "legacy"}
 
 
 def aws_endpoint(service, region, fips=False, dualstack=False, sts_legacy=False):

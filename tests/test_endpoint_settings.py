@@ -165,3 +165,30 @@ def test_exec_child_keeps_the_settings(moto, home, tmp_path):
     assert code == 0, err
     assert out.split() == ["https://sts-fips.eu-west-1.api.aws",
                            "https://s3-fips.dualstack.eu-west-1.amazonaws.com"]
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("AWS_USE_FIPS_ENDPOINT", " true"), ("AWS_USE_FIPS_ENDPOINT", "TRUE"),
+    ("AWS_USE_DUALSTACK_ENDPOINT", "true "), ("AWS_STS_REGIONAL_ENDPOINTS", "LEGACY"),
+    ("AWS_STS_REGIONAL_ENDPOINTS", " legacy"), ("AWS_STS_REGIONAL_ENDPOINTS", "legacy"),
+])
+def test_settings_read_exactly_as_botocore_reads_them(variable, value, monkeypatch):
+    """botocore neither strips a variable nor folds sts_regional_endpoints' case."""
+    import botocore.exceptions
+    import botocore.session
+    for name in ("AWS_USE_FIPS_ENDPOINT", "AWS_USE_DUALSTACK_ENDPOINT",
+                 "AWS_STS_REGIONAL_ENDPOINTS", "AWS_CONFIG_FILE", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv(variable, value)
+    try:
+        client = botocore.session.Session().create_client(
+            "sts", region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b")
+        expected = client.meta.endpoint_url
+    except botocore.exceptions.BotoCoreError:
+        expected = None
+    try:
+        ours = s.service_endpoint("sts", "us-east-1", None, {variable: value})[0]
+    except s.LocalServerError:
+        ours = None
+    assert ours == expected
