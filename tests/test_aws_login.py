@@ -565,6 +565,25 @@ def login_env(files, folder, sign_in):
                 AWS_ENDPOINT_URL_SIGNIN=sign_in.url)
 
 
+def refused_refresh(files, login_cache, answer):
+    """An expired login whose refresh gets ``answer`` (status, body): the error raised,
+    and the cache entry as it was before."""
+    folder, cache_file = login_cache
+    clock = Clock(time.time())
+    key = ec.generate_private_key(ec.SECP256R1())
+    entry = cache_entry(key, clock.now - 60)
+    write_private(cache_file, entry)
+    sign_in = SignIn(key, clock, refuse=answer)
+    try:
+        base = s.resolve_credentials(ARGS, login_env(files, folder, sign_in), "us-east-1",
+                                     clock=clock)
+        with pytest.raises(s.LocalServerError) as raised:
+            base.get()
+    finally:
+        sign_in.stop()
+    return raised.value, entry
+
+
 def test_unwritable_cache_keeps_the_fresh_login_in_memory(files, login_cache, monkeypatch):
     """A cache folder that cannot be written (a read-only mount): the refreshed login is
     used, kept in memory with one warning, and its rotated refresh token used next."""
@@ -612,21 +631,9 @@ def test_unwritable_cache_keeps_the_fresh_login_in_memory(files, login_cache, mo
     b"[" * 100000 + b"]" * 100000,
 ])
 def test_malformed_sign_in_answers_are_one_error_and_never_cached(files, login_cache, answer):
-    folder, cache_file = login_cache
-    clock = Clock(time.time())
-    key = ec.generate_private_key(ec.SECP256R1())
-    entry = cache_entry(key, clock.now - 60)
-    write_private(cache_file, entry)
-    sign_in = SignIn(key, clock, refuse=(200, answer))
-    try:
-        base = s.resolve_credentials(ARGS, login_env(files, folder, sign_in), "us-east-1",
-                                     clock=clock)
-        with pytest.raises(s.LocalServerError) as raised:
-            base.get()
-    finally:
-        sign_in.stop()
-    assert str(raised.value) == "the sign-in service answered 200 without new credentials"
-    assert json.loads(cache_file.read_text()) == entry
+    error, entry = refused_refresh(files, login_cache, (200, answer))
+    assert str(error) == "the sign-in service answered 200 without new credentials"
+    assert json.loads(login_cache[1].read_text()) == entry
 
 
 def test_hand_edited_cache_with_a_numeric_secret_is_one_error(files, login_cache):
@@ -681,16 +688,5 @@ def test_cache_file_others_may_write_is_refused(files, login_cache):
 
 def test_unknown_error_codes_are_not_repeated(files, login_cache):
     """Only the service's documented codes are quoted: an echoed value could be a token."""
-    folder, cache_file = login_cache
-    clock = Clock(time.time())
-    key = ec.generate_private_key(ec.SECP256R1())
-    write_private(cache_file, cache_entry(key, clock.now - 60))
-    sign_in = SignIn(key, clock, refuse=(400, b'{"error": "abcdefg_echoed"}'))
-    try:
-        base = s.resolve_credentials(ARGS, login_env(files, folder, sign_in), "us-east-1",
-                                     clock=clock)
-        with pytest.raises(s.LocalServerError) as raised:
-            base.get()
-    finally:
-        sign_in.stop()
-    assert "abcdefg_echoed" not in str(raised.value) and "(400)" in str(raised.value)
+    error, _ = refused_refresh(files, login_cache, (400, b'{"error": "abcdefg_echoed"}'))
+    assert "abcdefg_echoed" not in str(error) and "(400)" in str(error)

@@ -485,6 +485,13 @@ def test_client_allowed():
     assert refused[0] == 403 and "10.0.0.1 is not in --allow-client" in refused[2]
 
 
+class ListStream(object):
+    """A log stream whose lines a test reads."""
+
+    def __init__(self, lines):
+        self.write, self.flush = lines.append, lambda: None
+
+
 def test_log_never_shows_the_relative_uri():
     rules = s.AccessRules(token="t")
     secret = rules.relative_uri
@@ -492,15 +499,9 @@ def test_log_never_shows_the_relative_uri():
     assert not rules.is_relative_uri("/v2/credentials/\u00e9")  # no error on non-ASCII
     assert not s.AccessRules().is_relative_uri("/")
     lines = []
+    stream = ListStream(lines)
 
-    class Stream(object):
-        def write(self, text):
-            lines.append(text)
-
-        def flush(self):
-            pass
-
-    server = s.CredentialServer(("127.0.0.1", 0), cache=None, rules=rules, stream=Stream())
+    server = s.CredentialServer(("127.0.0.1", 0), cache=None, rules=rules, stream=stream)
     bare = secret[len("/v2/credentials/"):]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -533,16 +534,10 @@ def test_log_never_shows_the_relative_uri():
 
 def test_refusal_lines_are_rate_limited_per_client():
     lines = []
-
-    class Stream(object):
-        def write(self, text):
-            lines.append(text)
-
-        def flush(self):
-            pass
+    stream = ListStream(lines)
 
     rules = s.AccessRules(token="t", clients=[s.client_network("10.99.0.0/16")])
-    server = s.CredentialServer(("127.0.0.1", 0), cache=None, rules=rules, stream=Stream(),
+    server = s.CredentialServer(("127.0.0.1", 0), cache=None, rules=rules, stream=stream,
                                 listen=False)
     now = [100.0]
     server.monotonic = lambda: now[0]
