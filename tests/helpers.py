@@ -678,3 +678,46 @@ class HostAddresses(object):
     def remove(self):
         while self.added:
             ip("addr", "del", self.added.pop(), "dev", "lo", check=False)
+
+
+# --- real containers: rootful Podman on its bridge (10.88.0.0/16) -----------------------
+
+PODMAN_RUN = ["podman", "--runtime", "runc", "run", "--rm", "--ulimit", "nofile=1024:1024",
+              "--ulimit", "nproc=1024:1024"]  # options; then "--rootfs", "/:O", the command
+PODMAN_HOST = "10.88.0.1"  # the host's end of Podman's default bridge, as containers see it
+_podman_checked = []
+
+
+def podman_unavailable():
+    """Why a real Podman container cannot be run here, or ''.  Checked once per run by
+    starting one container (the first start also creates Podman's bridge)."""
+    if not _podman_checked:
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            reason = "needs root for rootful Podman containers on the 10.88.0.0/16 bridge"
+        elif not shutil.which("podman") or not (shutil.which("runc")
+                                                or os.path.exists("/usr/sbin/runc")):
+            reason = "needs podman and runc (apt-get install -y podman runc; .ci/run does)"
+        else:
+            try:
+                result = subprocess.run(PODMAN_RUN + ["--rootfs", "/:O", "true"], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        timeout=120)
+                reason = "" if result.returncode == 0 else "podman run fails here: {}".format(
+                    result.stderr.decode("utf-8", "replace").strip()[-300:])
+            except (OSError, subprocess.TimeoutExpired) as error:
+                reason = "podman run fails here: {}".format(error)
+        _podman_checked.append(reason)
+    return _podman_checked[0]
+
+
+def podman_run(command, env=None, options=(), timeout=120):
+    """Run ``command`` in a fresh container whose image is the host's own files (overlay,
+    nothing written back); ``env`` holds the variables the container gets (podman -e),
+    ``options`` more `podman run` options.  Returns (exit code, stdout, stderr)."""
+    args = list(PODMAN_RUN) + list(options)
+    for name, value in sorted((env or {}).items()):
+        args += ["-e", "{}={}".format(name, value)]
+    result = subprocess.run(args + ["--rootfs", "/:O"] + list(command), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    return (result.returncode, result.stdout.decode("utf-8", "replace"),
+            result.stderr.decode("utf-8", "replace"))
