@@ -108,6 +108,8 @@ class SecretRegistry(object):
         self._lock = threading.Lock()  # guards _known
         self._known = collections.OrderedDict()  # secret -> None, oldest first
         self._longest_first = ()  # what redact() looks for: a token before any part of it
+        self._paths = collections.OrderedDict()  # relative URI secret segment -> None
+        self._path_re = None  # one pattern for them all (see add_relative_uri)
 
     @staticmethod
     def spellings(value):
@@ -133,7 +135,24 @@ class SecretRegistry(object):
             # Sorted here, once a refresh, not at every log line.
             self._longest_first = tuple(sorted(self._known, key=len, reverse=True))
 
+    def add_relative_uri(self, path, keep=8):
+        """Register a relative URI (the path that serves a grant's credentials without
+        its token): its secret segment is hidden wherever it appears, in any case,
+        under any prefix, and so is any start of it ``keep`` characters long or more,
+        enough to narrow a guess (a cut-short line, a typo)."""
+        segment = path[len(RELATIVE_URI_PREFIX):][:keep]
+        with self._lock:
+            self._paths.pop(segment, None)
+            self._paths[segment] = None
+            while len(self._paths) > self.limit // 4:
+                self._paths.popitem(last=False)
+            self._path_re = re.compile("(?:{})[A-Za-z0-9_-]*".format("|".join(
+                re.escape(known) for known in self._paths)), re.IGNORECASE)
+
     def redact(self, text):
+        path_re = self._path_re  # replaced whole: no lock needed
+        if path_re is not None:
+            text = path_re.sub("<relative-uri>", text)
         for secret in self._longest_first:  # one tuple, replaced whole: no lock needed
             if secret in text:
                 text = text.replace(secret, self.MARK)
@@ -415,6 +434,261 @@ def trust_admits(trust, role_arn, caller_arn=None):
                     prefix, path.split("/")[-1]) in admitted):
                 return True
     return False
+
+
+def revoke_policy(session, before):
+    """The inline policy that makes a session's credentials issued before ``before``
+    (AWS's epoch seconds) useless: the shape of the IAM console's "Revoke active
+    sessions" (Deny everything while aws:TokenIssueTime is earlier), narrowed to one
+    session name through aws:userid, which is 'ROLEID:SESSION' for an assumed role
+    and 'ACCOUNT:NAME' for a federation token.  Session names hold no '*' or '?', so
+    the StringLike pattern matches that one name only."""
+    return {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Deny", "Action": ["*"], "Resource": ["*"],
+        "Condition": {"DateLessThan": {"aws:TokenIssueTime": format_timestamp(before)},
+                      "StringLike": {"aws:userid": "*:" + session}}}]}
+
+
+def revoke_policy_name(grant_name):
+    """One inline policy per grant, so revoking one never undoes another's."""
+    return "s3_localserver-revoke-" + grant_name
+
+
+######################################################################
+#  Grants: one scope, one session name and one way in per client
+######################################################################
+# A grants file (--grants FILE) serves several clients from one server, each with its
+# own policy and its own STS session.  This part is pure: it turns the file's text
+# into Grant objects and says what is wrong in one line naming the file, the section
+# and the key.  Reading the file and the token files is the caller's (load_grants).
+
+# The keys a section may hold, as the command line spells the options.
+GRANT_KEYS = ("buckets", "read-only", "write-only", "prefix", "statements", "duration",
+              "token", "token-file", "allow-client", "session-name", "revoke")
+# A grant's name is also its default session name and its instance-metadata role name.
+_GRANT_NAME_RE = re.compile(r"^[\w+=,.@-]{2,64}$")
+_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}
+
+
+class GrantError(LocalServerError):
+    """A grants file that cannot be served.  At start-up it is exit code 2 (bad input,
+    as a malformed command line); at a reload the grants in service stay."""
+
+    exit_code = 2
+
+    def __init__(self, path, message, section=None, key=None):
+        where = "grants file {}".format(path)
+        if section is not None:
+            where += ", [{}]".format(section)
+        if key is not None:
+            where += ", {}".format(key)
+        super().__init__("{}: {}".format(where, message))
+
+
+class Grant(object):
+    """One client's scope: buckets, permission, prefix, extra statements, duration and
+    session name; and what proves a client is this grant's: its token (and the
+    relative URI made from it) and/or the networks it is answered from.
+
+    The repr names the grant only: a token never reaches a log by accident."""
+
+    __slots__ = ("name", "buckets", "permission", "prefix", "statements", "duration",
+                 "token", "clients", "session", "revoke", "origin")
+
+    def __init__(self, name, buckets, duration, permission="read-write", prefix="*",
+                 statements=(), token=None, clients=(), session=None, revoke=False,
+                 origin=None):
+        self.name = name
+        self.buckets = _as_list(buckets)
+        self.duration = duration
+        self.permission = permission
+        self.prefix = prefix
+        self.statements = list(statements)
+        self.token = token
+        self.clients = tuple(clients)
+        self.session = session or name
+        self.revoke = revoke
+        self.origin = origin  # where the token came from, for messages
+
+    def __repr__(self):
+        return "Grant({!r})".format(self.name)
+
+    def policy(self, partition="aws"):
+        return build_policy(self.permission, self.buckets, self.prefix, self.statements,
+                            partition)
+
+    def minted_as(self):
+        """What its credentials depend on: a grant whose value changes is minted anew."""
+        return (tuple(self.buckets), self.permission, self.prefix,
+                json.dumps(self.statements, sort_keys=True), self.duration, self.session)
+
+
+def _grant_bool(value, path, section, key):
+    answer = _BOOLEANS.get(value.strip().lower())
+    if answer is None:
+        raise GrantError(path, "must be true or false", section, key)
+    return answer
+
+
+def _grant_words(value):
+    # Lists are written one a line, or on one line with spaces or commas between.
+    return [word for word in re.split(r"[\s,]+", value) if word]
+
+
+def check_token(token, what):
+    """A client token as every door compares it: non-empty, one line, no spaces at the
+    ends (a header value loses them).  The message never quotes the token."""
+    if not token or token != token.strip() or "\n" in token or "\r" in token:
+        raise ValueError("{} must be non-empty, on one line, without leading or trailing "
+                         "spaces".format(what))
+    return token
+
+
+def parse_grant(path, name, settings, read_token, default_duration=None, partition="aws"):
+    """One section's settings (a dict, keys as written) as a Grant; GrantError names
+    the key that is wrong.  ``read_token(file)`` returns a token file's text."""
+    if not _GRANT_NAME_RE.match(name):
+        raise GrantError(path, "a grant's name is 2 to 64 letters, digits and +=,.@_- "
+                               "(it is also its session name)", name)
+    values = {}
+    for key, value in settings.items():
+        key = key.replace("_", "-")
+        if key not in GRANT_KEYS:
+            raise GrantError(path, "unknown key (known: {})".format(", ".join(GRANT_KEYS)),
+                             name, key)
+        values[key] = value
+
+    def fail(key, message):
+        raise GrantError(path, message, name, key)
+
+    try:
+        buckets = [check_bucket(bucket) for bucket in _grant_words(values.get("buckets", ""))]
+    except ValueError as error:
+        fail("buckets", str(error))
+    if not buckets:
+        fail("buckets", "missing: name the bucket(s) this grant reaches")
+    flags = {key: _grant_bool(values[key], path, name, key)
+             for key in ("read-only", "write-only", "revoke") if key in values}
+    if flags.get("read-only") and flags.get("write-only"):
+        fail("write-only", "a grant is read-only or write-only, not both")
+    permission = "read-only" if flags.get("read-only") else (
+        "write-only" if flags.get("write-only") else "read-write")
+    prefix = values.get("prefix", "*").strip()
+    if not prefix or prefix.startswith("/"):
+        fail("prefix", "must be non-empty and not start with '/' (S3 keys do not)")
+    statements = []
+    if "statements" in values:
+        try:
+            parsed = json.loads(values["statements"])
+        except ValueError as error:
+            fail("statements", "not valid JSON ({})".format(error))
+        for statement in (parsed if isinstance(parsed, list) else [parsed]):
+            try:
+                statements.append(parse_statement(json.dumps(statement)))
+            except ValueError as error:
+                fail("statements", str(error).replace("--statement", "a statement"))
+    duration = default_duration
+    if "duration" in values:
+        try:
+            duration = parse_duration(values["duration"])
+        except ValueError as error:
+            fail("duration", str(error))
+    if duration is None:
+        fail("duration", "missing (or give -d/--duration for every grant)")
+    token, origin = values.get("token"), "the grants file"
+    if token is not None and "token-file" in values:
+        fail("token-file", "give token or token-file, not both")
+    if "token-file" in values:
+        origin = values["token-file"].strip()
+        try:
+            token = read_token(origin).rstrip("\r\n")
+        except (OSError, ValueError) as error:
+            fail("token-file", "cannot read {}: {}".format(
+                origin, getattr(error, "strerror", None) or error))
+    if token is not None:
+        try:
+            check_token(token, "the token")
+        except ValueError as error:
+            fail("token-file" if "token-file" in values else "token", str(error))
+    clients = []
+    for text in _grant_words(values.get("allow-client", "")):
+        try:
+            clients.append(client_network(text))
+        except ValueError as error:
+            fail("allow-client", str(error))
+    if token is None and not clients:
+        fail("token", "no way for a client to be this grant: give token, token-file or "
+                      "allow-client")
+    session = values.get("session-name", name).strip()
+    if not re.match(r"^[\w+=,.@-]{2,64}$", session):
+        fail("session-name", "an STS session name is 2 to 64 letters, digits and +=,.@_-")
+    grant = Grant(name, buckets, duration, permission, prefix, statements, token, clients,
+                  session, flags.get("revoke", False), origin if token else None)
+    try:
+        policy_json(grant.policy(partition))
+    except LocalServerError as error:
+        fail("buckets" if not statements else "statements", str(error))
+    return grant
+
+
+def parse_grants(path, sections, read_token, default_duration=None, partition="aws"):
+    """Every grant of a file, checked against each other: ``sections`` is a list of
+    (name, settings dict) in the file's order.  A token (and so its relative URI) or a
+    session name used twice, or token-less grants whose networks overlap, would let
+    one grant's client be taken for another's: refused, naming both sections."""
+    if not sections:
+        raise GrantError(path, "no grants: add a [NAME] section with buckets and a token "
+                               "or allow-client")
+    grants = [parse_grant(path, name, settings, read_token, default_duration, partition)
+              for name, settings in sections]
+    for index, grant in enumerate(grants):
+        for other in grants[:index]:
+            if grant.token is not None and hmac.compare_digest(
+                    grant.token.encode("utf-8"), (other.token or "").encode("utf-8")):
+                raise GrantError(path, "the same token as [{}]: a token chooses one "
+                                       "grant".format(other.name), grant.name, "token")
+            if grant.session == other.session:
+                raise GrantError(path, "the same session name as [{}]: revoking one would "
+                                       "revoke both".format(other.name), grant.name,
+                                 "session-name")
+            if grant.token is None and other.token is None and any(
+                    mine.version == theirs.version and mine.overlaps(theirs)
+                    for mine in grant.clients for theirs in other.clients):
+                raise GrantError(path, "overlaps [{}]'s: without a token, a client's "
+                                       "address must choose one grant".format(other.name),
+                                 grant.name, "allow-client")
+    return grants
+
+
+def grants_from_ini(path, text, read_token, default_duration=None, partition="aws"):
+    """The grants of an INI text (RawConfigParser: no '%' interpolation, so a token may
+    hold any character; [DEFAULT] settings apply to every section).  configparser's
+    own messages quote the offending line, which may hold a token: only its line
+    number is said."""
+    parser = configparser.RawConfigParser()
+    parser.optionxform = str  # keys as written, so an unknown one is named as written
+    try:
+        parser.read_string(text, path)
+    except configparser.DuplicateSectionError as error:
+        raise GrantError(path, "line {}: a second [{}] section".format(
+            error.lineno, error.section))
+    except configparser.DuplicateOptionError as error:
+        raise GrantError(path, "line {}: given twice".format(error.lineno), error.section,
+                         error.option)
+    except configparser.MissingSectionHeaderError as error:
+        raise GrantError(path, "line {}: a setting before any [NAME] section".format(
+            error.lineno))
+    except configparser.ParsingError as error:
+        lines = ", ".join(str(number) for number, _ in error.errors)
+        raise GrantError(path, "line {}: not 'key = value'".format(lines))
+    except configparser.Error as error:
+        raise GrantError(path, "not an INI file ({})".format(error.__class__.__name__))
+    for key in parser.defaults():
+        if key.replace("_", "-") not in GRANT_KEYS:
+            raise GrantError(path, "unknown key", "DEFAULT", key)
+    sections = [(name, dict(parser.items(name))) for name in parser.sections()]
+    return parse_grants(path, sections, read_token, default_duration, partition)
 
 
 ######################################################################
@@ -3141,30 +3415,167 @@ def client_network(text):
                          "172.17.0.0/16".format(text))
 
 
+def client_address(client):
+    """The peer's address as an ip_address (an IPv4 client of a dual-stack socket as
+    IPv4; fe80::1%eth0's zone is no part of it), or None."""
+    address = _ip(client.partition("%")[0])
+    if address is not None and address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address
+
+
+def client_in(client, local, networks):
+    """True if ``client`` is in one of ``networks``, or is a process of this host: it
+    connects from loopback, or from the very address it connects to (169.254.170.2
+    on lo)."""
+    address = client_address(client)
+    return address is not None and (
+        address.is_loopback or client == local
+        or any(address in network for network in networks
+               if network.version == address.version))
+
+
+class GrantTable(object):
+    """The grants served now, the secrets that choose each one, and each one's session.
+
+    A client proves it is a grant's by the relative URI it asks for, else by the
+    Authorization token it sends, else by its address (a grant with no token,
+    answered from its allow-client networks).  The command line is the one-grant
+    case: its grant has the --auth-token (or none, and then it is everyone's).
+    Tokens and paths are compared in constant time, all of them, every time.
+    A reload builds a new table and swaps it in with one assignment, so a request
+    sees one table, the old or the new, never a mix.  Every secret a grant holds is
+    registered with SECRETS, the one redaction step of every log line and answer.
+    """
+
+    def __init__(self, grants, sessions=None, named=False, default=None):
+        self.grants = collections.OrderedDict((grant.name, grant) for grant in grants)
+        self.sessions = dict(sessions or {})  # grant name -> CredentialCache
+        self.named = named  # from a grants file: log lines and /healthz name the grant
+        self.default = default or (next(iter(self.grants)) if len(self.grants) == 1
+                                    else None)  # exec mode's grant
+        self._tokens, self._paths = [], []
+        for grant in grants:
+            if grant.token is not None:
+                path = relative_uri(grant.token)
+                self._tokens.append((grant.token.encode("utf-8"), grant))
+                self._paths.append((path.encode("ascii"), grant))
+                SECRETS.add_relative_uri(path)  # the token was added as it was read
+        self._addressed = [grant for grant in grants if grant.token is None and grant.clients]
+        self._open = next((grant for grant in grants
+                           if grant.token is None and not grant.clients), None)
+        # Instance metadata's clients send no token: served while some grant needs none.
+        self.metadata = any(grant.token is None for grant in grants)
+
+    @classmethod
+    def single(cls, token=None, name="default"):
+        """The command line's one grant, with this token (None: everyone's)."""
+        return cls([Grant(name, [], None, token=token)])
+
+    @property
+    def default_grant(self):
+        return self.grants.get(self.default) if self.default else None
+
+    def session(self, grant):
+        return self.sessions.get(grant.name)
+
+    def _compare(self, sent, known):
+        # Every entry, no early exit: the time taken says nothing about which matched.
+        found = None
+        for secret, grant in known:
+            if hmac.compare_digest(sent, secret):
+                found = grant
+        return found
+
+    def by_path(self, path):
+        """The grant whose relative URI ``path`` is, or None."""
+        return self._compare(path.encode("latin-1", "replace"), self._paths) if (
+            self._paths and path.startswith(RELATIVE_URI_PREFIX)) else None
+
+    def by_token(self, authorization):
+        if authorization is None or not self._tokens:
+            return None
+        return self._compare(authorization.encode("latin-1", "replace"), self._tokens)
+
+    def by_address(self, client):
+        """The token-less grant answering ``client`` from its networks (they never
+        overlap), else the grant open to everyone, else None."""
+        address = client_address(client) if self._addressed else None
+        if address is not None:
+            for grant in self._addressed:
+                if any(address in network for network in grant.clients
+                       if network.version == address.version):
+                    return grant
+        return self._open
+
+    def choose(self, authorization, client):
+        """(grant, None), or (None, (status, code, reason)): the token's grant, else the
+        one the address chooses.  A token that matches none is no proof, but no bar
+        either: a client may send one to a server that asks for none."""
+        grant = self.by_token(authorization) or self.by_address(client)
+        if grant is not None:
+            return grant, None
+        if not self._tokens:
+            return None, (403, "Forbidden", "client {} is in no grant's allow-client".format(
+                client))
+        return None, (401, "Unauthorized", "missing or wrong Authorization token")
+
+    def answers_at_once(self):
+        return all(session.answers_at_once() for session in self.sessions.values())
+
+    def status(self, grant=None, detail=True):
+        """/healthz: one grant's state, or every grant's (``detail``) or the worst only."""
+        if grant is not None:
+            status = self.sessions[grant.name].status()
+            if self.named:
+                status["grant"] = grant.name
+            return status
+        if not self.named:
+            return self.status(self.default_grant) if self.default_grant else {}
+        statuses = collections.OrderedDict(
+            (name, session.status()) for name, session in self.sessions.items())
+        ranks = ["ok", "degraded", "unavailable"]
+        worst = max((status["status"] for status in statuses.values()), key=ranks.index,
+                    default="unavailable")
+        return {"status": worst, "grants": statuses} if detail else {"status": worst}
+
+
 class AccessRules(object):
-    """Decides, from a request's client address and headers, whether it may be answered.
+    """Decides, from a request's client address, headers and path, whether it may be
+    answered, and for which grant.
 
     ``allowed_hosts`` are the Host names accepted besides localhost and IP
     literals (which a DNS-rebinding page cannot send); ``token`` is the
-    Authorization value required, or None; ``clients`` are the networks
-    answered besides this host's own processes (empty: every client).
+    Authorization value required, or None (the one-grant case; ``grants``, a
+    GrantTable, for several); ``clients`` are the networks answered besides this
+    host's own processes (empty: every client).
     """
 
-    REDACT_FROM = 8  # characters of the secret path's segment that are never logged
-
-    def __init__(self, allowed_hosts=(), token=None, clients=()):
+    def __init__(self, allowed_hosts=(), token=None, clients=(), grants=None):
         self.allowed_hosts = frozenset(["localhost"] + [h.lower().strip("[]") for h in
                                                         allowed_hosts])
-        self.token = token
         self.clients = tuple(clients)
-        # The path that stands for the token (None: there is no token to stand for).
-        self.relative_uri = None if token is None else relative_uri(token)
-        # Its first REDACT_FROM characters, then whatever base64url follows.
-        self._secret_re = None if token is None else re.compile(
-            re.escape(self.relative_uri[len(RELATIVE_URI_PREFIX):][:self.REDACT_FROM])
-            + "[A-Za-z0-9_-]*", re.IGNORECASE)
+        # Replaced whole at a reload: read it once per request.
+        self.grants = grants if grants is not None else GrantTable.single(token)
         self._verdicts = {}  # Host header value -> allowed; clients send few distinct ones
         self._client_verdicts = {}  # (client, local) address -> allowed
+
+    @property
+    def token(self):
+        """The token of the default grant (the command line's, exec mode's), or None."""
+        grant = self.grants.default_grant
+        return grant.token if grant is not None else None
+
+    @property
+    def relative_uri(self):
+        """The path that stands for the token (None: there is no token to stand for)."""
+        return None if self.token is None else relative_uri(self.token)
+
+    @property
+    def per_client(self):
+        """Whether some check needs the connection's own address."""
+        return bool(self.clients) or any(grant.clients for grant in
+                                         self.grants.grants.values())
 
     def host_allowed(self, host_header):
         host_header = host_header or ""
@@ -3184,29 +3595,19 @@ class AccessRules(object):
             return True
         allowed = self._client_verdicts.get((client, local))
         if allowed is None:
-            address = _ip(client.partition("%")[0])  # fe80::1%eth0: the zone is no part
-            if address is not None and address.version == 6 and address.ipv4_mapped:
-                address = address.ipv4_mapped  # an IPv4 client of a dual-stack socket
-            allowed = address is not None and (
-                address.is_loopback or client == local
-                or any(address in network for network in self.clients
-                       if network.version == address.version))
+            allowed = client_in(client, local, self.clients)
             if len(self._client_verdicts) < 1024:
                 self._client_verdicts[(client, local)] = allowed
         return allowed
 
     def is_relative_uri(self, path):
-        """True for the secret path; compared in constant time, as the token is."""
-        return self.relative_uri is not None and hmac.compare_digest(
-            path.encode("latin-1", "replace"), self.relative_uri.encode("ascii"))
+        """True for a grant's secret path; compared in constant time, as the token is."""
+        return self.grants.by_path(path) is not None
 
     def redact(self, text):
-        """``text`` without the secret path, which must never reach a log: its secret
-        segment is hidden wherever it appears, in any case, under any prefix, and so is
-        any start of it long enough to narrow a guess (a cut-short line, a typo)."""
-        if self._secret_re is None:
-            return text
-        return self._secret_re.sub("<relative-uri>", text)
+        """``text`` without any secret: tokens, and relative URIs wherever they appear,
+        in any case, under any prefix, or cut short (see SecretRegistry)."""
+        return SECRETS.redact(text)
 
     def refusal(self, headers, needs_token=True, client=None, local=None):
         """None if the request may proceed, else (status, code, reason)."""
@@ -3219,11 +3620,26 @@ class AccessRules(object):
         if not self.host_allowed(headers.get("Host")):
             return 403, "Forbidden", "Host {!r} is not allowed (see --allow-host)".format(
                 (headers.get("Host") or "")[:100])
-        if needs_token and self.token is not None:
-            sent = (headers.get("Authorization") or "").encode("latin-1", "replace")
-            if not hmac.compare_digest(sent, self.token.encode("utf-8")):
-                return 401, "Unauthorized", "missing or wrong Authorization token"
+        if needs_token:
+            return self.grants.choose(headers.get("Authorization"), client or "")[1]
         return None
+
+    def admit(self, path, headers, client, local, wants_grant):
+        """(table, grant, refusal) for a request: the table it was judged by, the grant
+        it proved (a relative URI; else, when ``wants_grant``, a token or an address),
+        and why it is refused, or None."""
+        table = self.grants  # one read: a reload swaps in a whole new table
+        refused = self.refusal(headers, needs_token=False, client=client, local=local)
+        if refused:
+            return table, None, refused
+        grant = table.by_path(path)
+        if grant is None and wants_grant:
+            grant, refused = table.choose(headers.get("Authorization"), client)
+        if grant is not None and grant.clients and not client_in(client, local,
+                                                                 grant.clients):
+            return table, grant, (403, "Forbidden", "client {} is not in the allow-client of "
+                                                    "grant {}".format(client, grant.name))
+        return table, grant, refused
 
 
 class MetadataTokens(object):
@@ -3342,6 +3758,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     IMDS_TOKEN = "/latest/api/token"
     IMDS_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
     reason = None  # why the current request was refused, for the log line
+    grant = None  # the grant the current request proved, for the log line
     lookup = None  # ClientLookup naming this connection's client, once it is started
     # True on the accepting thread's handler: it answers the one request already in,
     # then closes whatever the headers ask, and never waits for a refresh, so that
@@ -3405,42 +3822,65 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(500, {"code": "InternalError", "message": "internal error"})
 
     def answer(self):
-        """Checks first, then the path decides."""
+        """Checks first (which grant, if any, the request proves), then the path decides."""
         path = self.path.partition("?")[0]
         rules = self.server.rules
-        # The relative URI needs no token: the path is the secret.
-        secret_path = rules.is_relative_uri(path)
-        refused = rules.refusal(
-            self.headers, needs_token=path in self.CREDENTIAL_PATHS,
-            client=self.client_address[0],
-            local=self.connection.getsockname()[0] if rules.clients else None)
+        client = self.client_address[0]
+        local = self.connection.getsockname()[0] if rules.per_client else None
+        metadata = path.startswith("/latest/") and self.server.metadata_tokens is not None
+        # The credentials' paths need a grant; a relative URI is a grant's path (it needs
+        # no token: the path is the secret).
+        table, grant, refused = rules.admit(path, self.headers, client, local,
+                                            path in self.CREDENTIAL_PATHS)
+        if path == "/healthz" and not refused:
+            # No token needed; with one (or from a grant's network), that grant's state.
+            local = self.connection.getsockname()[0]
+            grant = table.by_token(self.headers.get("Authorization")) or (
+                table.by_address(client))
+            if grant is not None and grant.clients and not client_in(client, local,
+                                                                     grant.clients):
+                grant = None
+        self.grant = grant
+        if metadata and not table.metadata:
+            metadata = False  # every grant has a token, which metadata clients cannot send
         if refused:
             status, code, reason = refused
             self.reason = reason
             self.send_json(status, {"code": code, "message": reason})
-        elif path.startswith("/latest/") and self.server.metadata_tokens is not None:
-            self.answer_metadata(path)
+        elif metadata:
+            self.answer_metadata(path, table)
         elif self.command not in ("GET", "HEAD"):
             self.send_json(405, {"code": "MethodNotAllowed", "message": "use GET or HEAD"},
                            {"Allow": "GET, HEAD"})
-        elif path in self.CREDENTIAL_PATHS or secret_path:
-            self.look_up_client()
-            try:
-                _, body = self.server.cache.current(wait=not self.answer_once)
-            except Unavailable as error:
-                self.send_unavailable(error)
-                return
-            self.send_body(200, body)
         elif path == "/healthz":
-            self.send_json(200, self.server.cache.status())
+            # Without a grant: the state of every grant (of the worst only, for a client
+            # from outside this host), never a secret.
+            self.send_json(200, table.status(grant, detail=client_in(client, local, ())))
+        elif grant is not None:
+            self.send_credentials(table, grant, lambda credentials, body, session: body)
         else:
             self.send_json(404, {"code": "NotFound", "message": "no such path; try GET /"})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = respond
     do_TRACE = do_CONNECT = respond
 
-    def answer_metadata(self, path):
-        """The IMDSv2 subset SDKs use for credentials and region; v1 (no token) is refused."""
+    def send_credentials(self, table, grant, shape):
+        """200 with ``shape(credentials, body, session)`` of the grant's session, or 503."""
+        session = table.session(grant)
+        self.look_up_client()
+        try:
+            if session is None:
+                raise Unavailable("NotReady", "no credentials yet for this grant")
+            credentials, body = session.current(wait=not self.answer_once)
+        except Unavailable as error:
+            self.send_unavailable(error)
+            return
+        self.send_body(200, shape(credentials, body, session))
+
+    def answer_metadata(self, path, table):
+        """The IMDSv2 subset SDKs use for credentials and region; v1 (no token) is refused.
+        The role is the grant the client's address chooses (its name, with a grants
+        file): metadata clients cannot send a token."""
         tokens = self.server.metadata_tokens
         if path == self.IMDS_TOKEN:
             if self.command != "PUT":
@@ -3465,18 +3905,16 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             self.reason = "IMDS request without a valid session token (only IMDSv2 is served)"
             self.send_json(401, {"code": "Unauthorized", "message": self.reason})
             return
+        grant = table.by_address(self.client_address[0])
+        self.grant = grant
+        role = grant.name if grant is not None and table.named else self.IMDS_ROLE
         # EC2 answers a path with or without its trailing slash, and SDKs ask for both.
         path = path[:-1] if path.endswith("/") else path
-        if path == self.IMDS_CREDENTIALS + self.IMDS_ROLE:
-            self.look_up_client()
-            try:
-                credentials, _ = self.server.cache.current(wait=not self.answer_once)
-            except Unavailable as error:
-                self.send_unavailable(error)
-                return
-            self.send_body(200, metadata_document(credentials, self.server.cache.last_refresh))
+        if path == self.IMDS_CREDENTIALS + role and grant is not None:
+            self.send_credentials(table, grant, lambda credentials, body, session:
+                                  metadata_document(credentials, session.last_refresh))
             return
-        body = metadata_answer(path, self.IMDS_ROLE, self.server.region)
+        body = metadata_answer(path, role, self.server.region) if grant is not None else None
         if body is None:
             # Including .../security-credentials-extended/: SDKs then fall back.
             self.send_json(404, {"code": "NotFound", "message": "not served here"})
@@ -3530,7 +3968,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         # Its messages quote the request line: keep them short, in the answer and the log.
         self.close_connection = True
         if message:
-            message = self.server.rules.redact(message)  # before the cut: none of the secret
+            message = SECRETS.redact(message)  # before the cut: none of the secret
         if message and len(message) > 200:
             message = message[:200] + "..."
         self.reason = message
@@ -3547,8 +3985,9 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         self.server.log_access(self.client_address[0], getattr(self, "command", None) or "-",
                                (getattr(self, "path", None) or "-").partition("?")[0], code,
-                               self.reason, self.lookup if code == 200 else None)
+                               self.reason, self.lookup if code == 200 else None, self.grant)
         self.reason = None
+        self.grant = None
 
     def log_message(self, format, *args):
         # http.server reports protocol errors here; the request is logged by log_request.
@@ -3597,13 +4036,13 @@ class CredentialServer(http.server.HTTPServer):
         listening sockets to serve instead (systemd socket activation); the
         first is the server's own, the others get an accepting thread each.
         """
-        self.cache = cache
         self.rules = rules or AccessRules()
-        # IMDS emulation: served only without an Authorization token, which the
-        # metadata paths cannot carry (by default, whenever there is no token).
-        if metadata is None:
-            metadata = self.rules.token is None
-        self.metadata_tokens = MetadataTokens() if metadata else None
+        if cache is not None:  # the one-grant case: the cache is its grant's session
+            table = self.rules.grants
+            table.sessions.setdefault(table.default, cache)
+        # IMDS emulation: served only to grants without an Authorization token, which
+        # the metadata paths cannot carry (see GrantTable.metadata); never if False.
+        self.metadata_tokens = MetadataTokens() if metadata is not False else None
         self.region = region  # served as the instance's region; main() sets the bucket's
         self.quiet = quiet
         self.stream = stream or sys.stderr
@@ -3739,7 +4178,7 @@ class CredentialServer(http.server.HTTPServer):
         if busy:
             self.log_access(client_address[0], "-", "-", 503, "too many connections")
             self._refuse(request)
-        elif self._answer_now(request) and self.cache.answers_at_once():
+        elif self._answer_now(request) and self.rules.grants.answers_at_once():
             # A whole one-shot request is already here: answering it on this thread
             # costs no hand-over between threads.  This thread must never wait on a
             # client, so its handler reads no second request, whatever the headers
@@ -3900,6 +4339,12 @@ class CredentialServer(http.server.HTTPServer):
                 pass
 
     @property
+    def cache(self):
+        """The default grant's session (the command line's one grant)."""
+        table = self.rules.grants
+        return table.sessions.get(table.default)
+
+    @property
     def open_connections(self):
         with self._deadlines_lock:
             return len(self._deadlines)
@@ -3919,13 +4364,16 @@ class CredentialServer(http.server.HTTPServer):
         # journald stamps each line itself.
         return "" if self.journal else format_timestamp(time.time()) + " "
 
-    def log_access(self, client, method, path, status, reason=None, lookup=None):
-        """One access-log line; with a ClientLookup, written once it names the client."""
+    def log_access(self, client, method, path, status, reason=None, lookup=None, grant=None):
+        """One access-log line; with a ClientLookup, written once it names the client;
+        with a grants file, it names the request's grant."""
         # Rejections are always logged; -q silences only the ordinary lines.
         if reason or not self.quiet:
-            redact = self.rules.redact  # before cutting: no part of the secret path either
+            redact = SECRETS.redact  # before cutting: no part of the secret path either
             line = "{}{} {} {} {}".format(self.stamp(), client, method[:16], redact(path)[:200],
                                           status)
+            if grant is not None and self.rules.grants.named:
+                line += " grant " + grant.name
             if reason:
                 line += " " + redact(reason)[:300]
             priority = LOG_WARNING if reason else LOG_INFO
