@@ -507,7 +507,7 @@ class Grant(object):
         self.statements = list(statements)
         self.token = token
         self.clients = tuple(clients)
-        self.session = session or name
+        self.session = session  # None: s3-credentials' form (the command line's grant)
         self.revoke = revoke
         self.origin = origin  # where the token came from, for messages
 
@@ -545,7 +545,8 @@ def check_token(token, what):
     return token
 
 
-def parse_grant(path, name, settings, read_token, default_duration=None, partition="aws"):
+def parse_grant(path, name, settings, read_token, default_duration=None, partition="aws",
+                session_limit=64):
     """One section's settings (a dict, keys as written) as a Grant; GrantError names
     the key that is wrong.  ``read_token(file)`` returns a token file's text."""
     if not _GRANT_NAME_RE.match(name):
@@ -621,8 +622,10 @@ def parse_grant(path, name, settings, read_token, default_duration=None, partiti
         fail("token", "no way for a client to be this grant: give token, token-file or "
                       "allow-client")
     session = values.get("session-name", name).strip()
-    if not re.match(r"^[\w+=,.@-]{2,64}$", session):
-        fail("session-name", "an STS session name is 2 to 64 letters, digits and +=,.@_-")
+    if not re.match(r"^[\w+=,.@-]{2,%d}\Z" % session_limit, session):
+        fail("session-name", "an STS session name is 2 to {} letters, digits and +=,.@_- "
+                             "(the section's name, unless session-name says)".format(
+                                 session_limit))
     grant = Grant(name, buckets, duration, permission, prefix, statements, token, clients,
                   session, flags.get("revoke", False), origin if token else None)
     try:
@@ -632,7 +635,8 @@ def parse_grant(path, name, settings, read_token, default_duration=None, partiti
     return grant
 
 
-def parse_grants(path, sections, read_token, default_duration=None, partition="aws"):
+def parse_grants(path, sections, read_token, default_duration=None, partition="aws",
+                 session_limit=64):
     """Every grant of a file, checked against each other: ``sections`` is a list of
     (name, settings dict) in the file's order.  A token (and so its relative URI) or a
     session name used twice, or token-less grants whose networks overlap, would let
@@ -640,8 +644,8 @@ def parse_grants(path, sections, read_token, default_duration=None, partition="a
     if not sections:
         raise GrantError(path, "no grants: add a [NAME] section with buckets and a token "
                                "or allow-client")
-    grants = [parse_grant(path, name, settings, read_token, default_duration, partition)
-              for name, settings in sections]
+    grants = [parse_grant(path, name, settings, read_token, default_duration, partition,
+                          session_limit) for name, settings in sections]
     for index, grant in enumerate(grants):
         for other in grants[:index]:
             if grant.token is not None and hmac.compare_digest(
@@ -661,7 +665,8 @@ def parse_grants(path, sections, read_token, default_duration=None, partition="a
     return grants
 
 
-def grants_from_ini(path, text, read_token, default_duration=None, partition="aws"):
+def grants_from_ini(path, text, read_token, default_duration=None, partition="aws",
+                    session_limit=64):
     """The grants of an INI text (RawConfigParser: no '%' interpolation, so a token may
     hold any character; [DEFAULT] settings apply to every section).  configparser's
     own messages quote the offending line, which may hold a token: only its line
@@ -688,7 +693,8 @@ def grants_from_ini(path, text, read_token, default_duration=None, partition="aw
         if key.replace("_", "-") not in GRANT_KEYS:
             raise GrantError(path, "unknown key", "DEFAULT", key)
     sections = [(name, dict(parser.items(name))) for name in parser.sections()]
-    return parse_grants(path, sections, read_token, default_duration, partition)
+    return parse_grants(path, sections, read_token, default_duration, partition,
+                        session_limit)
 
 
 ######################################################################
@@ -1809,6 +1815,12 @@ class AWSClient(object):
         self.query("iam", "AttachRolePolicy", [("RoleName", role_name),
                                                ("PolicyArn", policy_arn)], IAM_VERSION)
 
+    def put_role_policy(self, role_name, policy_name, document):
+        """Set a role's inline policy of this name (IAM replaces one that exists)."""
+        self.query("iam", "PutRolePolicy", [("RoleName", role_name),
+                                            ("PolicyName", policy_name),
+                                            ("PolicyDocument", document)], IAM_VERSION)
+
     def bucket_url(self, bucket, region):
         base, signing_region = self.context.endpoint("s3", region)
         if self.context.custom_endpoint("s3") or "." in bucket:
@@ -2896,8 +2908,9 @@ class CredentialMaker(object):
     propagation_wait = 60.0  # how long a newly created role may stay unassumable
 
     def __init__(self, client, mode, policy, duration, permission, buckets,
-                 role_arn=None, log=None):
+                 role_arn=None, log=None, session=None):
         self.client = client
+        self.session = session  # a grant's session name; None: s3-credentials' form
         self.mode = mode
         self.policy = policy
         # A role's credentials may assume another role for 1 hour at most (role chaining).
@@ -2979,11 +2992,13 @@ class CredentialMaker(object):
     def __call__(self):
         if self.mode == "federation":
             return self.client.get_federation_token(
-                session_name(self.permission, self.buckets, 32), self.policy, self.duration)
+                self.session or session_name(self.permission, self.buckets, 32), self.policy,
+                self.duration)
         while True:
             try:
                 return self.client.assume_role(
-                    self.role_arn, session_name(self.permission, self.buckets, 64),
+                    self.role_arn, self.session or session_name(self.permission, self.buckets,
+                                                                64),
                     self.policy, self.duration)
             except AWSError as error:
                 if (error.code == "ValidationError" and "role chaining" in error.message
@@ -4540,6 +4555,14 @@ class ServiceNotifier(object):
     def stopping(self):
         self.send("STOPPING=1", "STATUS=Stopping")
 
+    def reloading(self):
+        """RELOADING=1 with the CLOCK_MONOTONIC time it began, as Type=notify-reload
+        wants it (sd_notify(3)); READY=1 (ready()) says the reload is over."""
+        clock = getattr(time, "clock_gettime", None)
+        now = clock(time.CLOCK_MONOTONIC) if clock and hasattr(time, "CLOCK_MONOTONIC") \
+            else time.monotonic()
+        self.send("RELOADING=1", "MONOTONIC_USEC={}".format(int(now * 1e6)))
+
     def heartbeat(self):
         """WATCHDOG=1 if half the watchdog interval has passed since the last one.
 
@@ -4568,6 +4591,16 @@ def service_status(status, what):
             status["consecutive_failures"], "s" if status["consecutive_failures"] > 1 else "",
             status["last_error"])
     return line
+
+
+def grants_status(table, what):
+    """The STATUS= line: service_status for one grant; for a grants file, each grant's
+    state in a word."""
+    if not table.named:
+        return service_status(table.status(), what)
+    states = table.status()["grants"]
+    return "Serving {}: {}".format(what, ", ".join(
+        "{} {}".format(name, state["status"]) for name, state in states.items()))
 
 
 def journal_stderr(environ, stderr_fd=2):
@@ -5014,6 +5047,17 @@ def build_parser(prog="s3_localserver.py"):
                        metavar="CIDR",
                        help="answer only clients in this network (repeatable), e.g. "
                             "172.17.0.0/16; this host's own processes always")
+    grants = parser.add_argument_group(
+        "grants: several clients, each its own scope, token and session (GRANTS.md)")
+    grants.add_argument("--grants", metavar="FILE",
+                        help="serve the grants of this INI file instead of BUCKET... "
+                             "(SIGHUP rereads it)")
+    grants.add_argument("--grant", metavar="NAME",
+                        help="with --grants and a command: the grant whose token the "
+                             "command gets")
+    grants.add_argument("--revoke", metavar="NAME",
+                        help="deny at AWS the credentials already issued to this grant of "
+                             "--grants, then exit")
     guard.add_argument("--max-connections", type=_bounded_int(1, 10000, "--max-connections"),
                        default=256, metavar="N",
                        help="open connections at most (default %(default)s); more get 503")
@@ -5144,6 +5188,11 @@ def parse_args(argv, prog="s3_localserver.py"):
         parser.error("nothing after '--': give the command to run, or leave '--' out "
                      "to serve")
     needed = [("BUCKET", args.buckets), ("-d/--duration", args.duration)]
+    if args.grants:
+        check_grants_options(parser, args, command)
+        needed = []
+    elif args.grant or args.revoke:
+        parser.error("--{} needs --grants FILE".format("grant" if args.grant else "revoke"))
     if args.print_identity:
         needed = []
     elif args.print_policy:
@@ -5162,6 +5211,48 @@ def parse_args(argv, prog="s3_localserver.py"):
     if args.host is None:
         args.host = "127.0.0.1" if exec_mode else "localhost"
     return args
+
+
+# What a grants file says for each grant: not on the command line too.
+GRANT_OPTIONS = (("buckets", "BUCKET"), ("read_only", "--read-only"),
+                 ("write_only", "--write-only"), ("statement", "--statement"),
+                 ("auth_token", "--auth-token"), ("auth_token_file", "--auth-token-file"))
+
+
+def check_grants_options(parser, args, command):
+    """--grants takes the place of BUCKET and the options each grant sets itself;
+    -d/--duration stays, as the duration of grants that give none."""
+    for name, option in GRANT_OPTIONS:
+        if getattr(args, name):
+            parser.error("{} and --grants: give it in each grant of the file".format(option))
+    if args.prefix != "*":
+        parser.error("--prefix and --grants: give it in each grant of the file")
+    if args.grant and not command:
+        parser.error("--grant NAME is exec mode's grant: give the command after '--'")
+
+
+def load_grants(path, default_duration=None, partition="aws", session_limit=64):
+    """The grants of the file at ``path`` (read here, with its token files: a relative
+    token-file is found next to the grants file); GrantError if it cannot be served."""
+    try:
+        with open(_expand(path), encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise GrantError(path, "cannot be read ({})".format(error.strerror or error))
+    except ValueError:
+        raise GrantError(path, "is not UTF-8 text")
+    folder = os.path.dirname(os.path.abspath(_expand(path)))
+
+    def read_token(name):
+        with open(os.path.join(folder, _expand(name)), encoding="utf-8") as handle:
+            token = handle.read()
+        SECRETS.add(token.rstrip("\r\n"), any_length=True)
+        return token
+    for line in text.splitlines():  # a token in the file is a secret from here on
+        key, equals, value = line.partition("=")
+        if equals and key.strip().lower() == "token":
+            SECRETS.add(value.strip(), any_length=True)
+    return grants_from_ini(path, text, read_token, default_duration, partition, session_limit)
 
 
 def resolve_auth_token(args, environ):
@@ -5433,13 +5524,41 @@ def session_policy(args, region):
 
 
 def print_policy(args, environ, say):
-    """--print-policy: the session policy exactly as it would be sent; 1 if too long."""
+    """--print-policy: the session policy exactly as it would be sent; 1 if too long.
+    With --grants, each grant's, after a line naming it."""
+    if args.grants:
+        partition = partition_for_region(resolve_region(args, environ))
+        for grant in load_grants(args.grants, args.duration or MIN_DURATION, partition):
+            text = policy_json(grant.policy(partition))
+            sys.stdout.write("[{}] {} characters\n{}\n".format(grant.name, len(text), text))
+        sys.stdout.flush()
+        return 0
     policy = session_policy(args, resolve_region(args, environ))
     text = policy_json(policy, check=False)
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
     say("{} characters; STS allows at most {}".format(len(text), POLICY_MAX_CHARS))
     check_policy_length(text)  # the usual Error line when it is too long
+    return 0
+
+
+def revoke_grant(args, environ, say):
+    """--revoke NAME: deny at AWS what was issued to that grant's session until now."""
+    files = AWSFiles(environ)
+    context = run_context(args, environ, files, log=say)
+    grants = load_grants(args.grants, args.duration or MIN_DURATION,
+                         partition_for_region(context.region))
+    grant = next((grant for grant in grants if grant.name == args.revoke), None)
+    if grant is None:
+        raise GrantError(args.grants, "no grant of that name (--revoke)", args.revoke)
+    base = resolve_credentials(args, context.environ, files=files, context=context)
+    mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
+    line = GrantSessions(context.client(base), mode, args.role_arn, say, True).revoke(grant)
+    if line.startswith("Revoked"):
+        say(line)
+    else:  # a command for the user to run: on stdout, to copy or pipe
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
     return 0
 
 
@@ -5615,33 +5734,151 @@ def metadata_note(url, port, rules):
                 how, describe_clients(rules.clients)))
 
 
+class GrantSessions(object):
+    """Each grant's own STS session: a CredentialMaker with the grant's policy and
+    session name (so CloudTrail names it) behind a CredentialCache that refreshes it
+    on its own schedule; and the revocation of a grant's sessions at AWS.  The
+    default role is set up (and checked) once for them all."""
+
+    def __init__(self, client, mode, role_arn, say, named):
+        self.client = client
+        self.mode = mode
+        self.role_arn = role_arn
+        self.role_created_at = None
+        self.say = say
+        self.named = named  # from a grants file: each line names its grant
+
+    def log_for(self, grant):
+        if not self.named:
+            return self.say
+        return lambda message: self.say("Grant {}: {}".format(grant.name, message))
+
+    def make(self, grant):
+        """The grant's session, not yet minted; ``.fetch`` is its CredentialMaker."""
+        log = self.log_for(grant)
+        maker = CredentialMaker(self.client, self.mode,
+                                policy_json(grant.policy(self.client.partition)),
+                                grant.duration, grant.permission, grant.buckets,
+                                role_arn=self.role_arn, log=log, session=grant.session)
+        maker.role_created_at = self.role_created_at
+        return CredentialCache(maker, maker.duration, clock=self.client.clock, log=log)
+
+    def prepare(self, before_create=None):
+        """The IAM set-up of the default role, once (see CredentialMaker.prepare)."""
+        probe = CredentialMaker(self.client, self.mode, None, MIN_DURATION, "read-write", [],
+                                role_arn=self.role_arn, log=self.say)
+        probe.prepare(before_create)
+        self.role_arn, self.role_created_at = probe.role_arn, probe.role_created_at
+
+    def mint(self, sessions):
+        """The first credentials of every session at once, so N grants take about the
+        time of one; returns the errors (None for each that succeeded)."""
+        for session in sessions:
+            session.fetch.role_arn = self.role_arn
+            session.fetch.role_created_at = self.role_created_at
+        waits = [_in_background(_outcome, session.refresh) for session in sessions]
+        return [wait()[1] for wait in waits]
+
+    def revoke(self, grant):
+        """Make the credentials already issued to ``grant`` useless at AWS: the deny
+        policy of revoke_policy, put on the default role; for another role (or the
+        federation user) the command that puts it is said.  Returns the line to log."""
+        now = self.client.clock.aws_now()
+        document = policy_json(revoke_policy(grant.session, now), check=False)
+        name = revoke_policy_name(grant.name)
+        what = "credentials issued to session {} before {}".format(grant.session,
+                                                                  format_timestamp(now))
+        if self.mode == "role" and self.role_arn in (None, "") or (
+                self.mode == "role" and self.role_arn.endswith(":role/" + DEFAULT_ROLE_NAME)):
+            self.client.put_role_policy(DEFAULT_ROLE_NAME, name, document)
+            return "Revoked grant {}: {} are denied (inline policy {} on role {})".format(
+                grant.name, what, name, DEFAULT_ROLE_NAME)
+        if self.mode == "federation":
+            command = "aws iam put-user-policy --user-name THE-USER-WHOSE-KEYS-MINT-THEM"
+        else:
+            command = "aws iam put-role-policy --role-name {}".format(
+                self.role_arn.rsplit("/", 1)[-1])
+        return ("To revoke grant {} ({}), apply this policy (the script changes no role "
+                "but its own): {} --policy-name {} --policy-document '{}'".format(
+                    grant.name, what, command, name, document))
+
+
+def grants_line(grant):
+    """What one grant of a file serves, and to whom, for the start-up lines."""
+    who = []
+    if grant.token is not None:
+        who.append("token from " + grant.origin)
+    if grant.clients:
+        who.append("{}clients in {}".format("" if grant.token is None else "only ",
+                                            ", ".join(str(network) for network in
+                                                      grant.clients)))
+    return "Grant {}: {} credentials for {}, {} seconds{} (session {}; {})".format(
+        grant.name, grant.permission, describe_buckets(grant.buckets), grant.duration,
+        ", prefix '{}'".format(grant.prefix.rstrip("*")) if grant.prefix != "*" else "",
+        grant.session, "; ".join(who))
+
+
+def chosen_grants(args, grants):
+    """The grants a file serves (those not revoked) and exec mode's grant, by name."""
+    served = [grant for grant in grants if not grant.revoke]
+    default = args.grant
+    if default is None and args.command:
+        if len(served) != 1:
+            raise GrantError(args.grants, "which grant does the command get? name it with "
+                                          "--grant NAME")
+        default = served[0].name
+    if default is not None:
+        grant = next((grant for grant in served if grant.name == default), None)
+        if grant is None:
+            raise GrantError(args.grants, "no grant of that name is served (--grant)", default)
+        if grant.token is None:
+            raise GrantError(args.grants, "the command needs a grant with a token (--grant)",
+                             default, "token")
+    return served, default
+
+
 def start_server(args, environ, say, files, sockets=None):
     """Everything before serving: checks, the first credentials, the bound socket.
 
     ``sockets``: listening sockets passed by systemd, served instead of binding.
-    Returns (server, cache, region, token origin); the region is the bucket's when
-    none is configured.  Raises LocalServerError or AWSError.
+    Returns (server, GrantSessions, region, token origin); the region is the
+    bucket's when none is configured; ``server.rules.grants`` holds the grants
+    and their sessions, minted and not yet refreshing.  Raises LocalServerError
+    or AWSError.
     """
-    token, token_origin = resolve_auth_token(args, environ)
+    mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
+    context = run_context(args, environ, files, log=say)
+    region = context.region
+    if args.grants:
+        token_origin = "the grants file"
+        grants = load_grants(args.grants, args.duration, partition_for_region(region),
+                             32 if mode == "federation" else 64)
+        served, default = chosen_grants(args, grants)
+        revoked = [grant for grant in grants if grant.revoke]
+    else:
+        token, token_origin = resolve_auth_token(args, environ)
+        policy_json(session_policy(args, region))  # too long: say so before any call
+        served, default = [Grant("default", args.buckets, args.duration, args.permission,
+                                 args.prefix, args.statements, token)], None
+        revoked = []
     hosts = [sock.getsockname()[0] for sock in sockets] if sockets else [args.host]
     exposed = [host for host in hosts if not is_loopback(host)]
-    unguarded = bool(exposed) and token is None
+    # A grant open to every client, on an address others can reach.
+    unguarded = bool(exposed) and any(grant.token is None and not grant.clients
+                                      for grant in served)
     if unguarded and args.require_token:
         raise LocalServerError("refusing to serve on {} without an auth token "
                                "(--require-token); set --auth-token".format(exposed[0]))
-    context = run_context(args, environ, files, log=say)
-    region = context.region
-    policy = policy_json(session_policy(args, region))  # too long: say so before any call
     # Every client signs with the context's clock, and the cache judges expiry by it.
     base = resolve_credentials(args, context.environ, files=files, context=context)
     client = context.client(base)
-    mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
-    maker = CredentialMaker(client, mode, policy, args.duration, args.permission, args.buckets,
-                            role_arn=args.role_arn, log=say)
-    cache = CredentialCache(maker, maker.duration, clock=context.clock, log=say)
-    rules = AccessRules([args.host] + args.allow_host, token, args.allow_client)
+    grant_sessions = GrantSessions(client, mode, args.role_arn, say, bool(args.grants))
+    sessions = collections.OrderedDict((grant.name, grant_sessions.make(grant))
+                                       for grant in served)
+    table = GrantTable(served, sessions, named=bool(args.grants), default=default)
+    rules = AccessRules([args.host] + args.allow_host, clients=args.allow_client, grants=table)
     try:
-        server = CredentialServer((args.host, args.port), cache, rules,
+        server = CredentialServer((args.host, args.port), None, rules,
                                   quiet=args.quiet or bool(args.command), listen=False,
                                   max_connections=args.max_connections,
                                   idle_timeout=args.idle_timeout, sockets=sockets)
@@ -5659,8 +5896,10 @@ def start_server(args, environ, say, files, sockets=None):
     try:
         # The bucket checks do not depend on the credential calls: all at once, so
         # start-up costs the longest round trip, not their sum.
+        buckets = list(collections.OrderedDict.fromkeys(
+            bucket for grant in served for bucket in grant.buckets))
         bucket_checks = [_in_background(_outcome, client.head_bucket, bucket)
-                         for bucket in args.buckets]
+                         for bucket in buckets]
 
         def buckets_found():
             # A role is created only once every bucket is known to exist.
@@ -5670,18 +5909,21 @@ def start_server(args, environ, say, files, sockets=None):
                     raise error
 
         def first_credentials():
-            maker.prepare(before_create=buckets_found)
-            cache.refresh()
+            grant_sessions.prepare(before_create=buckets_found)
+            errors = grant_sessions.mint(list(sessions.values()))
+            return next((error for error in errors if error is not None), None)
         say("Generating initial credentials...")
-        _, failure = _outcome(first_credentials)
-        buckets = [check() for check in bucket_checks]  # (region, error) of each
-        for index, (_, error) in enumerate(buckets):
+        failure, error = _outcome(first_credentials)
+        failure = failure or error
+        found = [check() for check in bucket_checks]  # (region, error) of each
+        for index, (_, error) in enumerate(found):
             if isinstance(error, BucketDenied) and failure is None:
                 # Callers that may only assume the role: the served credentials must
                 # reach the bucket anyway, so they are the ones that decide.
-                served = context.client(cache.current()[0])
-                buckets[index] = _outcome(served.head_bucket, args.buckets[index])
-        bucket_failure = next((error for _, error in buckets if error is not None), None)
+                owner = next(grant for grant in served if buckets[index] in grant.buckets)
+                reader = context.client(sessions[owner.name].current()[0])
+                found[index] = _outcome(reader.head_bucket, buckets[index])
+        bucket_failure = next((error for _, error in found if error is not None), None)
         # The most useful error first: refused keys, then the role, then the bucket.
         for error in (failure, bucket_failure):
             if getattr(error, "code", None) in REFUSED_KEY_CODES:
@@ -5692,19 +5934,127 @@ def start_server(args, environ, say, files, sockets=None):
                 raise LocalServerError(explain(error, client.base.source))
         if failure is not None or bucket_failure is not None:
             raise failure or bucket_failure
-        server.region = buckets[0][0]  # what instance metadata says, as EC2 would
+        for grant in revoked:
+            say(grant_sessions.revoke(grant))
+        server.region = found[0][0]  # what instance metadata says, as EC2 would
         server.server_activate()
     except BaseException:
         server.server_close()
         raise
-    if maker.duration < args.duration:
-        # The cache's refresh timing is the same for any duration of 1 hour or more, so
-        # a cap STS only revealed during the first refresh needs nothing else.
-        say("Each set lasts 1 hour, not {} seconds: the script's own credentials ({}) are "
-            "an assumed role's, and AWS lets those assume another role for 1 hour at most "
-            "(role chaining)".format(args.duration, client.base.source))
-        args.duration = maker.duration
-    return server, cache, region or server.region, token_origin
+    for grant in served:
+        maker = sessions[grant.name].fetch
+        if maker.duration < grant.duration:
+            # The cache's refresh timing is the same for any duration of 1 hour or more,
+            # so a cap STS only revealed during the first refresh needs nothing else.
+            grant_sessions.log_for(grant)(
+                "Each set lasts 1 hour, not {} seconds: the script's own credentials ({}) "
+                "are an assumed role's, and AWS lets those assume another role for 1 hour "
+                "at most (role chaining)".format(grant.duration, client.base.source))
+            grant.duration = maker.duration
+    if not args.grants:
+        args.duration = served[0].duration
+    return server, grant_sessions, region or server.region, token_origin
+
+
+class GrantReloader(object):
+    """SIGHUP with --grants: reread the file and serve what it says now.
+
+    Added grants are minted and served, removed ones refused from the moment the
+    new table is in, changed ones (scope, duration, session name) minted anew;
+    a grant whose token or networks alone changed keeps its session.  Open
+    connections stay: each request is judged by the table in use when it comes.
+    A file that cannot be served changes nothing: one Error line, and a STATUS.
+    The signal handler only sets an Event; the work is done on this class's thread.
+    """
+
+    def __init__(self, args, server, grant_sessions, notifier, say, report, partition):
+        self.args = args
+        self.server = server
+        self.grant_sessions = grant_sessions
+        self.notifier = notifier
+        self.say = say
+        self.report = report
+        self.partition = partition
+        self.revoked = set()  # (grant, session name) revoked by this run
+        self._wanted = threading.Event()
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name="reloader", daemon=True)
+        self.thread.start()
+
+    def request(self):
+        """The SIGHUP handler: safe there, it only sets an Event."""
+        self._wanted.set()
+
+    def stop(self):
+        self._stopping = True
+        self._wanted.set()
+
+    def _run(self):
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stopping:
+                return
+            try:
+                self.reload()
+            except Exception as error:  # never let one reload end the thread
+                self.say("Error: reloading {} failed: {}".format(self.args.grants,
+                                                                  explain(error)))
+                self.notifier.ready("Reload failed: {}".format(explain(error)))
+
+    def reload(self):
+        """Reread the grants file and swap in what it says; False if it says nothing
+        servable (the grants in service are kept)."""
+        self.notifier.reloading()
+        mode = self.grant_sessions.mode
+        try:
+            grants = load_grants(self.args.grants, self.args.duration, self.partition,
+                                 32 if mode == "federation" else 64)
+            served, default = chosen_grants(self.args, grants)
+        except LocalServerError as error:
+            self.say("Error: {} (not reloaded: the grants in service stay)".format(error))
+            self.notifier.ready("Reload failed, serving the grants as before: {}".format(
+                error))
+            return False
+        old = self.server.rules.grants
+        sessions, fresh, changed = collections.OrderedDict(), [], []
+        for grant in served:
+            before = old.grants.get(grant.name)
+            if before is not None and before.minted_as() == grant.minted_as():
+                sessions[grant.name] = old.sessions[grant.name]
+                continue
+            session = sessions[grant.name] = self.grant_sessions.make(grant)
+            fresh.append(session)
+            if before is not None:
+                changed.append(grant.name)
+            session.after_attempt = self.report
+            session.start()  # its refresher mints it; its clients wait for that
+        removed = [name for name in old.grants if name not in sessions]
+        # From here on, removed grants are refused and changed ones served anew.
+        self.server.rules.grants = GrantTable(served, sessions, named=True, default=default)
+        for name in removed + changed:
+            old.sessions[name].stop()
+        for grant in grants:
+            if grant.revoke and (grant.name, grant.session) not in self.revoked:
+                try:
+                    self.say(self.grant_sessions.revoke(grant))
+                    self.revoked.add((grant.name, grant.session))
+                except (AWSError, LocalServerError) as error:
+                    self.say("Error: could not revoke grant {}: {}".format(grant.name,
+                                                                            explain(error)))
+        for session in fresh:
+            try:
+                session.current()  # waits for its first minting, a few seconds at most
+            except Unavailable:
+                pass  # its refresher retries, and logs why
+        added = [name for name in sessions if name not in old.grants]
+        self.say("Reloaded {}: {} grant{} served ({} added, {} changed, {} removed)".format(
+            self.args.grants, len(sessions), "s" if len(sessions) != 1 else "",
+            ", ".join(added) or "none", ", ".join(changed) or "none",
+            ", ".join(removed) or "none"))
+        self.notifier.ready(grants_status(self.server.rules.grants, "{} grant{}".format(
+            len(sessions), "s" if len(sessions) != 1 else "")))
+        return True
 
 
 def describe_buckets(buckets):
@@ -5731,17 +6081,20 @@ def main(argv=None, environ=None):
             return print_identity(args, environ)
         if args.print_policy:
             return print_policy(args, environ, say)
+        if args.revoke:
+            return revoke_grant(args, environ, say)
         sockets, _, warning = socket_activation(service, os.getpid())
         if warning:
             say(warning)
         files = AWSFiles(environ)  # the config and credentials files, read once
-        server, cache, region, token_origin = start_server(args, environ, say, files, sockets)
+        server, grant_sessions, region, token_origin = start_server(args, environ, say,
+                                                                    files, sockets)
     except (AWSError, LocalServerError) as error:
         say("Error: {}".format(explain(error)))
         # A unit that cannot start (an MFA code or SSO login nobody can give here)
         # shows why in systemctl status.
         notifier.status("Failed: {}".format(explain(error)))
-        return 1
+        return getattr(error, "exit_code", 1)  # 2: a grants file that cannot be served
     except KeyboardInterrupt:
         return 130
 
@@ -5755,7 +6108,10 @@ def main(argv=None, environ=None):
     loopback = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host)
     url_host = loopback or (host if server.passed else args.host)
     url_host = url_host if ":" not in url_host else "[{}]".format(url_host)
+    table = server.rules.grants
     served = "{} credentials for {}".format(args.permission, describe_buckets(args.buckets))
+    if args.grants:
+        served = "{} grant{}".format(len(table.grants), "s" if len(table.grants) > 1 else "")
     say("Serving {} at http://{}:{}/".format(served, url_host, server.server_port))
     if loopback:
         say("Listening on every address ({}): other machines use this one's name or "
@@ -5764,7 +6120,11 @@ def main(argv=None, environ=None):
         address = sock.getsockname()
         say("Also serving at http://{}:{}/".format(
             address[0] if ":" not in address[0] else "[{}]".format(address[0]), address[1]))
-    say("Duration: {} seconds".format(args.duration))
+    if args.grants:
+        for grant in table.grants.values():
+            say(grants_line(grant))
+    else:
+        say("Duration: {} seconds".format(args.duration))
     if args.prefix != "*":
         say("Prefix: only keys starting with '{}'".format(args.prefix.rstrip("*")))
     if args.statements:
@@ -5774,10 +6134,21 @@ def main(argv=None, environ=None):
         server.attribution = ClientAttribution(server.log)
         server.attribution.start_thread()
     server.heartbeat = notifier.heartbeat
-    cache.after_attempt = lambda: notifier.status(service_status(cache.status(), served))
-    cache.start()
+
+    def report():
+        notifier.status(grants_status(server.rules.grants, served))
+    for session in table.sessions.values():
+        session.after_attempt = report
+        session.start()
+    reloader = None
     if hasattr(signal, "SIGHUP"):  # not on Windows
-        signal.signal(signal.SIGHUP, lambda signum, frame: cache.request_refresh())
+        if args.grants:
+            reloader = GrantReloader(args, server, grant_sessions, notifier, say, report,
+                                     partition_for_region(region))
+            signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request())
+        else:
+            cache = server.cache
+            signal.signal(signal.SIGHUP, lambda signum, frame: cache.request_refresh())
     # serve_forever sees a shutdown only when its select() times out: in exec mode,
     # where the command's exit stops the server, a short poll lets us exit at once.
     # The watchdog beats from that loop, so it must come round often enough.
@@ -5786,7 +6157,7 @@ def main(argv=None, environ=None):
         poll = min(poll, notifier.watchdog_interval / 4)
     # The first credentials are in the cache: a Type=notify unit is up from here, and
     # systemd hears it before any client (queued on a passed socket) is answered.
-    notifier.ready(service_status(cache.status(), served))
+    notifier.ready(grants_status(table, served))
     threading.Thread(target=server.serve_forever, name="server", daemon=True,
                      kwargs={"poll_interval": poll}).start()
     host = loopback or host
@@ -5803,6 +6174,11 @@ def main(argv=None, environ=None):
         if args.command:
             code = run_command(args.command, env) if not stop.is_set() else (
                 128 + signal.SIGTERM)
+        elif args.grants:
+            say("Clients prove their grant by its token, its relative URI or their address "
+                "(see GRANTS.md); kill -HUP {} rereads {}".format(os.getpid(), args.grants))
+            say("Press Ctrl+C to stop")
+            wait_for_signal(stop)
         else:
             door = container_environment(host, server.server_port, server.rules.token,
                                          region)
@@ -5829,7 +6205,10 @@ def main(argv=None, environ=None):
     finally:
         notifier.stopping()
         signal.signal(signal.SIGTERM, previous_sigterm)
-        cache.stop()
+        if reloader is not None:
+            reloader.stop()
+        for session in server.rules.grants.sessions.values():
+            session.stop()
         server.shutdown()
         server.server_close()
         if server.attribution is not None:
