@@ -316,7 +316,8 @@ class StandIn(object):
         self.server.server_close()
 
 
-SERVING_RE = re.compile(r"^Serving (\S+) credentials for buckets? (.*) at (http://\S+/)$")
+SERVING_RE = re.compile(
+    r"^Serving (?:(\S+) credentials for buckets? (.*)|\d+ grants?) at (http://\S+/)$")
 
 
 class ScriptProcess(object):
