@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,15 @@ import urllib.parse
 import pytest
 
 import s3_localserver as s
-from helpers import ACCOUNT, BIN, HostAddresses, clean_env, podman_run, podman_unavailable, run_script
+from helpers import (
+    ACCOUNT,
+    BIN,
+    HostAddresses,
+    clean_env,
+    podman_run,
+    podman_unavailable,
+    run_script,
+)
 
 BUCKET_A, BUCKET_B, BUCKET_C = "grants-a", "grants-b", "grants-c"
 TOKEN_A = "token-for-agent-a-0123456789"
@@ -637,4 +644,3 @@ def check_podman_grant(server):
     code, out, err = podman_run([sys.executable, "-c", fetch_script, url],
                                 options=["--ip", PODMAN_OTHER_IP])
     assert code == 0 and out.strip() in ("401", "403"), (out, err)
-    assert socket  # the module is used by fetch's source addresses
