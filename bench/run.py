@@ -175,12 +175,55 @@ def exec_mode(endpoint, env):
     return time.perf_counter() - started
 
 
+def grants_start(endpoint, env, count, folder):
+    """--grants with ``count`` grants (one token each): seconds from start to the first
+    200 for the last grant.  Every grant is minted before the server answers anyone, so
+    this is the start-up of all of them."""
+    path = os.path.join(folder, "grants-{}.ini".format(count))
+    with open(path, "w") as handle:
+        for number in range(count):
+            handle.write("[grant-{0:02d}]\nbuckets = {1}\nduration = 1h\n"
+                         "token = bench-token-{0:02d}\n".format(number, BUCKET))
+    request = REQUEST.replace(b"\r\n\r\n", "\r\nAuthorization: bench-token-{:02d}\r\n\r\n"
+                              .format(count - 1).encode())
+    port = free_port()
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "s3_localserver.py"), "--grants", path, "-p",
+         str(port), "--host", "127.0.0.1", "--endpoint-url", endpoint], env=env, cwd=ROOT,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                if fetch(port, timeout=1, request=request) == 200:
+                    return time.perf_counter() - started
+            except OSError:
+                pass
+            if process.poll() is not None:
+                raise RuntimeError("--grants exited with {}".format(process.returncode))
+            if time.perf_counter() - started > 60:
+                raise RuntimeError("--grants did not start")
+            time.sleep(0.002)
+    finally:
+        stop(process)
+
+
+def far_grants(relay, env, folder, starts, record):
+    """Start-up through the latency relay, 1 grant and 10 grants, alternating."""
+    for index in range(starts):
+        for count in ((1, 10) if index % 2 == 0 else (10, 1)):
+            relay.connections = 0
+            record(OURS, "far_grants{}".format(count), grants_start(relay.url, env, count,
+                                                                      folder))
+            record(OURS, "far_grants{}_connections".format(count), relay.connections)
+
+
 # --- clients ------------------------------------------------------------------------
 
-def fetch(port, timeout=10):
+def fetch(port, timeout=10, request=REQUEST):
     """One GET / on a new connection; the status."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(REQUEST)
+        sock.sendall(request)
         data = b""
         while True:
             chunk = sock.recv(65536)
@@ -354,6 +397,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", type=int, default=11, help="cold starts of each")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the other figures")
+    parser.add_argument("--grants-only", action="store_true",
+                        help="only the --grants start-up rows (1 grant vs 10)")
     options = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="s3ls-bench-")
@@ -379,6 +424,20 @@ def main():
     def pair(index):
         return (OURS, REFERENCE) if index % 2 == 0 else (REFERENCE, OURS)
 
+    if options.grants_only:
+        far_grants(relay, env, tmp, options.starts, record)
+        for count in (1, 10):
+            print("through the latency relay: start to first credentials, --grants with {} "
+                  "grant(s), s: {} ; AWS connections: {}".format(
+                      count, summary(results[OURS.name]["far_grants{}".format(count)],
+                                     "{:.3f}")[1],
+                      summary(results[OURS.name]["far_grants{}_connections".format(count)],
+                              "{:.0f}")[1]))
+        relay.stop()
+        proxy.stop()
+        moto.stop()
+        return
+
     print("cold starts...", file=sys.stderr)
     stop(OURS_MODULE.start(proxy.url, env)[0])  # writes the cached bytecode
     for index in range(options.starts):
@@ -397,6 +456,7 @@ def main():
             record(target, "far_connections", relay.connections)
             stop(process)
         record(OURS, "far_exec", exec_mode(relay.url, env))
+    far_grants(relay, env, tmp, options.starts, record)
     relay.stop()
 
     with ProcessPoolExecutor(8) as pool:
@@ -471,6 +531,14 @@ def main():
          "{:.0f}", OURS_ROLE_ARN.name),
         ("through the latency relay: exec mode `-- true`, start to exit, s", "far_exec",
          "{:.3f}", OURS.name),
+        ("through the latency relay: start to first credentials, --grants, 1 grant, s",
+         "far_grants1", "{:.3f}", OURS.name),
+        ("through the latency relay: start to first credentials, --grants, 10 grants, s",
+         "far_grants10", "{:.3f}", OURS.name),
+        ("through the latency relay: AWS connections opened, --grants, 1 grant",
+         "far_grants1_connections", "{:.0f}", OURS.name),
+        ("through the latency relay: AWS connections opened, --grants, 10 grants",
+         "far_grants10_connections", "{:.0f}", OURS.name),
     ]
     rows[2:2] = [
         ("cold start, as `python3 -m s3_localserver` (bytecode cached), s", "cold", "{:.3f}",
