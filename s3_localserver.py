@@ -5047,17 +5047,6 @@ def build_parser(prog="s3_localserver.py"):
                        metavar="CIDR",
                        help="answer only clients in this network (repeatable), e.g. "
                             "172.17.0.0/16; this host's own processes always")
-    grants = parser.add_argument_group(
-        "grants: several clients, each its own scope, token and session (GRANTS.md)")
-    grants.add_argument("--grants", metavar="FILE",
-                        help="serve the grants of this INI file instead of BUCKET... "
-                             "(SIGHUP rereads it)")
-    grants.add_argument("--grant", metavar="NAME",
-                        help="with --grants and a command: the grant whose token the "
-                             "command gets")
-    grants.add_argument("--revoke", metavar="NAME",
-                        help="deny at AWS the credentials already issued to this grant of "
-                             "--grants, then exit")
     guard.add_argument("--max-connections", type=_bounded_int(1, 10000, "--max-connections"),
                        default=256, metavar="N",
                        help="open connections at most (default %(default)s); more get 503")
@@ -5088,6 +5077,17 @@ def build_parser(prog="s3_localserver.py"):
                       help="assume this role instead; no IAM calls")
     made.add_argument("--federation", action="store_true",
                       help="use GetFederationToken (needs long-term IAM user keys)")
+    grants = parser.add_argument_group(
+        "grants: several clients, each its own scope, token and session (GRANTS.md)")
+    grants.add_argument("--grants", metavar="FILE",
+                        help="serve the grants of this INI file instead of BUCKET... "
+                             "(SIGHUP rereads it)")
+    grants.add_argument("--grant", metavar="NAME",
+                        help="with --grants and a command: the grant whose token the "
+                             "command gets")
+    grants.add_argument("--revoke", metavar="NAME",
+                        help="deny at AWS the credentials already issued to this grant of "
+                             "--grants, then exit")
     base = parser.add_argument_group("the script's own AWS identity and endpoints")
     base.add_argument("--access-key", metavar="KEY", help="AWS access key id")
     base.add_argument("--secret-key", metavar="SECRET", help="AWS secret access key")
