@@ -3481,6 +3481,7 @@ class GrantTable(object):
                            if grant.token is None and not grant.clients), None)
         # Instance metadata's clients send no token: served while some grant needs none.
         self.metadata = any(grant.token is None for grant in grants)
+        self.per_client = any(grant.clients for grant in grants)  # checks need the address
 
     @classmethod
     def single(cls, token=None, name="default"):
@@ -3589,8 +3590,7 @@ class AccessRules(object):
     @property
     def per_client(self):
         """Whether some check needs the connection's own address."""
-        return bool(self.clients) or any(grant.clients for grant in
-                                         self.grants.grants.values())
+        return bool(self.clients) or self.grants.per_client
 
     def host_allowed(self, host_header):
         host_header = host_header or ""
@@ -5747,6 +5747,7 @@ class GrantSessions(object):
         self.role_created_at = None
         self.say = say
         self.named = named  # from a grants file: each line names its grant
+        self.revoked = set()  # (grant name, session name) revoked by this run
 
     def log_for(self, grant):
         if not self.named:
@@ -5791,6 +5792,7 @@ class GrantSessions(object):
         if self.mode == "role" and self.role_arn in (None, "") or (
                 self.mode == "role" and self.role_arn.endswith(":role/" + DEFAULT_ROLE_NAME)):
             self.client.put_role_policy(DEFAULT_ROLE_NAME, name, document)
+            self.revoked.add((grant.name, grant.session))
             return "Revoked grant {}: {} are denied (inline policy {} on role {})".format(
                 grant.name, what, name, DEFAULT_ROLE_NAME)
         if self.mode == "federation":
@@ -5975,7 +5977,6 @@ class GrantReloader(object):
         self.say = say
         self.report = report
         self.partition = partition
-        self.revoked = set()  # (grant, session name) revoked by this run
         self._wanted = threading.Event()
         self._stopping = False
         self.thread = threading.Thread(target=self._run, name="reloader", daemon=True)
@@ -6035,10 +6036,9 @@ class GrantReloader(object):
         for name in removed + changed:
             old.sessions[name].stop()
         for grant in grants:
-            if grant.revoke and (grant.name, grant.session) not in self.revoked:
+            if grant.revoke and (grant.name, grant.session) not in self.grant_sessions.revoked:
                 try:
                     self.say(self.grant_sessions.revoke(grant))
-                    self.revoked.add((grant.name, grant.session))
                 except (AWSError, LocalServerError) as error:
                     self.say("Error: could not revoke grant {}: {}".format(grant.name,
                                                                             explain(error)))
