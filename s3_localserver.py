@@ -5752,7 +5752,8 @@ class GrantSessions(object):
     def log_for(self, grant):
         if not self.named:
             return self.say
-        return lambda message: self.say("Grant {}: {}".format(grant.name, message))
+        # After the message: its first word gives its journal priority (journal_line).
+        return lambda message: self.say("{} (grant {})".format(message, grant.name))
 
     def make(self, grant):
         """The grant's session, not yet minted; ``.fetch`` is its CredentialMaker."""

@@ -363,8 +363,13 @@ def test_no_door_path_or_header_trick_gives_another_grants_credentials(
     # Two Authorization headers are ambiguous: 400, whichever comes first.
     assert fetch(server, "/", [("Authorization", TOKEN_A), ("Authorization", TOKEN_B)])[0] \
         == 400
-    # Without a token, this host's processes get nothing (no grant answers 127.0.0.1).
+    # Without a token, this host's processes get nothing (no grant answers 127.0.0.1)...
     assert fetch(server)[0] == 401
+    # ...but /healthz: every grant's state, by name, without a secret.
+    status, health = fetch(server, "/healthz")
+    assert status == 200 and list(health["grants"]) == ["agent-a", "agent-b", "agent-c"]
+    assert health["status"] == "ok" and "AccessKeyId" not in json.dumps(health)
+    assert fetch(server, "/healthz", source=ADDRESS_C)[1]["grant"] == "agent-c"
     # C's address with A's token is A (the token proves more than the address).
     assert key_of(server, [("Authorization", TOKEN_A)], source=ADDRESS_C) == keys["a"]
 
