@@ -598,6 +598,9 @@ def parse_grant(path, name, settings, read_token, default_duration=None, partiti
     if duration is None:
         fail("duration", "missing (or give -d/--duration for every grant)")
     token, origin = values.get("token"), "the grants file"
+    if token is not None and re.search(r"\s", token.strip()):
+        fail("token", "a token written in the file has no spaces (a comment may follow "
+                      "one); put such a token in a token-file")
     if token is not None and "token-file" in values:
         fail("token-file", "give token or token-file, not both")
     if "token-file" in values:
@@ -668,10 +671,12 @@ def parse_grants(path, sections, read_token, default_duration=None, partition="a
 def grants_from_ini(path, text, read_token, default_duration=None, partition="aws",
                     session_limit=64):
     """The grants of an INI text (RawConfigParser: no '%' interpolation, so a token may
-    hold any character; [DEFAULT] settings apply to every section).  configparser's
+    hold any character but a space; [DEFAULT] settings apply to every section).  configparser's
     own messages quote the offending line, which may hold a token: only its line
     number is said."""
-    parser = configparser.RawConfigParser()
+    # A comment may end a line after a space ('token-file = a.token  # agent A'): a
+    # token has no spaces (check_token), so none is cut short.
+    parser = configparser.RawConfigParser(inline_comment_prefixes=("#", ";"))
     parser.optionxform = str  # keys as written, so an unknown one is named as written
     try:
         parser.read_string(text, path)
@@ -5275,9 +5280,11 @@ def resolve_auth_token(args, environ):
         token, origin = environ.get("S3_LOCALSERVER_AUTH_TOKEN"), "S3_LOCALSERVER_AUTH_TOKEN"
     if token == "generate" or (token is None and args.command):
         token, origin = secrets.token_urlsafe(32), "generated"
-    if token is not None and (not token or token != token.strip() or "\n" in token):
-        raise LocalServerError("the auth token must be non-empty, on one line, without "
-                               "leading or trailing spaces")
+    if token is not None:
+        try:
+            check_token(token, "the auth token")
+        except ValueError as error:
+            raise LocalServerError(str(error))
     SECRETS.add(token, any_length=True)
     return token, (origin if token is not None else None)
 

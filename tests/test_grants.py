@@ -137,6 +137,21 @@ def test_a_file_that_is_no_ini_says_where_and_never_quotes_a_line(text, words):
     assert "secret-value" not in str(caught.value)
 
 
+def test_the_example_of_grants_md_is_served_as_it_reads():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "GRANTS.md"), encoding="utf-8") as handle:
+        text = handle.read().split("```ini\n", 1)[1].split("```", 1)[0]
+    read = {"agent-review.token": "review-token\n", "agent-build.token": "build-token\n"}
+    found = grants(text, read.__getitem__)  # a comment after a value is no part of it
+    assert [(grant.name, grant.token, grant.session, grant.permission) for grant in found] == [
+        ("agent-review", "review-token", "agent-review", "read-only"),
+        ("agent-build", "build-token", "ci-build-4711", "read-write"),
+        ("sandbox-box", None, "sandbox-box", "write-only")]
+    assert found[1].buckets == ["build-cache", "artifacts"] and found[0].prefix == "reviews/"
+    with pytest.raises(s.GrantError, match=r"\[one\], token: a token written in the file"):
+        grants("[one]\nbuckets = x-bucket\ntoken = has space\n", default_duration=900)
+
+
 def test_duration_from_the_command_line_and_federation_session_limit():
     text = "[one]\nbuckets = x-bucket\ntoken = t1\n"
     with pytest.raises(s.GrantError, match=r"\[one\], duration: missing"):
@@ -252,8 +267,10 @@ def key_of(server, headers=(), path="/", source=None):
 
 
 def start_grants(start, moto, tester_env, grants_file, *extra, **env):
-    return start(["--grants", str(grants_file), "--endpoint-url", moto.url] + list(extra),
-                 tester_env(**env))
+    server = start(["--grants", str(grants_file), "--endpoint-url", moto.url] + list(extra),
+                   tester_env(**env))
+    server.secrets += [TOKEN_A, TOKEN_B]  # the start fixture: never in its output
+    return server
 
 
 def test_each_grant_its_own_session_minted_in_parallel(moto, start, tester_env, buckets,
@@ -455,6 +472,16 @@ def test_grant_options_belong_in_the_file(home, tmp_path, option):
     code, _, err = run_script(["--grants", tmp_path / "g.ini", "-d", "1h"] + option,
                               clean_env(home))
     assert code == 2 and "--grants: give it in each grant of the file" in err, err
+
+
+def test_print_policy_prints_each_grants(home, grants_file):
+    code, out, err = run_script(["--grants", grants_file, "--print-policy"], clean_env(home))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line.split(" ")[0] for line in lines[::2]] == ["[agent-a]", "[agent-b]",
+                                                         "[agent-c]"]
+    assert json.loads(lines[3]) == s.build_policy("read-only", [BUCKET_B])
+    assert lines[2] == "[agent-b] {} characters".format(len(lines[3]))
 
 
 def test_grant_and_revoke_need_grants(home):
