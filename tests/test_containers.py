@@ -25,12 +25,16 @@ import s3_localserver as s
 from conftest import BUCKET
 from helpers import (
     BIN,
+    PODMAN_RUN,
     SCRIPT,
     HostAddresses,
     Namespace,
     Relay,
     clean_env,
+    ip,
     netns_unavailable,
+    podman_run,
+    podman_unavailable,
     run_script,
 )
 
@@ -47,9 +51,10 @@ BOTO3_READ = ("import sys, boto3\n"
 # A bare HTTP client, for answers no SDK would show: (status, body).
 FETCH = ("import sys, json, urllib.request, urllib.error\n"
          "headers = json.loads(sys.argv[2])\n"
+         "method = sys.argv[3] if len(sys.argv) > 3 else 'GET'\n"
          "try:\n"
          "    answer = urllib.request.urlopen(urllib.request.Request(sys.argv[1],\n"
-         "        headers=headers), timeout=20)\n"
+         "        headers=headers, method=method), timeout=20)\n"
          "    print(answer.status, answer.read().decode())\n"
          "except urllib.error.HTTPError as error:\n"
          "    print(error.code, error.read().decode())\n")
@@ -81,13 +86,25 @@ class Lab(object):
             BUCKET, KEY), "-", "--endpoint-url", self.endpoint, "--region", "us-east-1"],
             env)
 
-    def fetch(self, url, headers=None):
-        """(status, body text) of one GET from inside the namespace."""
-        code, out, err = self.ns.run([sys.executable, "-c", FETCH, url,
-                                      json.dumps(headers or {})], self.env())
-        assert code == 0, err
-        status, _, body = out.strip().partition(" ")
-        return int(status), body
+    def fetch(self, url, headers=None, method="GET"):
+        """(status, body text) of one request from inside the namespace."""
+        return fetch_with(self.ns.run, url, headers, method, self.env())
+
+
+def fetch_with(run, url, headers=None, method="GET", env=None):
+    """(status, body text) of one request made by FETCH through ``run`` (a namespace's
+    or a Podman container's)."""
+    code, out, err = run([sys.executable, "-c", FETCH, url, json.dumps(headers or {}),
+                          method], env)
+    assert code == 0, err
+    status, _, body = out.strip().partition(" ")
+    return int(status), body
+
+
+def podman_fetch(url, headers=None, method="GET", options=()):
+    """(status, body text) of one request from a fresh Podman container."""
+    return fetch_with(lambda command, env: podman_run(command, options=options), url,
+                      headers, method)
 
 
 def read_both(lab, env):
@@ -581,3 +598,237 @@ def test_container_environment():
     assert other == ("AWS_CONTAINER_CREDENTIALS_FULL_URI=http://[fd00:ec2::23]:9000/\n"
                      "AWS_CONTAINER_AUTHORIZATION_TOKEN=tok\n")
 
+
+
+# --- real Podman containers on Podman's bridge (10.88.0.0/16) --------------------------
+
+@pytest.fixture
+def podman(lab):
+    """Podman's own containers, with the door addresses on the host's lo (the lab's)."""
+    reason = podman_unavailable()
+    if reason:
+        pytest.skip(reason)
+    return lab
+
+
+def imds_session(fetch, base):
+    """An IMDSv2 session token, PUT for as a client of ``base`` does through ``fetch``."""
+    status, token = fetch(base + "latest/api/token",
+                          {"X-aws-ec2-metadata-token-ttl-seconds": "60"}, "PUT")
+    assert status == 200, token
+    return token
+
+
+# --- issue 29, 1: the metadata door needs the session token on every credential path ----
+
+def test_metadata_root_needs_the_session_token(lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, METADATA, 80)
+    base = "http://{}/".format(METADATA)
+    status, body = lab.fetch(base)  # IMDSv1 style: what an SSRF bug can send
+    assert status == 401 and "AccessKeyId" not in body, status
+    status, body = lab.fetch(base, {"X-aws-ec2-metadata-token": "forged"})
+    assert status == 401 and "AccessKeyId" not in body
+    token = imds_session(lab.fetch, base)
+    status, body = lab.fetch(base, {"X-aws-ec2-metadata-token": token})
+    assert status == 200 and "AccessKeyId" in body
+    server.secrets += [json.loads(body)["SecretAccessKey"]]
+
+
+def test_ipv6_metadata_root_needs_the_session_token(lab, moto, start, tester_env):
+    serve(start, moto, tester_env, METADATA6, 80)
+    status, body = lab.fetch("http://[{}]/".format(METADATA6))
+    assert status == 401 and "AccessKeyId" not in body, status
+
+
+def test_podman_metadata_root_needs_the_session_token(podman, moto, start, tester_env):
+    server = serve(start, moto, tester_env, METADATA, 80)
+    base = "http://{}/".format(METADATA)
+    status, body = podman_fetch(base)
+    assert status == 401 and "AccessKeyId" not in body, status
+    # The whole IMDSv2 exchange in a container: answered.
+    code, out, err = podman_run([sys.executable, "-c", IMDS_READ, base])
+    assert code == 0 and out.startswith("200 ") and "AccessKeyId" in out, (out, err)
+    server.secrets += [json.loads(out.partition(" ")[2])["SecretAccessKey"]]
+
+
+# PUT for a session token, then GET / with it: (status, body) on one line.
+IMDS_READ = ("import sys, urllib.request, urllib.error\n"
+             "base = sys.argv[1]\n"
+             "token = urllib.request.urlopen(urllib.request.Request(base + 'latest/api/token',"
+             " method='PUT', headers={'X-aws-ec2-metadata-token-ttl-seconds': '60'}),"
+             " timeout=20).read().decode()\n"
+             "try:\n"
+             "    answer = urllib.request.urlopen(urllib.request.Request(base, headers={\n"
+             "        'X-aws-ec2-metadata-token': token}), timeout=20)\n"
+             "    print(answer.status, answer.read().decode())\n"
+             "except urllib.error.HTTPError as error:\n"
+             "    print(error.code, error.read().decode())\n")
+
+
+# --- issue 29, 3: on a door, only this machine's container networks are answered -------
+
+class LanNeighbour(object):
+    """A namespace joined to the host through a bridge that also holds a VXLAN tunnel
+    (to other machines), standing in for the NIC a bridge shares with the LAN (br0
+    holding eth0): a host on the LAN, as far as the interface table tells."""
+
+    def __init__(self):
+        self.ns = Namespace()
+        tag = self.ns.name[len("s3ls-"):]
+        self.bridge, self.nic = "s3b" + tag, "s3n" + tag
+        try:
+            ip("link", "add", self.bridge, "type", "bridge")
+            ip("link", "add", self.nic, "type", "vxlan", "id",
+               1000 + int.from_bytes(os.urandom(2), "big"), "dstport", 4789)
+            ip("addr", "del", self.ns.host_ip + "/30", "dev", self.ns.host_link)
+            ip("link", "set", self.ns.host_link, "master", self.bridge)
+            ip("link", "set", self.nic, "master", self.bridge)
+            ip("addr", "add", self.ns.host_ip + "/30", "dev", self.bridge)
+            for link in (self.nic, self.bridge):
+                ip("link", "set", link, "up")
+        except BaseException:
+            self.remove()
+            raise
+
+    def unplug_nic(self):
+        """The bridge keeps only the namespace's veth: a container network now."""
+        ip("link", "set", self.nic, "nomaster")
+
+    def remove(self):
+        for link in (self.nic, self.bridge):
+            ip("link", "delete", link, check=False)
+        self.ns.remove()
+
+
+def test_lan_neighbour_is_not_answered_on_the_door(lab, moto, start, tester_env):
+    neighbour = LanNeighbour()
+    try:
+        server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
+        door = door_settings(server)
+        answered = next(line for line in server.lines if line.startswith("Answered on "))
+        assert "this host's processes" in answered and "--allow-client" in answered
+        assert neighbour.ns.network not in answered  # behind a bridge with a NIC in it
+        url = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+        token = {"Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]}
+        status, body = fetch_with(neighbour.ns.run, url, token, env=lab.env())
+        assert status == 403 and "AccessKeyId" not in body, status
+        server.wait_for_line(" {} - - 403 client {} is not".format(
+            neighbour.ns.inside_ip, neighbour.ns.inside_ip))
+        # The lab's namespace (a veth, as a container's) is answered all along...
+        status, body = lab.fetch(url, token)
+        assert status == 200 and "AccessKeyId" in body
+        server.secrets += [json.loads(body)["SecretAccessKey"]]
+        # ...and the neighbour too once its bridge holds nothing but veths: the table is
+        # read again when the kernel says an interface changed.
+        neighbour.unplug_nic()
+        status, body = fetch_with(neighbour.ns.run, url, token, env=lab.env())
+        assert status == 200 and "AccessKeyId" in body, body
+        server.secrets += [json.loads(body)["SecretAccessKey"]]
+        # --allow-client decides instead when it is given.
+        assert server.finish() == 0
+        server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate",
+                       "--allow-client", lab.ns.network)
+        door = door_settings(server)
+        assert "Answered on {}: this host's processes and {} (--allow-client)".format(
+            DOOR, lab.ns.network) in server.output
+        status, body = fetch_with(neighbour.ns.run, door["AWS_CONTAINER_CREDENTIALS_FULL_URI"],
+                                  {"Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]},
+                                  env=lab.env())
+        assert status == 403, status
+    finally:
+        neighbour.remove()
+
+
+def test_lan_neighbour_gets_no_metadata(lab, moto, start, tester_env):
+    neighbour = LanNeighbour()
+    try:
+        serve(start, moto, tester_env, METADATA, 80)
+        status, body = fetch_with(neighbour.ns.run, "http://{}/latest/api/token".format(
+            METADATA), {"X-aws-ec2-metadata-token-ttl-seconds": "60"}, "PUT", lab.env())
+        assert status == 403, status
+    finally:
+        neighbour.remove()
+
+
+def test_podman_container_is_answered_on_the_door(podman, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
+    door = door_settings(server)
+    status, body = podman_fetch(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], {
+        "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+    assert status == 200 and "AccessKeyId" in body, body
+    server.secrets += [json.loads(body)["SecretAccessKey"]]
+    line = server.wait_for_line(" GET / 200")
+    assert " 10.88." in line, line
+
+
+# --- issue 29, 4: one client address cannot take every connection ----------------------
+
+def test_idle_connections_of_one_namespace_do_not_lock_out_the_token_holder(
+        lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
+    door = door_settings(server)
+    port = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/")
+    hog = subprocess.Popen(["ip", "netns", "exec", lab.ns.name, sys.executable, "-c", HOG,
+                            DOOR, port, "256"], stdout=subprocess.PIPE,
+                           stdin=subprocess.DEVNULL)
+    try:
+        assert hog.stdout.readline().strip() == b"ready"
+        request = urllib.request.Request(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], headers={
+            "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+        with urllib.request.urlopen(request, timeout=20) as answer:
+            served = json.loads(answer.read().decode())
+        server.secrets += [served["SecretAccessKey"], served["Token"]]
+    finally:
+        hog.kill()
+        hog.wait()
+    server.wait_for_line("{} - - 503 too many connections from this client".format(
+        lab.ns.inside_ip))
+
+
+def test_idle_podman_container_does_not_lock_out_another(podman, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
+    door = door_settings(server)
+    port = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/")
+    hog = subprocess.Popen(PODMAN_RUN + ["--rootfs", "/:O", sys.executable, "-c", HOG, DOOR,
+                                         port, "256"],
+                           stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert hog.stdout.readline().strip() == b"ready"
+        status, body = podman_fetch(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], {
+            "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+        assert status == 200 and "AccessKeyId" in body, body
+        server.secrets += [json.loads(body)["SecretAccessKey"]]
+    finally:
+        hog.kill()
+        hog.wait()
+    assert "too many connections from this client" in server.output
+
+
+# --- issue 29, 6: /healthz tells a container the status only ---------------------------
+
+def test_healthz_on_a_door_gives_containers_the_status_only(lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
+    door = door_settings(server)
+    url = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"] + "healthz"
+    status, body = lab.fetch(url)
+    assert status == 200 and json.loads(body) == {"status": "ok"}, sorted(json.loads(body))
+    with urllib.request.urlopen(url, timeout=20) as answer:  # this host's own process
+        mine = json.loads(answer.read().decode())
+    assert mine["status"] == "ok" and "last_error" in mine and "expiration" in mine
+
+
+# --- issue 29, 8: ranges that cannot mean what they say ----------------------------------
+
+@pytest.mark.parametrize("value, advice", [
+    ("fe80::/64", "link-local"),
+    ("fe80::1", "link-local"),
+    ("::ffff:10.88.0.0/112", "write 10.88.0.0/16"),
+    ("::ffff:172.17.0.5", "write 172.17.0.5/32"),
+])
+def test_allow_client_ranges_that_match_nothing_are_refused(home, value, advice):
+    code, out, err = run_script([BUCKET, "-d", "1h", "--allow-client", value],
+                                clean_env(home))
+    assert code == 2, err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(
+        "Error: argument --allow-client: "), err
+    assert advice in err and "Traceback" not in err
