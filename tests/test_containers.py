@@ -497,9 +497,98 @@ def test_client_allowed():
     assert rules.client_allowed("127.0.0.1", "127.0.0.1")
     assert rules.client_allowed("169.254.170.2", "169.254.170.2")
     assert not rules.client_allowed("169.254.170.3", "169.254.170.2")
-    assert s.AccessRules().client_allowed("203.0.113.9", "169.254.170.2")  # no list: all
+    # No list: anyone, except on a door (issue 29), where this machine's container
+    # networks decide.
+    table = s.ContainerNetworks(read=lambda: TABLE, watch=False)
+    open_rules = s.AccessRules(networks=table)
+    assert open_rules.client_allowed("203.0.113.9", "192.0.2.1")
+    assert not open_rules.client_allowed("203.0.113.9", "169.254.170.2")
+    assert not open_rules.client_allowed("203.0.113.9", "::ffff:169.254.169.254")
+    assert open_rules.client_allowed("172.17.0.5", "169.254.170.2")
+    assert open_rules.client_allowed("::ffff:10.88.0.7", "::ffff:169.254.169.254")
+    assert not open_rules.client_allowed("192.168.1.20", "fd00:ec2::254")  # br0, with eth0
+    assert open_rules.client_allowed("192.168.1.1", "192.168.1.1")  # this host, on br0
+    refused = open_rules.refusal({"Host": "169.254.170.2"}, client="192.168.1.20",
+                                 local="169.254.170.2")
+    assert refused[0] == 403 and "not on this machine's container networks" in refused[2]
+    # host.docker.internal among the Host names: a door on any address.
+    named = s.AccessRules(["host.docker.internal"], networks=table)
+    assert not named.client_allowed("192.168.1.20", "192.168.1.1")
+    assert named.client_allowed("172.17.0.5", "172.17.0.1")
     refused = rules.refusal({"Host": "169.254.170.2"}, client="10.0.0.1", local="10.0.0.2")
     assert refused[0] == 403 and "10.0.0.1 is not in --allow-client" in refused[2]
+
+
+# An interface table as read_interfaces() gives it: {index: (name, kind, bridge)}, and
+# [(index, network)].  eth0 is hardware (no kind); br0 holds it (a LAN segment).
+NETWORK = s.ipaddress.ip_network
+TABLE = ({1: ("lo", None, None), 2: ("eth0", None, 5), 3: ("docker0", "bridge", None),
+          4: ("vethab", "veth", 3), 5: ("br0", "bridge", None), 6: ("podman0", "bridge", None),
+          7: ("veth9", "veth", 6), 8: ("tap0", "tun", 6), 9: ("ve-box", "veth", None),
+          10: ("wg0", "wireguard", None), 11: ("br-lan", "bridge", None),
+          12: ("vx0", "vxlan", 11), 13: ("vethx", "veth", 11), 14: ("virbr0", "bridge", None)},
+         [(1, NETWORK("127.0.0.0/8")), (2, NETWORK("192.168.7.0/24")),
+          (3, NETWORK("172.17.0.0/16")), (3, NETWORK("fe80::/64")),
+          (5, NETWORK("192.168.1.0/24")), (6, NETWORK("10.88.0.0/16")),
+          (6, NETWORK("fd00:88::/64")), (9, NETWORK("192.168.99.0/28")),
+          (10, NETWORK("10.200.0.0/24")), (11, NETWORK("10.30.0.0/24")),
+          (14, NETWORK("192.168.122.0/24"))])
+
+
+def test_container_networks_are_bridges_of_veths_and_taps_and_veths():
+    found = s.container_networks(*TABLE)
+    assert found == [(NETWORK("172.17.0.0/16"), "docker0"), (NETWORK("10.88.0.0/16"), "podman0"),
+                     (NETWORK("fd00:88::/64"), "podman0"), (NETWORK("192.168.99.0/28"), "ve-box"),
+                     (NETWORK("192.168.122.0/24"), "virbr0")]
+    # Not: lo, eth0 (hardware), br0 (holds eth0), wg0 (a tunnel), br-lan (holds a VXLAN
+    # tunnel beside its veth), and no link-local range.
+
+
+def test_container_networks_read_again_only_after_a_notice():
+    tables = [TABLE, ({1: ("docker0", "bridge", None)}, [(1, NETWORK("172.18.0.0/16"))])]
+    reads = []
+
+    def read():
+        reads.append(1)
+        return tables[len(reads) - 1]
+
+    class Notices(object):
+        pending = []
+
+        def recv(self, size):
+            if not self.pending:
+                raise BlockingIOError()
+            return self.pending.pop()
+
+    networks = s.ContainerNetworks(read=read, watch=False)
+    networks._notices = Notices()
+    address = s.ipaddress.ip_address("172.18.0.3")
+    assert networks.network_of(address) is None and networks.network_of(address) is None
+    assert len(reads) == 1  # a client the table lacks makes no second reading
+    Notices.pending.append(b"RTM_NEWADDR")
+    assert networks.network_of(address) == (NETWORK("172.18.0.0/16"), "docker0")
+    assert len(reads) == 2
+
+
+def test_interface_table_of_this_machine():
+    if not hasattr(s.socket, "AF_NETLINK"):
+        pytest.skip("rtnetlink is Linux's")
+    links, addresses = s.read_interfaces()
+    names = dict((name, kind) for name, kind, _ in links.values())
+    assert names["lo"] is None and (1, NETWORK("127.0.0.0/8")) in addresses
+    namespace_reason = netns_unavailable()
+    if namespace_reason:
+        return
+    namespace = Namespace()
+    try:
+        links, addresses = s.read_interfaces()
+        index = next(index for index, (name, _, _) in links.items()
+                     if name == namespace.host_link)
+        assert links[index][1] == "veth" and (index, NETWORK(namespace.network)) in addresses
+        assert (NETWORK(namespace.network), namespace.host_link) in s.container_networks(
+            links, addresses)
+    finally:
+        namespace.remove()
 
 
 class ListStream(object):
@@ -677,7 +766,10 @@ class LanNeighbour(object):
         tag = self.ns.name[len("s3ls-"):]
         self.bridge, self.nic = "s3b" + tag, "s3n" + tag
         try:
-            ip("link", "add", self.bridge, "type", "bridge")
+            # A fixed MAC: a bridge otherwise takes its ports', which changes when the
+            # "NIC" leaves it, and the namespace's ARP entry would point nowhere.
+            ip("link", "add", self.bridge, "address", "02:29:" + ":".join(
+                "{:02x}".format(byte) for byte in os.urandom(4)), "type", "bridge")
             ip("link", "add", self.nic, "type", "vxlan", "id",
                1000 + int.from_bytes(os.urandom(2), "big"), "dstport", 4789)
             ip("addr", "del", self.ns.host_ip + "/30", "dev", self.ns.host_link)

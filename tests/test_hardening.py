@@ -259,7 +259,8 @@ def test_second_server_cannot_take_the_port(server):
 # --- http.server's own errors: short, with a status line (review findings) ----------------
 
 def test_unreadable_request_line_gets_a_short_answer_and_log_line(server):
-    answer = raw(server, b"GET / X" + b"\x01" * 65000 + b"\r\n\r\n")
+    # Under the 16 KiB cap on a head (beyond it: 431, test_head_over_16_kib_gets_431).
+    answer = raw(server, b"GET / X" + b"\x01" * 15000 + b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert len(answer) < 1000
     line = [text for text in server.log_text.getvalue().splitlines() if " 400 " in text][0]
@@ -336,8 +337,8 @@ def test_many_headers_get_431():
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         many = "".join("X-Filler-{}: y\r\n".format(number) for number in range(70))
-        answer = raw(server, "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n{}Connection: close\r\n\r\n".format(
-            many).encode())
+        answer = raw(server, "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n{}Connection: close"
+                             "\r\n\r\n".format(many).encode())
         assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
         assert b"AccessKeyId" not in answer and b"Connection: close" in answer
     finally:
