@@ -3400,8 +3400,9 @@ class AccessRules(object):
         """True if a server bound to ``bound`` may be reached by a door: every connection
         must then be judged by its own local address."""
         address = address_of(bound)
-        return self.container_door or address is None or address.is_unspecified or (
-            address in DOOR_ADDRESSES)
+        if address is None:  # a name: localhost, or whatever it resolved to
+            return self.container_door or not is_loopback(bound)
+        return self.container_door or address.is_unspecified or address in DOOR_ADDRESSES
 
     @staticmethod
     def is_host_process(client, local):
@@ -3717,7 +3718,10 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         try:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(0.5)
+            if self.answer_once:  # the accepting thread takes only what is in already
+                self.connection.setblocking(False)
+            else:
+                self.connection.settimeout(0.5)
             scratch = bytearray(16384)  # dropped as it comes: no memory grows
             for _ in range(16):
                 if not self.connection.recv_into(scratch):

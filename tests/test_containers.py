@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -924,3 +925,73 @@ def test_allow_client_ranges_that_match_nothing_are_refused(home, value, advice)
     assert err.strip().splitlines() == [err.strip()] and err.startswith(
         "Error: argument --allow-client: "), err
     assert advice in err and "Traceback" not in err
+
+
+# --- issue 29, 5: CONTAINERS.md's network-of-its-own recipe, run with Podman -----------
+
+def recipe(heading):
+    """The first ```bash block after ``heading`` in CONTAINERS.md."""
+    with open(os.path.join(os.path.dirname(SCRIPT), "CONTAINERS.md")) as handle:
+        text = handle.read()
+    after = text[text.index(heading):]
+    return after.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def substituted(text, replacements):
+    """``text`` with each (old, new) replaced; each old must be there."""
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+# GET with the token, as the container's environment gives them; prints the status.
+FETCH_FROM_ENVIRONMENT = (
+    "import os, urllib.request, urllib.error\n"
+    "request = urllib.request.Request(os.environ['AWS_CONTAINER_CREDENTIALS_FULL_URI'], "
+    "headers={'Authorization': os.environ['AWS_CONTAINER_AUTHORIZATION_TOKEN']})\n"
+    "try:\n"
+    "    print(urllib.request.urlopen(request, timeout=20).status)\n"
+    "except urllib.error.HTTPError as error:\n"
+    "    print(error.code)\n")
+
+
+def test_podman_recipe_network_of_its_own(podman, moto, tester_env, tmp_path):
+    relay = Relay(("127.0.0.1", moto.port), listen=(DOOR, 0))  # moto, as containers see it
+    network = "s3ls-{}".format(os.urandom(3).hex())
+    third = 100 + int.from_bytes(os.urandom(1), "big") % 150
+    block = recipe("## Neighbours on the same bridge")
+    script = substituted(block, [
+        ("sudo ", ""),
+        ("s3-creds", network),
+        ("10.89.29.", "10.89.{}.".format(third)),
+        ("python3 s3_localserver.py my-bucket", "{} {} {} --endpoint-url {}".format(
+            sys.executable, SCRIPT, BUCKET, moto.url)),
+        ("podman run", " ".join(PODMAN_RUN[:1] + PODMAN_RUN[1:3] + ["run"] + PODMAN_RUN[4:])),
+        ("amazon/aws-cli s3 ls s3://my-bucket/",
+         "--rootfs /:O {} s3 ls s3://{}/ --endpoint-url http://{}:{}".format(
+             os.path.join(BIN, "aws"), BUCKET, DOOR, relay.port)),
+    ])
+    # Then a neighbour on the same network, at another address, with the same file.
+    neighbour = "{} --network {} --ip 10.89.{}.11 --env-file ~/.s3-container.env " \
+        "--rootfs /:O {} -c {}".format(
+            " ".join(PODMAN_RUN[:1] + PODMAN_RUN[1:3] + ["run"] + PODMAN_RUN[4:]), network,
+            third, sys.executable, shlex.quote(FETCH_FROM_ENVIRONMENT))
+    env = tester_env()
+    env["HOME"] = str(tmp_path)
+    try:
+        result = subprocess.run(["bash", "-c", "set -e\n{}{}\nkill $!\nwait || true\n".format(
+            script, neighbour)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=300)
+    finally:
+        subprocess.run(["podman", "network", "rm", "-f", network], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
+        relay.stop()
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, err[-3000:]
+    lines = out.splitlines()
+    assert any(line.endswith(" " + KEY) for line in lines), out  # aws s3 ls in the container
+    assert lines[-1] == "403", lines[-1]  # the neighbour, with the token file
+    assert "Answered on {}: this host's processes and 10.89.{}.10/32 (--allow-client)".format(
+        DOOR, third) in err
+    assert " 10.89.{}.10 GET / 200".format(third) in err
