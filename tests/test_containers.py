@@ -8,6 +8,7 @@ through a relay on the host's end of the pair.  The real AWS CLI and boto3 run i
 it.  Those tests need root (CI runs as root) and skip, saying why, elsewhere.
 """
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -263,24 +264,36 @@ HOG = ("import socket, sys, time\n"
        "time.sleep(120)\n")
 
 
+@contextlib.contextmanager
+def connections_held(command):
+    """While ``command`` (HOG, in a namespace or a container) holds its connections."""
+    hog = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert hog.stdout.readline().strip() == b"ready"
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def fetch_as_this_host(server, door):
+    """GET the door's full URI with its token from this host's process: must be 200."""
+    request = urllib.request.Request(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], headers={
+        "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+    with urllib.request.urlopen(request, timeout=20) as answer:
+        served = json.loads(answer.read().decode())
+    server.secrets += [served["SecretAccessKey"], served["Token"]]
+
+
 def test_refused_clients_hold_no_connection_slot(lab, moto, start, tester_env):
     server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate",
                    "--allow-client", "10.99.0.0/16", "--max-connections", "4")
     door = door_settings(server)
     port = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/")
-    hog = subprocess.Popen(["ip", "netns", "exec", lab.ns.name, sys.executable, "-c", HOG,
-                            DOOR, port, "20"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    try:
-        assert hog.stdout.readline().strip() == b"ready"
+    with connections_held(["ip", "netns", "exec", lab.ns.name, sys.executable, "-c", HOG,
+                           DOOR, port, "20"]):
         # An allowed client (this host) is answered while the refused one holds 20 sockets.
-        request = urllib.request.Request(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], headers={
-            "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
-        with urllib.request.urlopen(request, timeout=20) as answer:
-            served = json.loads(answer.read().decode())
-        server.secrets += [served["SecretAccessKey"], served["Token"]]
-    finally:
-        hog.kill()
-        hog.wait()
+        fetch_as_this_host(server, door)
     assert "too many connections" not in server.output
     # One refusal line per client per second at most, not one per connection.
     refusals = [line for line in server.lines if "not in --allow-client" in line]
@@ -861,19 +874,9 @@ def test_idle_connections_of_one_namespace_do_not_lock_out_the_token_holder(
     server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
     door = door_settings(server)
     port = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/")
-    hog = subprocess.Popen(["ip", "netns", "exec", lab.ns.name, sys.executable, "-c", HOG,
-                            DOOR, port, "256"], stdout=subprocess.PIPE,
-                           stdin=subprocess.DEVNULL)
-    try:
-        assert hog.stdout.readline().strip() == b"ready"
-        request = urllib.request.Request(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], headers={
-            "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
-        with urllib.request.urlopen(request, timeout=20) as answer:
-            served = json.loads(answer.read().decode())
-        server.secrets += [served["SecretAccessKey"], served["Token"]]
-    finally:
-        hog.kill()
-        hog.wait()
+    with connections_held(["ip", "netns", "exec", lab.ns.name, sys.executable, "-c", HOG,
+                           DOOR, port, "256"]):
+        fetch_as_this_host(server, door)
     server.wait_for_line("{} - - 503 too many connections from this client".format(
         lab.ns.inside_ip))
 
@@ -882,18 +885,12 @@ def test_idle_podman_container_does_not_lock_out_another(podman, moto, start, te
     server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
     door = door_settings(server)
     port = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/")
-    hog = subprocess.Popen(PODMAN_RUN + ["--rootfs", "/:O", sys.executable, "-c", HOG, DOOR,
-                                         port, "256"],
-                           stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    try:
-        assert hog.stdout.readline().strip() == b"ready"
+    with connections_held(PODMAN_RUN + ["--rootfs", "/:O", sys.executable, "-c", HOG, DOOR,
+                                        port, "256"]):
         status, body = podman_fetch(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], {
             "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
         assert status == 200 and "AccessKeyId" in body, body
         server.secrets += [json.loads(body)["SecretAccessKey"]]
-    finally:
-        hog.kill()
-        hog.wait()
     assert "too many connections from this client" in server.output
 
 
