@@ -3316,7 +3316,10 @@ class ContainerNetworks(object):
                 try:
                     self._table = container_networks(*self._read())
                 except (OSError, ValueError, struct.error):
-                    self._table = []  # no table (Windows, macOS): no container network
+                    # No table (Windows, macOS): no container network.  Where notices
+                    # come (Linux), the next client tries again: reading failed once.
+                    self._table = None if self._notices is not None else []
+                    return []
             return self._table
 
     def _changed(self):

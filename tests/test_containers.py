@@ -992,3 +992,16 @@ def test_podman_recipe_network_of_its_own(podman, moto, tester_env, tmp_path):
     assert "Answered on {}: this host's processes and 10.89.{}.10/32 (--allow-client)".format(
         DOOR, third) in err
     assert " 10.89.{}.10 GET / 200".format(third) in err
+
+
+def test_container_networks_without_a_table_is_none_and_tried_again():
+    attempts = []
+
+    def failing():
+        attempts.append(1)
+        raise OSError("no AF_NETLINK")
+    networks = s.ContainerNetworks(read=failing, watch=False)
+    assert networks.current() == [] and networks.current() == [] and len(attempts) == 1
+    networks = s.ContainerNetworks(read=failing, watch=False)
+    networks._notices = object()  # as on Linux: notices would come, so reading is retried
+    assert networks.current() == [] and networks.current() == [] and len(attempts) == 3
