@@ -4071,18 +4071,18 @@ class CredentialServer(http.server.HTTPServer):
         networks), right after accept: True if the client is refused, then handed to
         the refuser for its 403, so it never holds one of the max_connections slots.
         (Not verify_request: socketserver closes the connections that one refuses,
-        before any answer.)  Otherwise False, or the connection's local address."""
+        before any answer.)  Otherwise False, or the connection's local address (text)."""
         client = client_address[0]
         if not self.judges_clients:
             return False
         try:
             local = request.getsockname()[0]
-        except OSError:
-            local = None
-        reason = self.rules.client_refusal(client, local) if local is not None else (
-            "client {} left at once".format(client))
+        except OSError:  # gone already: no one to answer
+            self.shutdown_request(request)
+            return True
+        reason = self.rules.client_refusal(client, local)
         if reason is None:
-            return local or False
+            return local
         self.log_refusal(client, reason)
         self._refuse(request, self.NOT_ALLOWED)
         return True
