@@ -4105,7 +4105,7 @@ class CredentialServer(http.server.HTTPServer):
     def _limited_client(self, request, client, local):
         """The client's address if its connections count against max_per_client: not
         for this host's processes, which all share loopback (or the door's address)."""
-        if is_loopback(client):
+        if client == "127.0.0.1" or is_loopback(client):  # the first test: the usual case
             return None
         if local is None:
             try:
