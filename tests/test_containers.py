@@ -1005,3 +1005,26 @@ def test_container_networks_without_a_table_is_none_and_tried_again():
     networks = s.ContainerNetworks(read=failing, watch=False)
     networks._notices = object()  # as on Linux: notices would come, so reading is retried
     assert networks.current() == [] and networks.current() == [] and len(attempts) == 3
+
+
+def test_host_docker_internal_makes_any_address_a_door(lab, moto, start, tester_env):
+    """With --allow-host host.docker.internal (Docker's name for the host, on Linux the
+    bridge's gateway), the server is a door on whatever address it is: the LAN is not
+    answered there either; without it, an ordinary address answers anyone."""
+    neighbour = LanNeighbour()
+    try:
+        named = serve(start, moto, tester_env, lab.ns.host_ip, 0, "--allow-host",
+                      "host.docker.internal")
+        assert "Answered on {}: this host's processes and containers".format(
+            lab.ns.host_ip) in named.output
+        url = named.url.replace("localhost", lab.ns.host_ip) + "latest/api/token"
+        ttl = {"X-aws-ec2-metadata-token-ttl-seconds": "60"}
+        assert fetch_with(neighbour.ns.run, url, ttl, "PUT", lab.env())[0] == 403
+        assert lab.fetch(url, ttl, "PUT")[0] == 200
+        assert named.finish() == 0
+        plain = serve(start, moto, tester_env, lab.ns.host_ip, 0)
+        assert "Answered on" not in plain.output
+        url = plain.url.replace("localhost", lab.ns.host_ip) + "latest/api/token"
+        assert fetch_with(neighbour.ns.run, url, ttl, "PUT", lab.env())[0] == 200
+    finally:
+        neighbour.remove()
