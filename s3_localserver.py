@@ -309,14 +309,63 @@ def parse_statement(text):
 ######################################################################
 
 
+# botocore's partitions (its data/partitions.json, in that order) and the per-partition
+# hosts of its endpoint rules for IAM and the sign-in service, carried here so that
+# every partition gets botocore's hosts, not a guess.  Each row: the name; its global
+# pseudo-region; the pattern of its region names; its DNS suffix and dual-stack DNS
+# suffix; the IAM hosts (plain, FIPS, dual-stack, both) and the region IAM signs for;
+# the domain of its console sign-in hosts ('REGION.signin.DOMAIN'); and whether
+# botocore's older endpoint data (endpoints.json, consulted when a client is made)
+# has dual-stack hosts there: where it does not, botocore refuses dual-stack.
+_PARTITIONS = (
+    ("aws", "aws-global", r"^(us|eu|ap|sa|ca|me|af|il|mx)\-\w+\-\d+$", "amazonaws.com",
+     "api.aws", ("iam.amazonaws.com", "iam-fips.amazonaws.com", "iam.global.api.aws",
+                 "iam-fips.global.api.aws"), "us-east-1", "aws.amazon.com", True),
+    ("aws-cn", "aws-cn-global", r"^cn\-\w+\-\d+$", "amazonaws.com.cn",
+     "api.amazonwebservices.com.cn",
+     ("iam.cn-north-1.amazonaws.com.cn", "iam-fips.amazonaws.com.cn",
+      "iam.global.api.amazonwebservices.com.cn", "iam-fips.api.amazonwebservices.com.cn"),
+     "cn-north-1", "amazonaws.cn", True),
+    ("aws-eusc", None, r"^eusc\-(de)\-\w+\-\d+$", "amazonaws.eu", "api.amazonwebservices.eu",
+     ("iam.eusc-de-east-1.amazonaws.eu", "iam-fips.amazonaws.eu",
+      "iam.global.api.amazonwebservices.eu", "iam-fips.api.amazonwebservices.eu"),
+     "eusc-de-east-1", "amazonaws-eusc.eu", True),
+    ("aws-iso", "aws-iso-global", r"^us\-iso\-\w+\-\d+$", "c2s.ic.gov", "api.aws.ic.gov",
+     ("iam.us-iso-east-1.c2s.ic.gov", "iam-fips.us-iso-east-1.c2s.ic.gov",
+      "iam.api.aws.ic.gov", "iam-fips.api.aws.ic.gov"), "us-iso-east-1", "c2shome.ic.gov",
+     True),
+    ("aws-iso-b", "aws-iso-b-global", r"^us\-isob\-\w+\-\d+$", "sc2s.sgov.gov",
+     "api.aws.scloud", ("iam.us-isob-east-1.sc2s.sgov.gov", "iam-fips.us-isob-east-1.sc2s.sgov.gov",
+                        "iam.api.aws.scloud", "iam-fips.api.aws.scloud"),
+     "us-isob-east-1", "sc2shome.sgov.gov", True),
+    ("aws-iso-e", "aws-iso-e-global", r"^eu\-isoe\-\w+\-\d+$", "cloud.adc-e.uk",
+     "api.cloud-aws.adc-e.uk", ("iam.eu-isoe-west-1.cloud.adc-e.uk", "iam-fips.cloud.adc-e.uk",
+                                "iam.api.cloud-aws.adc-e.uk", "iam-fips.api.cloud-aws.adc-e.uk"),
+     "eu-isoe-west-1", "csphome.adc-e.uk", False),
+    ("aws-iso-f", "aws-iso-f-global", r"^us\-isof\-\w+\-\d+$", "csp.hci.ic.gov",
+     "api.aws.hci.ic.gov", ("iam.us-isof-south-1.csp.hci.ic.gov", "iam-fips.csp.hci.ic.gov",
+                            "iam.api.aws.hci.ic.gov", "iam-fips.api.aws.hci.ic.gov"),
+     "us-isof-south-1", "csphome.hci.ic.gov", False),
+    ("aws-us-gov", "aws-us-gov-global", r"^us\-gov\-\w+\-\d+$", "amazonaws.com", "api.aws",
+     ("iam.us-gov.amazonaws.com", "iam.us-gov.amazonaws.com", "iam.us-gov.api.aws",
+      "iam.us-gov.api.aws"), "us-gov-west-1", "amazonaws-us-gov.com", True),
+)
+
+
+def _partition(region):
+    """The row of _PARTITIONS for ``region``: the first that names or matches it, else
+    aws's (botocore's aws.partition)."""
+    if isinstance(region, str):
+        for row in _PARTITIONS:
+            if region == row[1] or re.match(row[2], region):
+                return row
+    return _PARTITIONS[0]
+
+
 def partition_for_region(region):
-    """The AWS partition a region belongs to: aws, aws-cn or aws-us-gov."""
-    region = region or ""
-    if region.startswith("cn-"):
-        return "aws-cn"
-    if region.startswith("us-gov-"):
-        return "aws-us-gov"
-    return "aws"
+    """The AWS partition a region belongs to, as botocore finds it: aws, aws-cn,
+    aws-us-gov, aws-eusc, aws-iso, aws-iso-b..."""
+    return _partition(region)[0]
 
 
 def bucket_statements(permission, bucket, prefix="*", partition="aws"):
@@ -866,11 +915,7 @@ def dpop_proof(private_key, url, now, jti):
 
 
 def _dns_suffix(partition):
-    return "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
-
-
-def _dualstack_suffix(partition):
-    return "api.amazonwebservices.com.cn" if partition == "aws-cn" else "api.aws"
+    return next(row[3] for row in _PARTITIONS if row[0] == partition)
 
 
 # Where sts_regional_endpoints = legacy still sends STS calls to sts.amazonaws.com
@@ -887,10 +932,16 @@ def _true(value):
     return isinstance(value, str) and value.lower() == "true"
 
 
-def endpoint_settings(environ, configured=None):
+def endpoint_settings(environ, configured=None, service=None):
     """The settings that choose AWS's hosts, each from its variable, else the profile
-    (``configured``, as AWSFiles.endpoints reads it): {"fips", "dualstack", "sts_legacy"}."""
+    (``configured``, as AWSFiles.endpoints reads it): {"fips", "dualstack", "sts_legacy"}.
+
+    For S3, a profile's nested 's3 =' block saying 'use_dualstack_endpoint = true' (any
+    case) turns dual-stack on above the variable, as botocore's S3 client reads it;
+    saying anything else there leaves the general setting in charge."""
     configured = configured or {}
+    if service == "s3" and _true(configured.get("s3_use_dualstack_endpoint")):
+        return dict(endpoint_settings(environ, configured), dualstack=True)
 
     def setting(variable, key):
         value = environ.get(variable)
@@ -908,20 +959,15 @@ def aws_endpoint(service, region, fips=False, dualstack=False, sts_legacy=False)
     """(base URL, signing region) of 'sts', 'iam', 's3' or 'signin' in ``region``, as
     botocore's endpoint rules give them for these settings.  For S3 the URL is the
     path-style base; a bucket's virtual host is '<bucket>.' before its host."""
-    partition = partition_for_region(region)
-    regular, dual = _dns_suffix(partition), _dualstack_suffix(partition)
+    (partition, _, _, regular, dual, iam_hosts, iam_region, sign_in_domain,
+     legacy_dualstack) = _partition(region)
     suffix = dual if dualstack else regular
-    if service == "iam":  # one endpoint per partition
-        if partition == "aws-cn":
-            if fips:
-                host = "iam-fips." + suffix
-            else:
-                host = "iam.global." + dual if dualstack else "iam.cn-north-1." + regular
-            return "https://" + host, "cn-north-1"
-        if partition == "aws-us-gov":  # GovCloud's IAM is FIPS already
-            return "https://iam.us-gov." + suffix, "us-gov-west-1"
-        return "https://iam{}.{}".format("-fips" if fips else "",
-                                         "global." + dual if dualstack else regular), "us-east-1"
+    if dualstack and not legacy_dualstack:
+        raise LocalServerError("botocore has no dual-stack endpoints in partition {} ({}): "
+                               "unset use_dualstack_endpoint or give an endpoint "
+                               "URL".format(partition, region))
+    if service == "iam":  # one endpoint per partition (GovCloud's is FIPS already)
+        return "https://" + iam_hosts[2 * dualstack + fips], iam_region
     if service == "sts":
         if not (fips or dualstack) and (region is None or region == "aws-global" or (
                 sts_legacy and region in _STS_LEGACY_GLOBAL_REGIONS)):
@@ -949,9 +995,7 @@ def aws_endpoint(service, region, fips=False, dualstack=False, sts_legacy=False)
                 return "https://" + host, region
             return "https://signin{}.{}.{}".format("-fips" if fips else "", region,
                                                    suffix), region
-        return "https://{}.signin.{}".format(region, {
-            "aws-cn": "amazonaws.cn", "aws-us-gov": "amazonaws-us-gov.com"}.get(
-                partition, "aws.amazon.com")), region
+        return "https://{}.signin.{}".format(region, sign_in_domain), region
     raise ValueError("no endpoint rules for " + service)
 
 
@@ -989,7 +1033,7 @@ def service_endpoint(service, region, endpoint_url=None, environ=os.environ, con
     custom = custom_endpoint(service, endpoint_url, environ, configured)
     if custom:
         return custom.rstrip("/"), region or "us-east-1"
-    return aws_endpoint(service, region, **endpoint_settings(environ, configured))
+    return aws_endpoint(service, region, **endpoint_settings(environ, configured, service))
 
 
 ######################################################################
@@ -1789,6 +1833,9 @@ class AWSFiles(object):
         for key in ("ignore_configured_endpoint_urls", "use_fips_endpoint",
                     "use_dualstack_endpoint", "sts_regional_endpoints"):
             settings[key] = config.get(key)
+        s3 = config.get("s3") or ""  # a nested block ('s3 =' then indented lines), or not
+        settings["s3_use_dualstack_endpoint"] = _nested(s3).get(
+            "use_dualstack_endpoint") if s3.startswith("\n") else None
         return settings
 
     def where(self):
