@@ -245,8 +245,10 @@ def session_name(permission, buckets, limit):
     return re.sub(r"[^\w+=,.@-]", "-", text)[:limit]
 
 
-# botocore's validate_region_name: a region goes into host names and signatures.
-_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
+# botocore's validate_region_name: a region goes into host names and signatures.  One
+# difference: botocore's `$` lets a trailing newline through (and then fails to build
+# the URL); `\Z` refuses it here.
+_REGION_RE = re.compile(r"^(?![0-9]+\Z)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)\Z")
 
 
 def check_region(region, origin="--region"):
@@ -1034,6 +1036,18 @@ def service_endpoint(service, region, endpoint_url=None, environ=os.environ, con
     if custom:
         return custom.rstrip("/"), region or "us-east-1"
     return aws_endpoint(service, region, **endpoint_settings(environ, configured, service))
+
+
+def sign_in_token_url(region, environ=os.environ, configured=None):
+    """The URL of the sign-in service's CreateOAuth2Token (POST /v1/token) in ``region``;
+    the DPoP proof's htu is this URL too.  A custom endpoint keeps its path, query and
+    fragment, with /v1/token appended to the path, as botocore's _urljoin builds it."""
+    custom = custom_endpoint("signin", None, environ, configured)
+    if not custom:
+        return service_endpoint("signin", region, None, environ, configured)[0] + "/v1/token"
+    scheme, host, path, query, fragment = urllib.parse.urlsplit(custom)
+    path = (path[:-1] if path.endswith("/") else path) + "/v1/token"
+    return urllib.parse.urlunsplit((scheme, host, path, query, fragment))
 
 
 ######################################################################
@@ -2260,8 +2274,12 @@ _LOGIN_ERROR_CODES = frozenset(_LOG_IN_AGAIN_ERRORS + (
 
 
 def login_cache_file(session, environ):
-    """~/.aws/login/cache/<sha256 of the session name>.json, or in AWS_LOGIN_CACHE_DIRECTORY."""
-    folder = _expand(environ.get("AWS_LOGIN_CACHE_DIRECTORY") or "~/.aws/login/cache")
+    """~/.aws/login/cache/<sha256 of the session name>.json, or in AWS_LOGIN_CACHE_DIRECTORY
+    expanded as botocore expands it: variables first, then '~' (so a variable may hold
+    '~/...'); set but empty, it is the current folder, as for botocore."""
+    folder = environ.get("AWS_LOGIN_CACHE_DIRECTORY")
+    folder = os.path.expanduser("~/.aws/login/cache" if folder is None
+                                else os.path.expandvars(folder))
     return os.path.join(folder, hashlib.sha256(session.encode("utf-8")).hexdigest() + ".json")
 
 
@@ -2283,6 +2301,8 @@ def refresh_login_token(cached, url, now, opener, jti, again):
         try:
             error = json.loads(answer.decode("utf-8")).get("error")
         except (ValueError, AttributeError, RecursionError):
+            error = None
+        if not isinstance(error, str):  # a list, an object, a number: no code at all
             error = None
         if error in _LOG_IN_AGAIN_ERRORS:
             raise LocalServerError("the aws login session has expired or its credentials "
@@ -2363,11 +2383,18 @@ def login_source(name, settings, context):
             if not sign_in_region:
                 raise LocalServerError("profile '{}' needs a region to refresh its aws login "
                                        "session".format(name))
+            if not (isinstance(sign_in_region, str) and _REGION_RE.match(sign_in_region)):
+                # It names the host that gets the refresh token and the proof: a crafted
+                # one ('x@host:port/#') would send them elsewhere.  botocore refuses it too.
+                raise LocalServerError("the signInRegion in {} is not a region name ({}): "
+                                       "{}".format(cache_file, repr(sign_in_region)[:80] if
+                                                   isinstance(sign_in_region, str) else
+                                                   "JSON " + type(sign_in_region).__name__,
+                                                   again))
             # --endpoint-url is the STS/IAM/S3 endpoint, not this one: only its own settings.
-            url = service_endpoint("signin", sign_in_region, None, context.environ,
-                                   context.endpoints)[0]
+            url = sign_in_token_url(sign_in_region, context.environ, context.endpoints)
             try:
-                fresh = refresh_login_token(cached, url + "/v1/token", aws_now(), pool,
+                fresh = refresh_login_token(cached, url, aws_now(), pool,
                                             str(uuid.uuid4()), again)
             except LocalServerError:
                 # Another process sharing this login (the CLI, a second server) may have
