@@ -734,16 +734,21 @@ def sign_request(method, url, headers, body, credentials, region, service, now):
 # JWT signed with ES256, ECDSA on the NIST P-256 curve (FIPS 186-4) over SHA-256.
 # The standard library has no elliptic curves, so here is the arithmetic, written
 # for clarity: it runs once per refresh (every 15 minutes at most).  Points are in
-# Jacobian coordinates (X, Y, Z) for x = X/Z^2, y = Y/Z^3; Z = 0 is the identity.
+# homogeneous projective coordinates (X, Y, Z) for x = X/Z, y = Y/Z; (0, 1, 0) is the
+# identity.  The group law is the complete one of Renes, Costello and Batina
+# ("Complete addition formulas for prime order elliptic curves", 2016, algorithms 4
+# and 6 for a = -3): one sequence of field operations for every pair of points, the
+# identity and equal points included, so no input takes a shorter path.
 
 P256_P = 2 ** 256 - 2 ** 224 + 2 ** 192 + 2 ** 96 - 1  # the field's prime
 P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # group order
+P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B  # y² = x³ - 3x + b
 P256_G = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
           0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)  # generator
 # DER: the OIDs of an EC public key (1.2.840.10045.2.1) and of P-256 (1.2.840.10045.3.1.7).
 _OID_EC_PUBLIC_KEY = bytes.fromhex("2a8648ce3d0201")
 _OID_P256 = bytes.fromhex("2a8648ce3d030107")
-_IDENTITY = (1, 1, 0)
+_IDENTITY = (0, 1, 0)
 
 
 def _inverse(value, modulus):
@@ -751,54 +756,98 @@ def _inverse(value, modulus):
 
 
 def _point_double(point):
+    """2 * point (RCB algorithm 6); sums stay unreduced until the next product."""
     x, y, z = point
-    if z == 0 or y == 0:
-        return _IDENTITY
-    p = P256_P
-    delta, gamma = z * z % p, y * y % p
-    beta = x * gamma % p
-    alpha = 3 * (x - delta) * (x + delta) % p  # 3x^2 + a z^4 with the curve's a = -3
-    x3 = (alpha * alpha - 8 * beta) % p
-    z3 = ((y + z) ** 2 - gamma - delta) % p
-    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
-    return x3, y3, z3
+    p, b = P256_P, P256_B
+    t0, t1, t2 = x * x % p, y * y % p, z * z % p
+    t3 = 2 * (x * y % p)
+    z3 = 2 * (x * z % p)
+    y3 = b * t2 % p - z3
+    x3 = 2 * y3
+    y3 = x3 + y3
+    x3 = t1 - y3
+    y3 = t1 + y3
+    y3 = x3 * y3 % p
+    x3 = x3 * t3 % p
+    t2 = 3 * t2
+    z3 = b * z3 % p - t2 - t0
+    z3 = 3 * z3
+    t0 = 3 * t0 - t2
+    y3 = y3 + t0 * z3 % p
+    t0 = 2 * (y * z % p)
+    x3 = x3 - t0 * z3 % p
+    z3 = 4 * (t0 * t1 % p)
+    return x3 % p, y3 % p, z3 % p
 
 
 def _point_add(first, second):
+    """first + second (RCB algorithm 4), whatever the two points are."""
     x1, y1, z1 = first
     x2, y2, z2 = second
-    if z1 == 0:
-        return second
-    if z2 == 0:
-        return first
-    p = P256_P
-    z1z1, z2z2 = z1 * z1 % p, z2 * z2 % p
-    u1, u2 = x1 * z2z2 % p, x2 * z1z1 % p
-    s1, s2 = y1 * z2 * z2z2 % p, y2 * z1 * z1z1 % p
-    if u1 == u2:
-        return _point_double(first) if s1 == s2 else _IDENTITY
-    h, r = (u2 - u1) % p, (s2 - s1) % p
-    hh = h * h % p
-    hhh = h * hh % p
-    x3 = (r * r - hhh - 2 * u1 * hh) % p
-    y3 = (r * (u1 * hh - x3) - s1 * hhh) % p
-    return x3, y3, h * z1 * z2 % p
+    p, b = P256_P, P256_B
+    t0, t1, t2 = x1 * x2 % p, y1 * y2 % p, z1 * z2 % p
+    t3 = (x1 + y1) * (x2 + y2) % p - t0 - t1
+    t4 = (y1 + z1) * (y2 + z2) % p - t1 - t2
+    y3 = (x1 + z1) * (x2 + z2) % p - t0 - t2
+    x3 = y3 - b * t2 % p
+    x3 = 3 * x3
+    z3 = t1 - x3
+    x3 = t1 + x3
+    y3 = b * y3 % p
+    t2 = 3 * t2
+    y3 = 3 * (y3 - t2 - t0)
+    t0 = 3 * t0 - t2
+    t1 = t4 * y3 % p
+    t2 = t0 * y3 % p
+    y3 = x3 * z3 % p + t2
+    x3 = t3 * x3 % p - t1
+    z3 = z3 * t4 % p + t3 * t0 % p
+    return x3 % p, y3 % p, z3 % p
+
+
+def _conditional_swap(first, second, bit):
+    """(second, first) if ``bit`` is 1, (first, second) if 0: by masking, not branching."""
+    mask = -bit  # all ones or all zeros
+    dx = (first[0] ^ second[0]) & mask
+    dy = (first[1] ^ second[1]) & mask
+    dz = (first[2] ^ second[2]) & mask
+    return ((first[0] ^ dx, first[1] ^ dy, first[2] ^ dz),
+            (second[0] ^ dx, second[1] ^ dy, second[2] ^ dz))
 
 
 def p256_multiply(scalar, point=P256_G):
-    """scalar * point, as affine (x, y).  A Montgomery ladder: the same additions and
-    doublings whatever the bits, so the secret nonce does not set the amount of work."""
-    low, high = _IDENTITY, (point[0], point[1], 1)
-    for bit in range(255, -1, -1):
-        if (scalar >> bit) & 1:
-            low, high = _point_add(low, high), _point_double(high)
-        else:
-            low, high = _point_double(low), _point_add(low, high)
+    """scalar * point, as affine (x, y), for 0 < scalar < P256_N.
+
+    The scalar is first given a fixed length: adding the group order once or twice
+    (which changes no product) makes it 257 bits long with its top bit set, so the
+    ladder always starts from (point, 2 * point) and never carries the identity, whose
+    zero coordinates CPython would multiply faster.  Then a Montgomery ladder over the
+    256 remaining bits, with complete formulas and swaps by masking: every scalar
+    runs the same Python lines in the same order (one addition, one doubling and one
+    swap per bit, then one inversion), so the work does not depend on the secret.
+
+    That is not constant time in the cryptographer's sense: CPython's integers have
+    variable length, and their multiplication, modulo and pow take time that depends
+    on the values (a coordinate with leading zero digits is a little faster), as do
+    the allocator and caches; nothing written in Python can prevent that.  What it
+    removes is the leak by structure (an early return while the low point is the
+    identity, a shorter loop for a shorter scalar, a branch on a bit)."""
+    longer = scalar + P256_N
+    longer += P256_N * (1 - (longer >> 256))  # by arithmetic: bit 256 set, not past it
+    low = (point[0], point[1], 1)
+    low, high = low, _point_double(low)
+    previous = 0
+    for position in range(255, -1, -1):
+        bit = (longer >> position) & 1
+        low, high = _conditional_swap(low, high, bit ^ previous)
+        low, high = _point_double(low), _point_add(low, high)
+        previous = bit
+    low, high = _conditional_swap(low, high, previous)
     x, y, z = low
-    if z == 0:
+    if z == 0:  # only for a multiple of the group order, which no caller passes
         raise ValueError("the point at infinity has no coordinates")
     z_inverse = _inverse(z, P256_P)
-    return x * z_inverse ** 2 % P256_P, y * z_inverse ** 3 % P256_P
+    return x * z_inverse % P256_P, y * z_inverse % P256_P
 
 
 def rfc6979_nonces(private_key, digest):
