@@ -246,8 +246,8 @@ def session_name(permission, buckets, limit):
 
 
 # botocore's validate_region_name: a region goes into host names and signatures.  One
-# difference: botocore's `$` lets a trailing newline through (and then fails to build
-# the URL); `\Z` refuses it here.
+# difference: botocore's `$` also accepts a name with one trailing newline; `\Z` here
+# does not.
 _REGION_RE = re.compile(r"^(?![0-9]+\Z)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)\Z")
 
 
@@ -835,7 +835,7 @@ def p256_multiply(scalar, point=P256_G):
     longer = scalar + P256_N
     longer += P256_N * (1 - (longer >> 256))  # by arithmetic: bit 256 set, not past it
     low = (point[0], point[1], 1)
-    low, high = low, _point_double(low)
+    high = _point_double(low)
     previous = 0
     for position in range(255, -1, -1):
         bit = (longer >> position) & 1
