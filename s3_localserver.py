@@ -820,8 +820,9 @@ def p256_multiply(scalar, point=P256_G):
 
     The scalar is first given a fixed length: adding the group order once or twice
     (which changes no product) makes it 257 bits long with its top bit set, so the
-    ladder always starts from (point, 2 * point) and never carries the identity, whose
-    zero coordinates CPython would multiply faster.  Then a Montgomery ladder over the
+    ladder always starts from (point, 2 * point) and does not carry the identity, whose
+    zero coordinates CPython would multiply faster (but for a handful of scalars, 1
+    among them, that a nonce is with negligible odds).  Then a Montgomery ladder over the
     256 remaining bits, with complete formulas and swaps by masking: every scalar
     runs the same Python lines in the same order (one addition, one doubling and one
     swap per bit, then one inversion), so the work does not depend on the secret.
