@@ -264,8 +264,10 @@ def session_name(permission, buckets, limit):
     return re.sub(r"[^\w+=,.@-]", "-", text)[:limit]
 
 
-# botocore's validate_region_name: a region goes into host names and signatures.
-_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
+# botocore's validate_region_name: a region goes into host names and signatures.  One
+# difference: botocore's `$` also accepts a name with one trailing newline; `\Z` here
+# does not.
+_REGION_RE = re.compile(r"^(?![0-9]+\Z)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)\Z")
 
 
 def check_region(region, origin="--region"):
@@ -328,14 +330,63 @@ def parse_statement(text):
 ######################################################################
 
 
+# botocore's partitions (its data/partitions.json, in that order) and the per-partition
+# hosts of its endpoint rules for IAM and the sign-in service, carried here so that
+# every partition gets botocore's hosts, not a guess.  Each row: the name; its global
+# pseudo-region; the pattern of its region names; its DNS suffix and dual-stack DNS
+# suffix; the IAM hosts (plain, FIPS, dual-stack, both) and the region IAM signs for;
+# the domain of its console sign-in hosts ('REGION.signin.DOMAIN'); and whether
+# botocore's older endpoint data (endpoints.json, consulted when a client is made)
+# has dual-stack hosts there: where it does not, botocore refuses dual-stack.
+_PARTITIONS = (
+    ("aws", "aws-global", r"^(us|eu|ap|sa|ca|me|af|il|mx)\-\w+\-\d+$", "amazonaws.com",
+     "api.aws", ("iam.amazonaws.com", "iam-fips.amazonaws.com", "iam.global.api.aws",
+                 "iam-fips.global.api.aws"), "us-east-1", "aws.amazon.com", True),
+    ("aws-cn", "aws-cn-global", r"^cn\-\w+\-\d+$", "amazonaws.com.cn",
+     "api.amazonwebservices.com.cn",
+     ("iam.cn-north-1.amazonaws.com.cn", "iam-fips.amazonaws.com.cn",
+      "iam.global.api.amazonwebservices.com.cn", "iam-fips.api.amazonwebservices.com.cn"),
+     "cn-north-1", "amazonaws.cn", True),
+    ("aws-eusc", None, r"^eusc\-(de)\-\w+\-\d+$", "amazonaws.eu", "api.amazonwebservices.eu",
+     ("iam.eusc-de-east-1.amazonaws.eu", "iam-fips.amazonaws.eu",
+      "iam.global.api.amazonwebservices.eu", "iam-fips.api.amazonwebservices.eu"),
+     "eusc-de-east-1", "amazonaws-eusc.eu", True),
+    ("aws-iso", "aws-iso-global", r"^us\-iso\-\w+\-\d+$", "c2s.ic.gov", "api.aws.ic.gov",
+     ("iam.us-iso-east-1.c2s.ic.gov", "iam-fips.us-iso-east-1.c2s.ic.gov",
+      "iam.api.aws.ic.gov", "iam-fips.api.aws.ic.gov"), "us-iso-east-1", "c2shome.ic.gov",
+     True),
+    ("aws-iso-b", "aws-iso-b-global", r"^us\-isob\-\w+\-\d+$", "sc2s.sgov.gov",
+     "api.aws.scloud", ("iam.us-isob-east-1.sc2s.sgov.gov", "iam-fips.us-isob-east-1.sc2s.sgov.gov",
+                        "iam.api.aws.scloud", "iam-fips.api.aws.scloud"),
+     "us-isob-east-1", "sc2shome.sgov.gov", True),
+    ("aws-iso-e", "aws-iso-e-global", r"^eu\-isoe\-\w+\-\d+$", "cloud.adc-e.uk",
+     "api.cloud-aws.adc-e.uk", ("iam.eu-isoe-west-1.cloud.adc-e.uk", "iam-fips.cloud.adc-e.uk",
+                                "iam.api.cloud-aws.adc-e.uk", "iam-fips.api.cloud-aws.adc-e.uk"),
+     "eu-isoe-west-1", "csphome.adc-e.uk", False),
+    ("aws-iso-f", "aws-iso-f-global", r"^us\-isof\-\w+\-\d+$", "csp.hci.ic.gov",
+     "api.aws.hci.ic.gov", ("iam.us-isof-south-1.csp.hci.ic.gov", "iam-fips.csp.hci.ic.gov",
+                            "iam.api.aws.hci.ic.gov", "iam-fips.api.aws.hci.ic.gov"),
+     "us-isof-south-1", "csphome.hci.ic.gov", False),
+    ("aws-us-gov", "aws-us-gov-global", r"^us\-gov\-\w+\-\d+$", "amazonaws.com", "api.aws",
+     ("iam.us-gov.amazonaws.com", "iam.us-gov.amazonaws.com", "iam.us-gov.api.aws",
+      "iam.us-gov.api.aws"), "us-gov-west-1", "amazonaws-us-gov.com", True),
+)
+
+
+def _partition(region):
+    """The row of _PARTITIONS for ``region``: the first that names or matches it, else
+    aws's (botocore's aws.partition)."""
+    if isinstance(region, str):
+        for row in _PARTITIONS:
+            if region == row[1] or re.match(row[2], region):
+                return row
+    return _PARTITIONS[0]
+
+
 def partition_for_region(region):
-    """The AWS partition a region belongs to: aws, aws-cn or aws-us-gov."""
-    region = region or ""
-    if region.startswith("cn-"):
-        return "aws-cn"
-    if region.startswith("us-gov-"):
-        return "aws-us-gov"
-    return "aws"
+    """The AWS partition a region belongs to, as botocore finds it: aws, aws-cn,
+    aws-us-gov, aws-eusc, aws-iso, aws-iso-b..."""
+    return _partition(region)[0]
 
 
 def bucket_statements(permission, bucket, prefix="*", partition="aws"):
@@ -968,16 +1019,21 @@ def sign_request(method, url, headers, body, credentials, region, service, now):
 # JWT signed with ES256, ECDSA on the NIST P-256 curve (FIPS 186-4) over SHA-256.
 # The standard library has no elliptic curves, so here is the arithmetic, written
 # for clarity: it runs once per refresh (every 15 minutes at most).  Points are in
-# Jacobian coordinates (X, Y, Z) for x = X/Z^2, y = Y/Z^3; Z = 0 is the identity.
+# homogeneous projective coordinates (X, Y, Z) for x = X/Z, y = Y/Z; (0, 1, 0) is the
+# identity.  The group law is the complete one of Renes, Costello and Batina
+# ("Complete addition formulas for prime order elliptic curves", 2016, algorithms 4
+# and 6 for a = -3): one sequence of field operations for every pair of points, the
+# identity and equal points included, so no input takes a shorter path.
 
 P256_P = 2 ** 256 - 2 ** 224 + 2 ** 192 + 2 ** 96 - 1  # the field's prime
 P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # group order
+P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B  # y^2 = x^3 - 3x + b
 P256_G = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
           0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)  # generator
 # DER: the OIDs of an EC public key (1.2.840.10045.2.1) and of P-256 (1.2.840.10045.3.1.7).
 _OID_EC_PUBLIC_KEY = bytes.fromhex("2a8648ce3d0201")
 _OID_P256 = bytes.fromhex("2a8648ce3d030107")
-_IDENTITY = (1, 1, 0)
+_IDENTITY = (0, 1, 0)
 
 
 def _inverse(value, modulus):
@@ -985,54 +1041,99 @@ def _inverse(value, modulus):
 
 
 def _point_double(point):
+    """2 * point (RCB algorithm 6); sums stay unreduced until the next product."""
     x, y, z = point
-    if z == 0 or y == 0:
-        return _IDENTITY
-    p = P256_P
-    delta, gamma = z * z % p, y * y % p
-    beta = x * gamma % p
-    alpha = 3 * (x - delta) * (x + delta) % p  # 3x^2 + a z^4 with the curve's a = -3
-    x3 = (alpha * alpha - 8 * beta) % p
-    z3 = ((y + z) ** 2 - gamma - delta) % p
-    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
-    return x3, y3, z3
+    p, b = P256_P, P256_B
+    t0, t1, t2 = x * x % p, y * y % p, z * z % p
+    t3 = 2 * (x * y % p)
+    z3 = 2 * (x * z % p)
+    y3 = b * t2 % p - z3
+    x3 = 2 * y3
+    y3 = x3 + y3
+    x3 = t1 - y3
+    y3 = t1 + y3
+    y3 = x3 * y3 % p
+    x3 = x3 * t3 % p
+    t2 = 3 * t2
+    z3 = b * z3 % p - t2 - t0
+    z3 = 3 * z3
+    t0 = 3 * t0 - t2
+    y3 = y3 + t0 * z3 % p
+    t0 = 2 * (y * z % p)
+    x3 = x3 - t0 * z3 % p
+    z3 = 4 * (t0 * t1 % p)
+    return x3 % p, y3 % p, z3 % p
 
 
 def _point_add(first, second):
+    """first + second (RCB algorithm 4), whatever the two points are."""
     x1, y1, z1 = first
     x2, y2, z2 = second
-    if z1 == 0:
-        return second
-    if z2 == 0:
-        return first
-    p = P256_P
-    z1z1, z2z2 = z1 * z1 % p, z2 * z2 % p
-    u1, u2 = x1 * z2z2 % p, x2 * z1z1 % p
-    s1, s2 = y1 * z2 * z2z2 % p, y2 * z1 * z1z1 % p
-    if u1 == u2:
-        return _point_double(first) if s1 == s2 else _IDENTITY
-    h, r = (u2 - u1) % p, (s2 - s1) % p
-    hh = h * h % p
-    hhh = h * hh % p
-    x3 = (r * r - hhh - 2 * u1 * hh) % p
-    y3 = (r * (u1 * hh - x3) - s1 * hhh) % p
-    return x3, y3, h * z1 * z2 % p
+    p, b = P256_P, P256_B
+    t0, t1, t2 = x1 * x2 % p, y1 * y2 % p, z1 * z2 % p
+    t3 = (x1 + y1) * (x2 + y2) % p - t0 - t1
+    t4 = (y1 + z1) * (y2 + z2) % p - t1 - t2
+    y3 = (x1 + z1) * (x2 + z2) % p - t0 - t2
+    x3 = y3 - b * t2 % p
+    x3 = 3 * x3
+    z3 = t1 - x3
+    x3 = t1 + x3
+    y3 = b * y3 % p
+    t2 = 3 * t2
+    y3 = 3 * (y3 - t2 - t0)
+    t0 = 3 * t0 - t2
+    t1 = t4 * y3 % p
+    t2 = t0 * y3 % p
+    y3 = x3 * z3 % p + t2
+    x3 = t3 * x3 % p - t1
+    z3 = z3 * t4 % p + t3 * t0 % p
+    return x3 % p, y3 % p, z3 % p
+
+
+def _conditional_swap(first, second, bit):
+    """(second, first) if ``bit`` is 1, (first, second) if 0: by masking, not branching."""
+    mask = -bit  # all ones or all zeros
+    dx = (first[0] ^ second[0]) & mask
+    dy = (first[1] ^ second[1]) & mask
+    dz = (first[2] ^ second[2]) & mask
+    return ((first[0] ^ dx, first[1] ^ dy, first[2] ^ dz),
+            (second[0] ^ dx, second[1] ^ dy, second[2] ^ dz))
 
 
 def p256_multiply(scalar, point=P256_G):
-    """scalar * point, as affine (x, y).  A Montgomery ladder: the same additions and
-    doublings whatever the bits, so the secret nonce does not set the amount of work."""
-    low, high = _IDENTITY, (point[0], point[1], 1)
-    for bit in range(255, -1, -1):
-        if (scalar >> bit) & 1:
-            low, high = _point_add(low, high), _point_double(high)
-        else:
-            low, high = _point_double(low), _point_add(low, high)
+    """scalar * point, as affine (x, y), for 0 < scalar < P256_N.
+
+    The scalar is first given a fixed length: adding the group order once or twice
+    (which changes no product) makes it 257 bits long with its top bit set, so the
+    ladder always starts from (point, 2 * point) and does not carry the identity, whose
+    zero coordinates CPython would multiply faster (but for a handful of scalars, 1
+    among them, that a nonce is with negligible odds).  Then a Montgomery ladder over the
+    256 remaining bits, with complete formulas and swaps by masking: every scalar
+    runs the same Python lines in the same order (one addition, one doubling and one
+    swap per bit, then one inversion), so the work does not depend on the secret.
+
+    That is not constant time in the cryptographer's sense: CPython's integers have
+    variable length, and their multiplication, modulo and pow take time that depends
+    on the values (a coordinate with leading zero digits is a little faster), as do
+    the allocator and caches; nothing written in Python can prevent that.  What it
+    removes is the leak by structure (an early return while the low point is the
+    identity, a shorter loop for a shorter scalar, a branch on a bit)."""
+    longer = scalar + P256_N
+    longer += P256_N * (1 - (longer >> 256))  # by arithmetic: bit 256 set, not past it
+    low = (point[0], point[1], 1)
+    high = _point_double(low)
+    previous = 0
+    for position in range(255, -1, -1):
+        bit = (longer >> position) & 1
+        low, high = _conditional_swap(low, high, bit ^ previous)
+        low, high = _point_double(low), _point_add(low, high)
+        previous = bit
+    low, high = _conditional_swap(low, high, previous)
     x, y, z = low
-    if z == 0:
+    if z == 0:  # only for a multiple of the group order, which no caller passes
         raise ValueError("the point at infinity has no coordinates")
     z_inverse = _inverse(z, P256_P)
-    return x * z_inverse ** 2 % P256_P, y * z_inverse ** 3 % P256_P
+    return x * z_inverse % P256_P, y * z_inverse % P256_P
 
 
 def rfc6979_nonces(private_key, digest):
@@ -1151,11 +1252,7 @@ def dpop_proof(private_key, url, now, jti):
 
 
 def _dns_suffix(partition):
-    return "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
-
-
-def _dualstack_suffix(partition):
-    return "api.amazonwebservices.com.cn" if partition == "aws-cn" else "api.aws"
+    return next(row[3] for row in _PARTITIONS if row[0] == partition)
 
 
 # Where sts_regional_endpoints = legacy still sends STS calls to sts.amazonaws.com
@@ -1172,10 +1269,16 @@ def _true(value):
     return isinstance(value, str) and value.lower() == "true"
 
 
-def endpoint_settings(environ, configured=None):
+def endpoint_settings(environ, configured=None, service=None):
     """The settings that choose AWS's hosts, each from its variable, else the profile
-    (``configured``, as AWSFiles.endpoints reads it): {"fips", "dualstack", "sts_legacy"}."""
+    (``configured``, as AWSFiles.endpoints reads it): {"fips", "dualstack", "sts_legacy"}.
+
+    For S3, a profile's nested 's3 =' block saying 'use_dualstack_endpoint = true' (any
+    case) turns dual-stack on above the variable, as botocore's S3 client reads it;
+    saying anything else there leaves the general setting in charge."""
     configured = configured or {}
+    if service == "s3" and _true(configured.get("s3_use_dualstack_endpoint")):
+        return dict(endpoint_settings(environ, configured), dualstack=True)
 
     def setting(variable, key):
         value = environ.get(variable)
@@ -1193,20 +1296,15 @@ def aws_endpoint(service, region, fips=False, dualstack=False, sts_legacy=False)
     """(base URL, signing region) of 'sts', 'iam', 's3' or 'signin' in ``region``, as
     botocore's endpoint rules give them for these settings.  For S3 the URL is the
     path-style base; a bucket's virtual host is '<bucket>.' before its host."""
-    partition = partition_for_region(region)
-    regular, dual = _dns_suffix(partition), _dualstack_suffix(partition)
+    (partition, _, _, regular, dual, iam_hosts, iam_region, sign_in_domain,
+     legacy_dualstack) = _partition(region)
     suffix = dual if dualstack else regular
-    if service == "iam":  # one endpoint per partition
-        if partition == "aws-cn":
-            if fips:
-                host = "iam-fips." + suffix
-            else:
-                host = "iam.global." + dual if dualstack else "iam.cn-north-1." + regular
-            return "https://" + host, "cn-north-1"
-        if partition == "aws-us-gov":  # GovCloud's IAM is FIPS already
-            return "https://iam.us-gov." + suffix, "us-gov-west-1"
-        return "https://iam{}.{}".format("-fips" if fips else "",
-                                         "global." + dual if dualstack else regular), "us-east-1"
+    if dualstack and not legacy_dualstack:
+        raise LocalServerError("botocore has no dual-stack endpoints in partition {} ({}): "
+                               "unset use_dualstack_endpoint or give an endpoint "
+                               "URL".format(partition, region))
+    if service == "iam":  # one endpoint per partition (GovCloud's is FIPS already)
+        return "https://" + iam_hosts[2 * dualstack + fips], iam_region
     if service == "sts":
         if not (fips or dualstack) and (region is None or region == "aws-global" or (
                 sts_legacy and region in _STS_LEGACY_GLOBAL_REGIONS)):
@@ -1234,9 +1332,7 @@ def aws_endpoint(service, region, fips=False, dualstack=False, sts_legacy=False)
                 return "https://" + host, region
             return "https://signin{}.{}.{}".format("-fips" if fips else "", region,
                                                    suffix), region
-        return "https://{}.signin.{}".format(region, {
-            "aws-cn": "amazonaws.cn", "aws-us-gov": "amazonaws-us-gov.com"}.get(
-                partition, "aws.amazon.com")), region
+        return "https://{}.signin.{}".format(region, sign_in_domain), region
     raise ValueError("no endpoint rules for " + service)
 
 
@@ -1274,7 +1370,19 @@ def service_endpoint(service, region, endpoint_url=None, environ=os.environ, con
     custom = custom_endpoint(service, endpoint_url, environ, configured)
     if custom:
         return custom.rstrip("/"), region or "us-east-1"
-    return aws_endpoint(service, region, **endpoint_settings(environ, configured))
+    return aws_endpoint(service, region, **endpoint_settings(environ, configured, service))
+
+
+def sign_in_token_url(region, environ=os.environ, configured=None):
+    """The URL of the sign-in service's CreateOAuth2Token (POST /v1/token) in ``region``;
+    the DPoP proof's htu is this URL too.  A custom endpoint keeps its path, query and
+    fragment, with /v1/token appended to the path, as botocore's _urljoin builds it."""
+    custom = custom_endpoint("signin", None, environ, configured)
+    if not custom:
+        return service_endpoint("signin", region, None, environ, configured)[0] + "/v1/token"
+    scheme, host, path, query, fragment = urllib.parse.urlsplit(custom)
+    path = (path[:-1] if path.endswith("/") else path) + "/v1/token"
+    return urllib.parse.urlunsplit((scheme, host, path, query, fragment))
 
 
 ######################################################################
@@ -2080,6 +2188,9 @@ class AWSFiles(object):
         for key in ("ignore_configured_endpoint_urls", "use_fips_endpoint",
                     "use_dualstack_endpoint", "sts_regional_endpoints"):
             settings[key] = config.get(key)
+        s3 = config.get("s3") or ""  # a nested block ('s3 =' then indented lines), or not
+        settings["s3_use_dualstack_endpoint"] = _nested(s3).get(
+            "use_dualstack_endpoint") if s3.startswith("\n") else None
         return settings
 
     def where(self):
@@ -2504,8 +2615,12 @@ _LOGIN_ERROR_CODES = frozenset(_LOG_IN_AGAIN_ERRORS + (
 
 
 def login_cache_file(session, environ):
-    """~/.aws/login/cache/<sha256 of the session name>.json, or in AWS_LOGIN_CACHE_DIRECTORY."""
-    folder = _expand(environ.get("AWS_LOGIN_CACHE_DIRECTORY") or "~/.aws/login/cache")
+    """~/.aws/login/cache/<sha256 of the session name>.json, or in AWS_LOGIN_CACHE_DIRECTORY
+    expanded as botocore expands it: variables first, then '~' (so a variable may hold
+    '~/...'); set but empty, it is the current folder, as for botocore."""
+    folder = environ.get("AWS_LOGIN_CACHE_DIRECTORY")
+    folder = os.path.expanduser("~/.aws/login/cache" if folder is None
+                                else os.path.expandvars(folder))
     return os.path.join(folder, hashlib.sha256(session.encode("utf-8")).hexdigest() + ".json")
 
 
@@ -2527,6 +2642,8 @@ def refresh_login_token(cached, url, now, opener, jti, again):
         try:
             error = json.loads(answer.decode("utf-8")).get("error")
         except (ValueError, AttributeError, RecursionError):
+            error = None
+        if not isinstance(error, str):  # a list, an object, a number: no code at all
             error = None
         if error in _LOG_IN_AGAIN_ERRORS:
             raise LocalServerError("the aws login session has expired or its credentials "
@@ -2607,11 +2724,18 @@ def login_source(name, settings, context):
             if not sign_in_region:
                 raise LocalServerError("profile '{}' needs a region to refresh its aws login "
                                        "session".format(name))
+            if not (isinstance(sign_in_region, str) and _REGION_RE.match(sign_in_region)):
+                # It names the host that gets the refresh token and the proof: a crafted
+                # one ('x@host:port/#') would send them elsewhere.  botocore refuses it too.
+                raise LocalServerError("the signInRegion in {} is not a region name ({}): "
+                                       "{}".format(cache_file, repr(sign_in_region)[:80] if
+                                                   isinstance(sign_in_region, str) else
+                                                   "JSON " + type(sign_in_region).__name__,
+                                                   again))
             # --endpoint-url is the STS/IAM/S3 endpoint, not this one: only its own settings.
-            url = service_endpoint("signin", sign_in_region, None, context.environ,
-                                   context.endpoints)[0]
+            url = sign_in_token_url(sign_in_region, context.environ, context.endpoints)
             try:
-                fresh = refresh_login_token(cached, url + "/v1/token", aws_now(), pool,
+                fresh = refresh_login_token(cached, url, aws_now(), pool,
                                             str(uuid.uuid4()), again)
             except LocalServerError:
                 # Another process sharing this login (the CLI, a second server) may have
