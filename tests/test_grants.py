@@ -570,6 +570,18 @@ def test_sighup_reloads_added_removed_changed_and_keeps_connections(
 
 # --- revoke -----------------------------------------------------------------------------
 
+@pytest.fixture
+def revocations(moto):
+    """Removes the revoke policies a test put on the default role: moto does not judge
+    their conditions, so it would deny every session of the role to the tests after."""
+    yield
+    iam = moto.client("iam", access_key=moto.tester["AccessKeyId"],
+                      secret_key=moto.tester["SecretAccessKey"])
+    for name in iam.list_role_policies(RoleName=ROLE)["PolicyNames"]:
+        if name.startswith("s3_localserver-revoke-"):
+            iam.delete_role_policy(RoleName=ROLE, PolicyName=name)
+
+
 def stored_policy(moto, name):
     iam = moto.client("iam", access_key=moto.tester["AccessKeyId"],
                       secret_key=moto.tester["SecretAccessKey"])
@@ -578,7 +590,7 @@ def stored_policy(moto, name):
 
 
 def test_revoke_puts_the_deny_policy_on_the_default_role(moto, tester_env, buckets,
-                                                         grants_file):
+                                                         grants_file, revocations):
     before = time.time()
     code, out, err = run_script(["--grants", grants_file, "--revoke", "agent-b",
                                  "--endpoint-url", moto.url], tester_env())
@@ -610,7 +622,7 @@ def test_revoke_for_another_role_prints_the_policy_to_apply(moto, tester_env, gr
 
 
 def test_revoke_true_at_reload_denies_and_stops_serving(moto, start, tester_env, buckets,
-                                                        grants_file):
+                                                        grants_file, revocations):
     server = start_grants(start, moto, tester_env, grants_file)
     old = fetch(server, headers=[("Authorization", TOKEN_A)])[1]
     grants_file.write_text(GRANTS.replace("prefix = work/", "prefix = work/\nrevoke = true"))
@@ -619,17 +631,10 @@ def test_revoke_true_at_reload_denies_and_stops_serving(moto, start, tester_env,
     server.wait_for_line("Revoked grant agent-a: credentials issued to session agent-a")
     policy = stored_policy(moto, "s3_localserver-revoke-agent-a")
     assert policy["Statement"][0]["Condition"]["StringLike"] == {"aws:userid": "*:agent-a"}
-    # Whether moto enforces the deny is secondary: say what it does, assert nothing of it.
-    import boto3
-    s3 = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1",
-                      aws_access_key_id=old["AccessKeyId"],
-                      aws_secret_access_key=old["SecretAccessKey"],
-                      aws_session_token=old["SessionToken"])
-    try:
-        s3.put_object(Bucket=BUCKET_A, Key="work/after-revoke.txt", Body=b"x")
-        print("moto does not enforce aws:TokenIssueTime: the revoked key still writes")
-    except Exception as error:  # noqa: BLE001 - reported, not asserted
-        print("moto refused the revoked key: {}".format(error))
+    # moto refuses the old key now, but it ignores the policy's conditions (it refuses
+    # every session of the role, new ones and other grants' too: checked by hand), so
+    # that proves nothing about aws:TokenIssueTime; the stored shape is what is tested.
+    assert old["AccessKeyId"]
 
 
 # --- a real container, chosen by its address --------------------------------------------
