@@ -597,9 +597,11 @@ def check_token(token, what):
 
 
 def parse_grant(path, name, settings, read_token, default_duration=None, partition="aws",
-                session_limit=64):
+                session_limit=64, default_session=None):
     """One section's settings (a dict, keys as written) as a Grant; GrantError names
-    the key that is wrong.  ``read_token(file)`` returns a token file's text."""
+    the key that is wrong.  ``read_token(file)`` returns a token file's text;
+    ``default_session(name)`` the session name of a grant that gives none (else its
+    name)."""
     if not _GRANT_NAME_RE.match(name):
         raise GrantError(path, "a grant's name is 2 to 64 letters, digits and +=,.@_- "
                                "(it is also its session name)", name)
@@ -675,7 +677,8 @@ def parse_grant(path, name, settings, read_token, default_duration=None, partiti
     if token is None and not clients:
         fail("token", "no way for a client to be this grant: give token, token-file or "
                       "allow-client")
-    session = values.get("session-name", name).strip()
+    session = values.get("session-name", "").strip() or (
+        default_session(name) if default_session else name)
     if not re.match(r"^[\w+=,.@-]{2,%d}\Z" % session_limit, session):
         fail("session-name", "an STS session name is 2 to {} letters, digits and +=,.@_- "
                              "(the section's name, unless session-name says)".format(
@@ -690,7 +693,7 @@ def parse_grant(path, name, settings, read_token, default_duration=None, partiti
 
 
 def parse_grants(path, sections, read_token, default_duration=None, partition="aws",
-                 session_limit=64):
+                 session_limit=64, default_session=None):
     """Every grant of a file, checked against each other: ``sections`` is a list of
     (name, settings dict) in the file's order.  A token (and so its relative URI) or a
     session name used twice, or token-less grants whose networks overlap, would let
@@ -699,7 +702,7 @@ def parse_grants(path, sections, read_token, default_duration=None, partition="a
         raise GrantError(path, "no grants: add a [NAME] section with buckets and a token "
                                "or allow-client")
     grants = [parse_grant(path, name, settings, read_token, default_duration, partition,
-                          session_limit) for name, settings in sections]
+                          session_limit, default_session) for name, settings in sections]
     for index, grant in enumerate(grants):
         for other in grants[:index]:
             if grant.token is not None and hmac.compare_digest(
@@ -720,7 +723,7 @@ def parse_grants(path, sections, read_token, default_duration=None, partition="a
 
 
 def grants_from_ini(path, text, read_token, default_duration=None, partition="aws",
-                    session_limit=64):
+                    session_limit=64, default_session=None):
     """The grants of an INI text (RawConfigParser: no '%' interpolation, so a token may
     hold any character but a space; [DEFAULT] settings apply to every section).  configparser's
     own messages quote the offending line, which may hold a token: only its line
@@ -750,7 +753,7 @@ def grants_from_ini(path, text, read_token, default_duration=None, partition="aw
             raise GrantError(path, "unknown key", "DEFAULT", key)
     sections = [(name, dict(parser.items(name))) for name in parser.sections()]
     return parse_grants(path, sections, read_token, default_duration, partition,
-                        session_limit)
+                        session_limit, default_session)
 
 
 ######################################################################
