@@ -2633,14 +2633,16 @@ class CredentialMaker(object):
         self.buckets = _as_list(buckets)
         self.role_arn = role_arn
         self.role_created_at = None
+        self.existing_role = None  # GetRole's answer, when the default role was there
         self.log = log or (lambda message: None)
 
     def prepare(self, before_create=None):
-        """One-off set-up before the first credentials (IAM calls for 'role').
+        """What the first credentials need, and nothing more (the start-up's critical
+        path): for 'role', the role's ARN from GetRole, the role made when missing.
 
-        ``before_create()`` may raise to stop the role from being created.  A role
-        that exists is checked for what serving relies on: a start-up that stopped
-        between creating it and attaching its policy must not leave it useless."""
+        ``before_create()`` may raise to stop the role from being created.  The checks
+        of a role that exists wait for check_role(), after the first credentials: a
+        healthy start costs GetRole and AssumeRole, two round trips."""
         if self.mode != "role" or self.role_arn:
             return
         role = self.client.get_role(DEFAULT_ROLE_NAME)
@@ -2653,9 +2655,21 @@ class CredentialMaker(object):
             self.role_created_at = self.client.clock.elapsed()
             self._attach_policy()
         else:
-            self._check_policy()
-            self._check_trust(role)
+            self.existing_role = role  # for check_role(), and to explain a refusal
         self.role_arn = role["Arn"]
+
+    def check_role(self):
+        """The default role's checks that need not delay serving (run once the first
+        credentials are served): its AmazonS3FullAccess is attached, attached here if
+        not (a start-up that stopped half-way).  Logs what it finds; never raises."""
+        if self.existing_role is None:
+            return  # another role, or one this run made
+        try:
+            self._check_policy()
+        except (AWSError, LocalServerError) as error:
+            # IAM evaluates the role's policies at each request, so credentials already
+            # served work once the policy is attached: a warning, not a stop.
+            self.log("Warning: {}".format(explain(error)))
 
     @property
     def _policy_arn(self):
@@ -2688,19 +2702,29 @@ class CredentialMaker(object):
             self.log("IAM role {} exists without {} (an earlier start-up stopped half-way?); "
                      "attaching it...".format(DEFAULT_ROLE_NAME, self._policy_arn))
             self._attach_policy()
+            self.log("Attached {} to IAM role {}".format(self._policy_arn, DEFAULT_ROLE_NAME))
 
-    def _check_trust(self, role):
-        trust = role["Trust"]
+    def _trust_refusal(self, refusal):
+        """The error for an AssumeRole of the existing default role that AWS refused
+        (``refusal``, AccessDenied): the trust policy's explanation when it shuts the
+        caller out, else ``refusal`` itself.  Costs GetCallerIdentity, on failure only,
+        when the trust names principals other than the account."""
+        role = self.existing_role
+        trust = role["Trust"] if role is not None else None
         if trust is None or trust_admits(trust, role["Arn"]):
-            return  # unreadable: AssumeRole will tell
-        caller = self.client.get_caller_identity()["Arn"]
-        if not trust_admits(trust, role["Arn"], caller):
-            raise LocalServerError(
-                "the trust policy of IAM role {} does not let {} assume it (it should allow "
-                "sts:AssumeRole for the account's root, arn:{}:iam::{}:root); fix it with "
-                "'aws iam update-assume-role-policy --role-name {} --policy-document ...' "
-                "or use --role-arn".format(DEFAULT_ROLE_NAME, caller, self.client.partition,
-                                           role["Arn"].split(":")[4], DEFAULT_ROLE_NAME))
+            return refusal  # unreadable, or admits the whole account: AWS's words
+        try:
+            caller = self.client.get_caller_identity()["Arn"]
+        except (AWSError, LocalServerError):
+            return refusal
+        if trust_admits(trust, role["Arn"], caller):
+            return refusal
+        return LocalServerError(
+            "the trust policy of IAM role {} does not let {} assume it (it should allow "
+            "sts:AssumeRole for the account's root, arn:{}:iam::{}:root); fix it with "
+            "'aws iam update-assume-role-policy --role-name {} --policy-document ...' "
+            "or use --role-arn".format(DEFAULT_ROLE_NAME, caller, self.client.partition,
+                                       role["Arn"].split(":")[4], DEFAULT_ROLE_NAME))
 
     def __call__(self):
         if self.mode == "federation":
@@ -2720,7 +2744,9 @@ class CredentialMaker(object):
                 # A role created moments ago is refused until IAM has propagated it.
                 new_role = self.role_created_at is not None and (
                     self.client.clock.elapsed() - self.role_created_at < self.propagation_wait)
-                if error.code != "AccessDenied" or not new_role:
+                if error.code == "AccessDenied" and not new_role:
+                    raise self._trust_refusal(error)
+                if error.code != "AccessDenied":
                     raise
                 self.log("The new role is not usable yet (IAM propagation); retrying...")
                 self.client.sleep(2.0)
@@ -5249,6 +5275,9 @@ def start_server(args, environ, say, files, sockets=None):
     except BaseException:
         server.server_close()
         raise
+    # Off the critical path: the role's checks run while the first credentials are
+    # served, and log (and repair) what they find.
+    threading.Thread(target=maker.check_role, name="role checks", daemon=True).start()
     if maker.duration < args.duration:
         # The cache's refresh timing is the same for any duration of 1 hour or more, so
         # a cap STS only revealed during the first refresh needs nothing else.

@@ -96,7 +96,9 @@ class Fault(object):
 
     kind: 'status' (answer status/body), 'hang' (say nothing for `seconds`),
     'reset' (close the connection), 'truncate' (forward, cut the body short),
-    'skew' (forward, but stamp a Date `seconds` off the real time).
+    'skew' (forward, but stamp a Date `seconds` off the real time), 'hold' (forward
+    once ``release`` is set, or after `seconds`, 60 by default: a test decides when
+    the answer comes; ``held`` is set as the request arrives).
     """
 
     def __init__(self, kind, status=200, body=b"", seconds=0, headers=None):
@@ -105,6 +107,8 @@ class Fault(object):
         self.body = body
         self.seconds = seconds
         self.headers = headers or {}
+        self.held = threading.Event()
+        self.release = threading.Event()
 
 
 def skew_refusal(method, headers, body):
@@ -189,6 +193,9 @@ class RecordingProxy(object):
                     time.sleep(fault.seconds)
                     self.close_connection = True
                     return
+                if fault is not None and fault.kind == "hold":
+                    fault.held.set()
+                    fault.release.wait(fault.seconds or 60)
                 if fault is not None and fault.kind == "status":
                     status, headers, data = fault.status, fault.headers, fault.body
                 else:
@@ -495,6 +502,19 @@ def add_trusted(moto, role_name, principal_arn):
         iam.update_assume_role_policy(RoleName=role_name, PolicyDocument=json.dumps(trust))
 
 
+def wait_answered(proxy, action, timeout=30):
+    """Wait until the proxy has answered a request with this Action (calls made in the
+    background, after the server is up); return its record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for action_seen, record in zip(proxy.actions(), list(proxy.requests)):
+            if action_seen == action and "status" in record:
+                return record
+        if time.monotonic() > deadline:
+            raise AssertionError("no {} was answered: {}".format(action, proxy.actions()))
+        time.sleep(0.02)
+
+
 def aws_calls(proxy):
     """proxy.actions() with the bucket checks first: they run alongside the other
     start-up calls, so their place among them is not fixed."""
@@ -699,9 +719,9 @@ def podman_unavailable():
             reason = "needs podman and runc (apt-get install -y podman runc; .ci/run does)"
         else:
             try:
-                result = subprocess.run(PODMAN_RUN + ["--rootfs", "/:O", "true"], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        timeout=120)
+                result = subprocess.run(PODMAN_RUN + ["--rootfs", "/:O", "true"],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, timeout=120)
                 reason = "" if result.returncode == 0 else "podman run fails here: {}".format(
                     result.stderr.decode("utf-8", "replace").strip()[-300:])
             except (OSError, subprocess.TimeoutExpired) as error:
