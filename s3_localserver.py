@@ -4943,7 +4943,8 @@ def run_command(command, env):
 
 
 class StopRequest(object):
-    """Set by the SIGTERM handler; the main thread waits for it.
+    """Set by the SIGTERM handler, and SIGINT's once the server answers; the main
+    thread waits for it.
 
     Not a threading.Event: its set() takes the lock that Event.wait() holds for a
     moment at every timeout, and a signal handler runs on the main thread, between
@@ -4954,6 +4955,7 @@ class StopRequest(object):
 
     def __init__(self):
         self._signals = []
+        self.answered = False  # the server has begun to answer (set by main)
         # Held for good, so that acquiring it again is a pause with a timeout that the
         # handler never touches.  Not time.sleep: under libfaketime it fails (EINVAL).
         self._pause = threading.Lock()
@@ -4965,6 +4967,11 @@ class StopRequest(object):
 
     def is_set(self):
         return bool(self._signals)
+
+    @property
+    def exit_code(self):
+        """What a stop by the first signal exits with, as shells say: 128 + N."""
+        return 128 + (self._signals[0] or signal.SIGTERM) if self._signals else 0
 
     def wait(self, timeout):
         """True once set, else False after ``timeout`` seconds."""
@@ -4978,7 +4985,7 @@ class StopRequest(object):
 
 
 def wait_for_signal(stop):
-    """Block the main thread until Ctrl+C, or until ``stop`` is set (SIGTERM)."""
+    """Block the main thread until ``stop`` is set (Ctrl+C, SIGTERM)."""
     try:
         while not stop.wait(1.0):  # a timeout keeps Ctrl+C responsive on every OS
             pass
@@ -5295,7 +5302,21 @@ def describe_buckets(buckets):
 
 
 def main(argv=None, environ=None):
-    """Run the server (and the exec-mode command); return the exit code."""
+    """Run the server (and the exec-mode command); return the exit code.
+
+    Ctrl+C stops it cleanly at any moment: until the server answers, as the
+    KeyboardInterrupt that also cuts short a wait for AWS (exit 130, nothing was
+    served); from then on SIGINT, as SIGTERM, only asks the main thread to stop in
+    order (exit 0), so no half-done step ends in a traceback."""
+    stop = StopRequest()
+    try:
+        return _run(argv, environ, stop)
+    except KeyboardInterrupt:
+        # Only before the SIGINT handler went in, or after main restored it.
+        return 0 if stop.answered else 130
+
+
+def _run(argv, environ, stop):
     environ = os.environ if environ is None else environ
     environ, service = take_service_variables(environ)
     journal = journal_stderr(environ)
@@ -5323,13 +5344,13 @@ def main(argv=None, environ=None):
         # shows why in systemctl status.
         notifier.status("Failed: {}".format(explain(error)))
         return 1
-    except KeyboardInterrupt:
-        return 130
 
-    # SIGTERM's handler goes in before anything says we are up: a supervisor (or a
-    # test) may send it the moment it reads the first line.
-    stop = StopRequest()
-    previous_sigterm = signal.signal(signal.SIGTERM, stop.set)
+    # The handlers go in before anything says we are up: a supervisor (or a test) may
+    # send SIGTERM the moment it reads the first line, and a user press Ctrl+C.  An
+    # ignored SIGINT (a job started in the background) stays ignored.
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, stop.set)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, stop.set)
     host = server.server_address[0]
     # The URL SDKs accept over plain http names a loopback address: for a server
     # bound to every address (0.0.0.0, ::), that is the loopback one.
@@ -5368,6 +5389,7 @@ def main(argv=None, environ=None):
     # The first credentials are in the cache: a Type=notify unit is up from here, and
     # systemd hears it before any client (queued on a passed socket) is answered.
     notifier.ready(service_status(cache.status(), served))
+    stop.answered = True
     threading.Thread(target=server.serve_forever, name="server", daemon=True,
                      kwargs={"poll_interval": poll}).start()
     host = loopback or host
@@ -5382,8 +5404,7 @@ def main(argv=None, environ=None):
             env = client_environment(environ, full_uri, server.rules.token, region,
                                      client_files)
         if args.command:
-            code = run_command(args.command, env) if not stop.is_set() else (
-                128 + signal.SIGTERM)
+            code = run_command(args.command, env) if not stop.is_set() else stop.exit_code
         else:
             door = container_environment(host, server.server_port, server.rules.token,
                                          region)
@@ -5409,7 +5430,6 @@ def main(argv=None, environ=None):
         code = getattr(error, "exit_code", 1)
     finally:
         notifier.stopping()
-        signal.signal(signal.SIGTERM, previous_sigterm)
         cache.stop()
         server.shutdown()
         server.server_close()
@@ -5420,6 +5440,8 @@ def main(argv=None, environ=None):
             client_files.remove()
     if not args.command:
         say("Stopped.")
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
     return code
 
 

@@ -395,7 +395,7 @@ def test_profile_from_config_dir(moto, start, home, tmp_path, proxy):
                    env)
     check_document(server.fetch_json(), 3600)
     # The region came from the profile: the calls are signed for us-east-1.
-    signed = [r for r in proxy.requests if r["method"] == "POST"][-1]["headers"]
+    signed = [r for r in proxy.requests if b"Action=AssumeRole&" in r["body"]][-1]["headers"]
     assert "/us-east-1/sts/aws4_request" in signed["Authorization"]
     assert moto.tester["AccessKeyId"] in signed["Authorization"]
 
