@@ -678,10 +678,19 @@ class Namespace(object):
 
 class HostAddresses(object):
     """Addresses put on the host's lo for the length of a test module (169.254.170.2 and
-    the like), each removed afterwards unless it was there before."""
+    the like), each removed afterwards unless it was there before.
+
+    Held under a file lock from here to remove(): the addresses, and the fixed ports
+    tests bind on them (80), are this machine's, shared by every pytest-xdist worker
+    and any other run, so one holder at a time; others wait for it."""
+
+    LOCK = "/tmp/s3_localserver-host-addresses.lock"
 
     def __init__(self, addresses):
+        import fcntl
         self.added = []
+        self._lock = open(self.LOCK, "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
             for address in addresses:
                 prefix = 128 if ":" in address else 32
@@ -698,6 +707,8 @@ class HostAddresses(object):
     def remove(self):
         while self.added:
             ip("addr", "del", self.added.pop(), "dev", "lo", check=False)
+        if not self._lock.closed:
+            self._lock.close()  # and with it the lock
 
 
 # --- real containers: rootful Podman on its bridge (10.88.0.0/16) -----------------------
