@@ -28,7 +28,6 @@ import collections
 import configparser
 import email.utils
 import errno
-import fnmatch
 import hashlib
 import hmac
 import http.client
@@ -41,7 +40,6 @@ import random
 import re
 import secrets
 import selectors
-import shlex
 import signal
 import socket
 import socketserver
@@ -54,7 +52,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import xml.etree.ElementTree as ElementTree
 
 __version__ = "0.1.0"
@@ -381,6 +378,11 @@ def _listed(value):
     return [value] if isinstance(value, str) else list(value or [])
 
 
+def _fnmatchcase(name, pattern):
+    import fnmatch  # only to judge a trust policy, after a refused AssumeRole
+    return fnmatch.fnmatchcase(name, pattern)
+
+
 def trust_admits(trust, role_arn, caller_arn=None):
     """Whether a role's trust policy (a dict) lets the caller call sts:AssumeRole.
 
@@ -402,7 +404,7 @@ def trust_admits(trust, role_arn, caller_arn=None):
     for statement in ([statements] if isinstance(statements, dict) else statements):
         if not isinstance(statement, dict) or statement.get("Effect") != "Allow":
             continue
-        if not any(fnmatch.fnmatchcase("sts:assumerole", action.lower())
+        if not any(_fnmatchcase("sts:assumerole", action.lower())
                    for action in _listed(statement.get("Action"))):
             continue
         principal = statement.get("Principal")
@@ -1718,6 +1720,7 @@ def _section_name(title, kind):
     like a shell line, so extra spaces and quotes ('[profile "my name"]') are fine."""
     if not title.startswith(kind):
         return None
+    import shlex  # deferred, as every use: most start-ups split no shell words
     try:
         parts = shlex.split(title)
     except ValueError:
@@ -1994,6 +1997,7 @@ def split_windows_command(command):
 
 def process_source(command, profile, clock=None):
     """A profile's credential_process: run it (no shell) and read its JSON."""
+    import shlex
     import subprocess  # only needed for credential_process profiles
     what = "credential_process of profile '{}'".format(profile)
     try:
@@ -2218,6 +2222,11 @@ def login_cache_file(session, environ):
     return os.path.join(folder, hashlib.sha256(session.encode("utf-8")).hexdigest() + ".json")
 
 
+def _random_uuid():
+    import uuid  # with the platform module it loads: only for an `aws login` refresh
+    return str(uuid.uuid4())
+
+
 def refresh_login_token(cached, url, now, opener, jti, again):
     """The sign-in service's CreateOAuth2Token with the refresh token, proved by a DPoP
     header signed with the session's key: the cache entry botocore would write (new
@@ -2321,7 +2330,7 @@ def login_source(name, settings, context):
                                    context.endpoints)[0]
             try:
                 fresh = refresh_login_token(cached, url + "/v1/token", aws_now(), pool,
-                                            str(uuid.uuid4()), again)
+                                            _random_uuid(), again)
             except LocalServerError:
                 # Another process sharing this login (the CLI, a second server) may have
                 # refreshed first: the refresh token we sent was spent (it rotates), and
@@ -4860,6 +4869,7 @@ def shell_setup(env, pid=None):
     to stop it with."""
     names = ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
              "AWS_CONFIG_FILE") + CREDENTIALS_FILE_VARIABLES
+    import shlex
     lines = ["export {}={}".format(name, shlex.quote(env[name])) for name in names
              if name in env]
     lines.append("unset " + " ".join(OUTRANKING_VARIABLES))
@@ -4884,6 +4894,22 @@ def release_stdout():
             os.close(null)
     except (OSError, ValueError, AttributeError):
         pass  # stdout closed already, or not a real file: nobody waits for its end
+
+
+def return_freed_memory(platform=sys.platform):
+    """Hand the C heap's free pages back to the system, once serving (glibc only).
+
+    Run as a script, Python compiles this whole file at each start; the parse tree,
+    about 15 MiB, is freed into the C heap, which keeps it for good: a long-running
+    server would carry it in its resident memory.  glibc's malloc_trim returns it
+    (musl has no such call, and other systems' allocators give memory back anyway)."""
+    if not platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (ImportError, OSError, AttributeError):
+        return False
 
 
 def _terminal_interrupts_child():
@@ -5424,6 +5450,7 @@ def _run(argv, environ, stop):
             if host in METADATA_HOSTS:
                 say(metadata_note(full_uri, server.server_port, server.rules))
             say("Press Ctrl+C to stop")
+            return_freed_memory()
             wait_for_signal(stop)
     except LocalServerError as error:
         say("Error: {}".format(error))
