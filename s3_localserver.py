@@ -4896,22 +4896,6 @@ def release_stdout():
         pass  # stdout closed already, or not a real file: nobody waits for its end
 
 
-def return_freed_memory(platform=sys.platform):
-    """Hand the C heap's free pages back to the system, once serving (glibc only).
-
-    Run as a script, Python compiles this whole file at each start; the parse tree,
-    about 15 MiB, is freed into the C heap, which keeps it for good: a long-running
-    server would carry it in its resident memory.  glibc's malloc_trim returns it
-    (musl has no such call, and other systems' allocators give memory back anyway)."""
-    if not platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (ImportError, OSError, AttributeError):
-        return False
-
-
 def _terminal_interrupts_child():
     """True if a SIGINT we got most likely came from Ctrl+C at a terminal, which
     signals the whole foreground process group, our child included."""
@@ -5450,7 +5434,6 @@ def _run(argv, environ, stop):
             if host in METADATA_HOSTS:
                 say(metadata_note(full_uri, server.server_port, server.rules))
             say("Press Ctrl+C to stop")
-            return_freed_memory()
             wait_for_signal(stop)
     except LocalServerError as error:
         say("Error: {}".format(error))
