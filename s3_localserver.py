@@ -28,6 +28,7 @@ import collections
 import configparser
 import email.utils
 import errno
+import fnmatch
 import hashlib
 import hmac
 import http.client
@@ -378,11 +379,6 @@ def _listed(value):
     return [value] if isinstance(value, str) else list(value or [])
 
 
-def _fnmatchcase(name, pattern):
-    import fnmatch  # only to judge a trust policy, after a refused AssumeRole
-    return fnmatch.fnmatchcase(name, pattern)
-
-
 def trust_admits(trust, role_arn, caller_arn=None):
     """Whether a role's trust policy (a dict) lets the caller call sts:AssumeRole.
 
@@ -404,7 +400,7 @@ def trust_admits(trust, role_arn, caller_arn=None):
     for statement in ([statements] if isinstance(statements, dict) else statements):
         if not isinstance(statement, dict) or statement.get("Effect") != "Allow":
             continue
-        if not any(_fnmatchcase("sts:assumerole", action.lower())
+        if not any(fnmatch.fnmatchcase("sts:assumerole", action.lower())
                    for action in _listed(statement.get("Action"))):
             continue
         principal = statement.get("Principal")
@@ -1115,6 +1111,18 @@ def certificate_failure(error):
     return None
 
 
+def _create_connection(address, *args, **kwargs):
+    """socket.create_connection, an ASCII host name passed as bytes: getaddrinfo encodes
+    a str with the 'idna' codec, whose first use imports encodings.idna, stringprep and
+    unicodedata, 2 ms of every start-up spent on names that are ASCII anyway."""
+    host, port = address[0], address[1]
+    try:
+        host = host.encode("ascii") if isinstance(host, str) else host
+    except UnicodeEncodeError:
+        pass  # an internationalized name: idna it is
+    return socket.create_connection((host, port), *args, **kwargs)
+
+
 def _dropped(sock):
     """True if an idle connection reads as ready: the server closed it (EOF) or sent
     what nobody asked for; either way it cannot carry a request."""
@@ -1179,17 +1187,19 @@ class ConnectionPool(object):
         context = self._ssl_context() if parts.scheme == "https" else None
         with self._lock:
             self.opened += 1
-        if proxy is None:
-            if context is None:
-                return http.client.HTTPConnection(host, port, timeout=timeout)
-            return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-        proxy_parts = urllib.parse.urlsplit(proxy)
+        if proxy is not None:
+            proxy_parts = urllib.parse.urlsplit(proxy)
+            target = (proxy_parts.hostname, proxy_parts.port or 80)
+        else:
+            target = (host, port)
         if context is None:
-            return http.client.HTTPConnection(proxy_parts.hostname, proxy_parts.port or 80,
-                                              timeout=timeout)
-        connection = http.client.HTTPSConnection(proxy_parts.hostname, proxy_parts.port or 80,
-                                                 timeout=timeout, context=context)
-        connection.set_tunnel(host, port or 443, headers=_proxy_authorization(proxy))
+            connection = http.client.HTTPConnection(*target, timeout=timeout)
+        else:
+            connection = http.client.HTTPSConnection(*target, timeout=timeout,
+                                                     context=context)
+            if proxy is not None:
+                connection.set_tunnel(host, port or 443, headers=_proxy_authorization(proxy))
+        connection._create_connection = _create_connection
         return connection
 
     def _take(self, key):
