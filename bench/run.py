@@ -103,6 +103,11 @@ class LatencyRelay(object):
             daemon_threads = True
             request_queue_size = 64
 
+            def handle_error(self, request, client_address):
+                # A server stopped while its kept-alive connection idles resets it.
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    http.server.HTTPServer.handle_error(self, request, client_address)
+
         self.server = Server(("127.0.0.1", 0), Handler)
         self.url = "http://127.0.0.1:{}".format(self.server.server_address[1])
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
