@@ -640,7 +640,10 @@ def test_revoke_true_at_reload_denies_and_stops_serving(moto, start, tester_env,
 # --- a real container, chosen by its address --------------------------------------------
 
 PODMAN_IP, PODMAN_OTHER_IP = "10.88.213.7", "10.88.213.8"
-DOOR = "169.254.170.23"
+# An address of this test's own on the host's lo, reached from the bridge as a door is
+# (not a door itself: test_containers.py checks that 169.254.170.23 is on no interface,
+# and may run at the same time).
+HOST_ADDRESS = "169.254.199.23"
 
 
 @pytest.mark.skipif(bool(podman_unavailable()), reason=podman_unavailable() or "podman")
@@ -650,12 +653,11 @@ def test_a_podman_container_gets_its_own_grant_by_address(moto, start, tester_en
     path.write_text("[box]\nbuckets = {}\nduration = 1h\nallow-client = {}/32\n"
                     "[host-agent]\nbuckets = {}\nduration = 1h\ntoken = {}\n".format(
                         BUCKET_C, PODMAN_IP, BUCKET_A, TOKEN_A))
-    # The server on a container door on this host's lo, as CONTAINERS.md has it (the
-    # second ECS address: test_containers.py uses the first).
-    door = HostAddresses([DOOR])
+    # The server on an address of the host's lo, as a door is (CONTAINERS.md).
+    door = HostAddresses([HOST_ADDRESS])
     try:
         server = start(["--grants", str(path), "--endpoint-url", moto.url], tester_env(),
-                       host=DOOR)
+                       host=HOST_ADDRESS)
         check_podman_grant(server)
     finally:
         door.remove()
@@ -663,7 +665,7 @@ def test_a_podman_container_gets_its_own_grant_by_address(moto, start, tester_en
 
 def check_podman_grant(server):
     port = server.local_url.rsplit(":", 1)[1].strip("/")
-    url = "http://{}:{}/".format(DOOR, port)
+    url = "http://{}:{}/".format(HOST_ADDRESS, port)
     fetch_script = ("import sys, urllib.request, urllib.error\n"
                     "try:\n"
                     "    print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())\n"
@@ -674,7 +676,7 @@ def check_podman_grant(server):
     assert code == 0, err
     served = json.loads(out)
     server.secrets += [served["SecretAccessKey"], served["SessionToken"]]
-    a_key = key_of(server, [("Authorization", TOKEN_A)], source=DOOR)
+    a_key = key_of(server, [("Authorization", TOKEN_A)], source=HOST_ADDRESS)
     assert served["AccessKeyId"] != a_key
     server.wait_for_line("{} GET / 200 grant box".format(PODMAN_IP))
     # Another container on the same bridge is no grant's.
