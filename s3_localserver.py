@@ -6408,8 +6408,7 @@ class GrantSessions(object):
         name = revoke_policy_name(grant.name)
         what = "credentials issued to session {} before {}".format(grant.session,
                                                                   format_timestamp(now))
-        if self.mode == "role" and self.role_arn in (None, "") or (
-                self.mode == "role" and self.role_arn.endswith(":role/" + DEFAULT_ROLE_NAME)):
+        if self.mode == "role":  # the default role, the one role the script manages
             self.client.put_role_policy(DEFAULT_ROLE_NAME, name, document)
             self.revoked.add((grant.name, grant.session))
             return "Revoked grant {}: {} are denied (inline policy {} on role {})".format(
@@ -6476,6 +6475,9 @@ def start_server(args, environ, say, files, sockets=None):
                              32 if mode == "federation" else 64)
         served, default = chosen_grants(args, grants)
         revoked = [grant for grant in grants if grant.revoke]
+        if not served:
+            raise GrantError(args.grants, "every grant has revoke = true: nothing to serve "
+                                          "(--revoke NAME revokes without serving)")
     else:
         token, token_origin = resolve_auth_token(args, environ)
         policy_json(session_policy(args, region))  # too long: say so before any call
