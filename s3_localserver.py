@@ -6667,9 +6667,12 @@ class GrantReloader(object):
                 except (AWSError, LocalServerError) as error:
                     self.say("Error: could not revoke grant {}: {}".format(grant.name,
                                                                             explain(error)))
+        # The new sessions are minted side by side: one wait of a few seconds at most
+        # covers them all, however many there are and whatever STS does.
+        deadline = time.monotonic() + CredentialCache.request_wait
         for session in fresh:
             try:
-                session.current()  # waits for its first minting, a few seconds at most
+                session.current(wait=time.monotonic() < deadline)
             except Unavailable:
                 pass  # its refresher retries, and logs why
         added = [name for name in sessions if name not in old.grants]
