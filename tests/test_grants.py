@@ -22,6 +22,8 @@ from helpers import (
     ACCOUNT,
     BIN,
     HostAddresses,
+    RecordingProxy,
+    aws_error,
     clean_env,
     podman_run,
     podman_unavailable,
@@ -683,3 +685,31 @@ def check_podman_grant(server):
     code, out, err = podman_run([sys.executable, "-c", fetch_script, url],
                                 options=["--ip", PODMAN_OTHER_IP])
     assert code == 0 and out.strip() in ("401", "403"), (out, err)
+
+
+def test_a_reload_while_sts_fails_keeps_serving_and_recovers(moto, start, tester_env, buckets,
+                                                             grants_file):
+    """STS refusing every AssumeRole during a reload: the grants in service keep their
+    credentials, the added one answers 503 with the reason, then 200 once STS is back."""
+    failing = RecordingProxy(moto.url, match=lambda method, body: b"Action=AssumeRole&" in body)
+    try:
+        server = start(["--grants", str(grants_file), "--endpoint-url", failing.url],
+                       tester_env())
+        server.secrets += [TOKEN_A, TOKEN_B]
+        a_key = key_of(server, [("Authorization", TOKEN_A)])
+        for _ in range(60):
+            failing.faults.put(aws_error("ServiceUnavailable", "injected outage", 503))
+        grants_file.write_text(GRANTS + "[agent-e]\nbuckets = {}\ntoken = token-for-e-0123\n"
+                               .format(BUCKET_A))
+        server.secrets.append("token-for-e-0123")
+        reload(server, 1)
+        assert key_of(server, [("Authorization", TOKEN_A)]) == a_key
+        status, body = fetch(server, headers=[("Authorization", "token-for-e-0123")])
+        assert status == 503 and body["code"] == "ServiceUnavailable", (status, body)
+        while not failing.faults.empty():  # STS is back
+            failing.faults.get_nowait()
+        wait_for(lambda: fetch(server, headers=[("Authorization", "token-for-e-0123")])[0]
+                 == 200, "agent-e's credentials once STS answers again")
+        assert server.process.poll() is None
+    finally:
+        failing.stop()
