@@ -14,10 +14,10 @@ connections, parses the XML with ElementTree, caches the credentials behind a
 lock and refreshes them in a background thread well before they expire.
 
 Sections, top to bottom: errors; durations and validation; policies; grants
-(the --grants file); timestamps; credentials; SigV4; ES256 for `aws login`; endpoints; XML answers;
-the AWS client; where the script's own credentials come from; minting the
-served credentials; the credential cache; who may fetch credentials; the HTTP
-handler and server; the command line.  The pure functions come first and the
+(the --grants file); timestamps; credentials; SigV4; ES256 for `aws login`;
+endpoints; XML answers; the AWS client; where the script's own credentials come
+from; minting the served credentials; the credential cache; who may fetch
+credentials; the HTTP handler and server; the command line.  The pure functions come first and the
 I/O last.
 """
 
