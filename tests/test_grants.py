@@ -668,15 +668,21 @@ def test_a_podman_container_gets_its_own_grant_by_address(moto, start, tester_en
 def check_podman_grant(server):
     port = server.local_url.rsplit(":", 1)[1].strip("/")
     url = "http://{}:{}/".format(HOST_ADDRESS, port)
-    fetch_script = ("import sys, urllib.request, urllib.error\n"
-                    "try:\n"
-                    "    print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())\n"
-                    "except urllib.error.HTTPError as error:\n"
-                    "    print(error.code)\n")
-    code, out, err = podman_run([sys.executable, "-c", fetch_script, url],
+    # Each URL's answer on a line of its own: the JSON (on one line), or the status.
+    fetch_script = ("import sys, json, urllib.request, urllib.error\n"
+                    "for url in sys.argv[1:]:\n"
+                    "    try:\n"
+                    "        body = urllib.request.urlopen(url, timeout=20).read()\n"
+                    "        print(json.dumps(json.loads(body.decode())))\n"
+                    "    except urllib.error.HTTPError as error:\n"
+                    "        print(error.code)\n")
+    code, out, err = podman_run([sys.executable, "-c", fetch_script, url, url + "healthz"],
                                 options=["--ip", PODMAN_IP])
     assert code == 0, err
-    served = json.loads(out)
+    answer, health = out.splitlines()
+    served = json.loads(answer)
+    # /healthz to a container: its grant's status word, not AWS's text.
+    assert json.loads(health) == {"status": "ok", "grant": "box"}
     server.secrets += [served["SecretAccessKey"], served["SessionToken"]]
     a_key = key_of(server, [("Authorization", TOKEN_A)], source=HOST_ADDRESS)
     assert served["AccessKeyId"] != a_key
