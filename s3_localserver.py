@@ -235,7 +235,7 @@ def _as_list(buckets):
 
 
 def session_name(permission, buckets, limit):
-    """An STS session name for these credentials, valid whatever the buckets.
+    """An STS session name naming the buckets, valid whatever they are.
 
     s3-credentials' form, 's3.PERMISSION.BUCKET[,BUCKET...]', cut to the limit:
     AssumeRole allows 64 characters and GetFederationToken 32, each from
@@ -243,6 +243,31 @@ def session_name(permission, buckets, limit):
     """
     text = "s3.{}.{}".format(permission, ",".join(_as_list(buckets)))
     return re.sub(r"[^\w+=,.@-]", "-", text)[:limit]
+
+
+_SESSION_NAME_RE = re.compile(r"[\w+=,.@-]+\Z", re.ASCII)
+
+
+def check_session_name(name, origin, limit=64):
+    """A RoleSessionName, SourceIdentity or federated Name as STS accepts it: 2 to
+    ``limit`` characters from [\\w+=,.@-]."""
+    if not 2 <= len(name) <= limit or not _SESSION_NAME_RE.match(name):
+        raise ValueError("{} must be 2 to {} characters from letters, digits and "
+                         "_+=,.@- (STS's rule), not {!r}".format(origin, limit, name))
+    return name
+
+
+def sts_session_name(user, host, limit, chosen=None, suffix=None):
+    """The session name CloudTrail shows for the served credentials: ``chosen``
+    (--session-name) or USER@HOST, then '.SUFFIX' if given (one per grant, say),
+    made valid for STS and cut to ``limit`` (64 for AssumeRole, 32 for
+    GetFederationToken) keeping the suffix whole where it fits."""
+    base = chosen or "{}@{}".format(user or "user", (host or "host").split(".")[0])
+    tail = "." + suffix if suffix else ""
+    tail = re.sub(r"[^\w+=,.@-]", "-", tail, flags=re.ASCII)[:limit - 2]
+    base = re.sub(r"[^\w+=,.@-]", "-", base, flags=re.ASCII)[:limit - len(tail)]
+    name = base + tail
+    return name if len(name) >= 2 else (name + "--")[:2]
 
 
 # botocore's validate_region_name: a region goes into host names and signatures.
@@ -415,6 +440,28 @@ def trust_admits(trust, role_arn, caller_arn=None):
                     prefix, path.split("/")[-1]) in admitted):
                 return True
     return False
+
+
+def trust_with_source_identity(trust):
+    """``trust`` with sts:SetSourceIdentity added to each Allow statement that grants
+    sts:AssumeRole, or None if every such statement grants it already (or the
+    policy cannot be read): AssumeRole with SourceIdentity needs both actions."""
+    if not isinstance(trust, dict):
+        return None
+    trust = json.loads(json.dumps(trust))
+    statements = trust.get("Statement", [])
+    changed = False
+    for statement in ([statements] if isinstance(statements, dict) else statements):
+        if not isinstance(statement, dict) or statement.get("Effect") != "Allow":
+            continue
+        actions = _listed(statement.get("Action"))
+        lowered = [action.lower() for action in actions if isinstance(action, str)]
+        if not any(fnmatch.fnmatchcase("sts:assumerole", action) for action in lowered):
+            continue
+        if not any(fnmatch.fnmatchcase("sts:setsourceidentity", action) for action in lowered):
+            statement["Action"] = actions + ["sts:SetSourceIdentity"]
+            changed = True
+    return trust if changed else None
 
 
 ######################################################################
@@ -1497,10 +1544,11 @@ class AWSClient(object):
         """Create the role s3-credentials uses, trusted by the account; return get_role()'s
         answer.  A role that already exists is no failure: a CreateRole resent after IAM
         acted on it, or another start-up that was quicker, made it."""
+        # SetSourceIdentity: so --source-identity works with this role from the start.
         trust = {"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow",
             "Principal": {"AWS": "arn:{}:iam::{}:root".format(self.partition, account_id)},
-            "Action": "sts:AssumeRole"}]}
+            "Action": ["sts:AssumeRole", "sts:SetSourceIdentity"]}]}
         try:
             root = self.query("iam", "CreateRole", [
                 ("RoleName", role_name),
@@ -1514,6 +1562,10 @@ class AWSClient(object):
                 raise
             return self.get_role(role_name)
         return {"Arn": xml_find(root, "CreateRoleResult", "Role", "Arn"), "Trust": trust}
+
+    def update_assume_role_policy(self, role_name, trust):
+        self.query("iam", "UpdateAssumeRolePolicy", [
+            ("RoleName", role_name), ("PolicyDocument", json.dumps(trust))], IAM_VERSION)
 
     def attached_policy_arns(self, role_name):
         """The ARNs of the managed policies attached to a role (every page)."""
@@ -2622,8 +2674,12 @@ class CredentialMaker(object):
     propagation_wait = 60.0  # how long a newly created role may stay unassumable
 
     def __init__(self, client, mode, policy, duration, permission, buckets,
-                 role_arn=None, log=None):
+                 role_arn=None, log=None, session=None, source_identity=None):
         self.client = client
+        # What CloudTrail shows for the served credentials (sts_session_name()).
+        self.session = session or session_name(permission, buckets,
+                                               32 if mode == "federation" else 64)
+        self.source_identity = source_identity
         self.mode = mode
         self.policy = policy
         # A role's credentials may assume another role for 1 hour at most (role chaining).
@@ -2655,7 +2711,20 @@ class CredentialMaker(object):
         else:
             self._check_policy()
             self._check_trust(role)
+            if self.source_identity:
+                role = self._allow_source_identity(role)
         self.role_arn = role["Arn"]
+
+    def _allow_source_identity(self, role):
+        """The default role made before it allowed sts:SetSourceIdentity: add it, as
+        the role is the script's own (only when --source-identity asks for it)."""
+        trust = trust_with_source_identity(role["Trust"])
+        if trust is None:
+            return role
+        self.log("Adding sts:SetSourceIdentity to the trust policy of IAM role {} "
+                 "(--source-identity needs it)...".format(DEFAULT_ROLE_NAME))
+        self.client.update_assume_role_policy(DEFAULT_ROLE_NAME, trust)
+        return dict(role, Trust=trust)
 
     @property
     def _policy_arn(self):
@@ -2704,13 +2773,13 @@ class CredentialMaker(object):
 
     def __call__(self):
         if self.mode == "federation":
-            return self.client.get_federation_token(
-                session_name(self.permission, self.buckets, 32), self.policy, self.duration)
+            return self.client.get_federation_token(self.session[:32], self.policy,
+                                                    self.duration)
+        extra = [("SourceIdentity", self.source_identity)] if self.source_identity else []
         while True:
             try:
-                return self.client.assume_role(
-                    self.role_arn, session_name(self.permission, self.buckets, 64),
-                    self.policy, self.duration)
+                return self.client.assume_role(self.role_arn, self.session, self.policy,
+                                               self.duration, extra)
             except AWSError as error:
                 if (error.code == "ValidationError" and "role chaining" in error.message
                         and self.duration > ROLE_CHAINING_LIMIT):
@@ -3343,6 +3412,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     IMDS_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
     reason = None  # why the current request was refused, for the log line
     lookup = None  # ClientLookup naming this connection's client, once it is started
+    key_id = None  # the AccessKeyId of the credentials the current request was given
     # True on the accepting thread's handler: it answers the one request already in,
     # then closes whatever the headers ask, and never waits for a refresh, so that
     # thread never waits on a client or on STS.
@@ -3388,7 +3458,6 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         http.server.BaseHTTPRequestHandler.handle_one_request(self)
-        self.start_lookup()  # the answer is out (flushed): now look for who took it
         # A keep-alive client must send its next request within the idle timeout.
         self.server.touch(self.connection, self.server.idle_timeout)
 
@@ -3426,10 +3495,11 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         elif path in self.CREDENTIAL_PATHS or secret_path:
             self.look_up_client()
             try:
-                _, body = self.server.cache.current(wait=not self.answer_once)
+                credentials, body = self.server.cache.current(wait=not self.answer_once)
             except Unavailable as error:
                 self.send_unavailable(error)
                 return
+            self.key_id = credentials.access_key_id
             self.send_body(200, body)
         elif path == "/healthz":
             self.send_json(200, self.server.cache.status())
@@ -3474,6 +3544,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             except Unavailable as error:
                 self.send_unavailable(error)
                 return
+            self.key_id = credentials.access_key_id
             self.send_body(200, metadata_document(credentials, self.server.cache.last_refresh))
             return
         body = metadata_answer(path, self.IMDS_ROLE, self.server.region)
@@ -3485,24 +3556,14 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
 
     def look_up_client(self):
         # Credentials are asked for: the log line of their answer names who took them.
-        # Once per connection, on the lookup's thread, and only once the answer is
-        # out (start_lookup): never on the request's path.
+        # Once per connection, before its first answer (a one-shot client is gone soon
+        # after it), within the attribution's small budget (see ClientAttribution).
         if self.server.attribution is not None and self.lookup is None:
             try:
                 self.lookup = ClientLookup(self.client_address, self.connection.getsockname())
             except OSError:
-                pass
-
-    def start_lookup(self):
-        if self.lookup is not None and not self.lookup.started:
-            self.lookup.started = True
-            self.server.attribution.start(self.lookup)
-
-    def finish(self):
-        try:
-            http.server.BaseHTTPRequestHandler.finish(self)
-        finally:
-            self.start_lookup()  # an answer cut short still gets its line
+                return
+            self.server.attribution.begin(self.lookup)
 
     def send_unavailable(self, error):
         # The container-credentials error shape; Retry-After: when the next refresh is tried.
@@ -3547,8 +3608,9 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         self.server.log_access(self.client_address[0], getattr(self, "command", None) or "-",
                                (getattr(self, "path", None) or "-").partition("?")[0], code,
-                               self.reason, self.lookup if code == 200 else None)
-        self.reason = None
+                               self.reason, self.lookup if code == 200 else None,
+                               self.key_id if code == 200 else None)
+        self.reason = self.key_id = None
 
     def log_message(self, format, *args):
         # http.server reports protocol errors here; the request is logged by log_request.
@@ -3621,6 +3683,8 @@ class CredentialServer(http.server.HTTPServer):
         self.attribution = None  # a ClientAttribution naming who took credentials
         self.heartbeat = None  # called from the serving loop: the watchdog's proof of life
         self.journal = False  # stderr is the journal: '<N>' prefixes, no timestamps
+        self.log_format = "text"  # or "json": one object per line (--log-format)
+        self.journal_socket = None  # a JournalSocket: json entries as journal fields
         self.passed = bool(sockets)
         self.extra_sockets = list(sockets[1:]) if sockets else []
         self._closing = threading.Event()  # tells the extra sockets' threads to end
@@ -3907,6 +3971,13 @@ class CredentialServer(http.server.HTTPServer):
     # -- logging ---------------------------------------------------------------
 
     def log(self, message, priority=None):
+        if self.log_format == "json":
+            self.write_access(message, journal_priority(message) if priority is None
+                              else priority, {"message": message}, stamped=False)
+            return
+        self._write(message, priority)
+
+    def _write(self, message, priority):
         if self.journal:
             message = journal_line(message, priority)
         try:
@@ -3919,20 +3990,43 @@ class CredentialServer(http.server.HTTPServer):
         # journald stamps each line itself.
         return "" if self.journal else format_timestamp(time.time()) + " "
 
-    def log_access(self, client, method, path, status, reason=None, lookup=None):
+    def log_access(self, client, method, path, status, reason=None, lookup=None,
+                   key_id=None):
         """One access-log line; with a ClientLookup, written once it names the client."""
         # Rejections are always logged; -q silences only the ordinary lines.
         if reason or not self.quiet:
             redact = self.rules.redact  # before cutting: no part of the secret path either
-            line = "{}{} {} {} {}".format(self.stamp(), client, method[:16], redact(path)[:200],
-                                          status)
+            path = redact(path)[:200]
+            record = {"client": client, "method": method[:16], "path": path, "status": status}
+            line = "{} {} {} {}".format(client, method[:16], path, status)
             if reason:
-                line += " " + redact(reason)[:300]
+                record["reason"] = redact(reason)[:300]
+                line += " " + record["reason"]
+            if key_id:
+                # Not secret: CloudTrail's userIdentity.accessKeyId ties each AWS call
+                # made with these credentials to this line.
+                record["key_id"] = key_id
+                line += " key " + key_id
             priority = LOG_WARNING if reason else LOG_INFO
+            record["time"] = format_timestamp(time.time())
+            line = printable(line)
             if lookup is not None and self.attribution is not None:
-                self.attribution.log_after(lookup, printable(line), priority)
+                self.attribution.log_after(lookup, line, priority, record)
             else:
-                self.log(printable(line), priority)
+                self.write_access(line, priority, record)
+
+    def write_access(self, line, priority, record, stamped=True):
+        """One log entry: a text line, a JSON object, or journal fields (--log-format)."""
+        if self.log_format != "json":
+            self._write((self.stamp() if stamped else "") + line, priority)
+            return
+        record = dict(record)
+        record.setdefault("time", format_timestamp(time.time()))
+        if stamped:
+            record.setdefault("message", line)
+        if self.journal_socket is not None and self.journal_socket.send(record, priority):
+            return
+        self._write(json.dumps(record), priority)
 
     def handle_error(self, request, client_address):
         # A client that hangs up mid-request is normal; anything else gets one
@@ -4140,13 +4234,84 @@ _PRIORITY_PREFIXES = (("Error", LOG_ERR), ("Warning", LOG_WARNING),
                       ("Refreshing credentials failed", LOG_WARNING))
 
 
+def journal_priority(message):
+    """The priority of a line: those that start 'Error'/'Warning' say theirs; the
+    rest are info."""
+    return next((level for prefix, level in _PRIORITY_PREFIXES
+                 if message.startswith(prefix)), LOG_INFO)
+
+
 def journal_line(message, priority=None):
-    """``message`` as journald wants it: each line starting '<N>'.  Without a
-    priority, lines that start 'Error'/'Warning' say theirs; the rest are info."""
+    """``message`` as journald wants it: each line starting '<N>' (journal_priority()
+    without a priority)."""
     if priority is None:
-        priority = next((level for prefix, level in _PRIORITY_PREFIXES
-                         if message.startswith(prefix)), LOG_INFO)
+        priority = journal_priority(message)
     return "\n".join("<{}>{}".format(priority, line) for line in message.split("\n"))
+
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# --log-format json's keys as journal fields (journald wants A-Z, 0-9 and _).
+JOURNAL_FIELDS = {"message": "MESSAGE", "client": "CLIENT_ADDRESS", "method": "HTTP_METHOD",
+                  "path": "HTTP_PATH", "status": "HTTP_STATUS", "reason": "REASON",
+                  "key_id": "ACCESS_KEY_ID", "pid": "CLIENT_PID", "program": "CLIENT_PROGRAM",
+                  "pids": "CLIENT_PIDS", "programs": "CLIENT_PROGRAMS",
+                  "container": "CLIENT_CONTAINER", "container_name": "CLIENT_CONTAINER_NAME",
+                  "uid": "CLIENT_UID", "lookup": "CLIENT_LOOKUP",
+                  "client_lookup": "CLIENT_LOOKUP_TEXT"}
+
+
+def journal_message(record, priority, identifier="s3_localserver"):
+    """``record`` as one datagram of journald's native protocol: a KEY=value line per
+    field; a value holding a newline as KEY, newline, its length (64-bit little
+    endian), the value, newline.  Lists are written space-separated."""
+    fields = [("PRIORITY", str(LOG_INFO if priority is None else priority)),
+              ("SYSLOG_IDENTIFIER", identifier)]
+    for key, value in record.items():
+        name = JOURNAL_FIELDS.get(key)
+        if name is None or value is None:
+            continue  # the journal stamps each entry itself: no "time"
+        if isinstance(value, (list, tuple)):
+            value = " ".join(str(item) for item in value)
+        fields.append((name, SECRETS.redact(str(value))))
+    message = b""
+    for name, value in fields:
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            message += name.encode("ascii") + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            message += name.encode("ascii") + b"=" + data + b"\n"
+    return message
+
+
+class JournalSocket(object):
+    """journald's native socket, for --log-format json under the journal: each entry's
+    fields become journal fields (journalctl -o json, or -u ... CLIENT_PID=4242)."""
+
+    def __init__(self, path=JOURNAL_SOCKET):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)  # never stall a request on a busy journal
+
+    @classmethod
+    def open(cls, path=JOURNAL_SOCKET):
+        """A JournalSocket if ``path`` is there to be written to, else None."""
+        if getattr(socket, "AF_UNIX", None) is None or not os.path.exists(path):
+            return None
+        try:
+            return cls(path)
+        except OSError:
+            return None
+
+    def send(self, record, priority):
+        """True if sent; False (the caller writes the line to stderr) if not."""
+        try:
+            self.sock.sendto(journal_message(record, priority), self.path)
+            return True
+        except OSError:
+            return False
+
+    def close(self):
+        self.sock.close()
 
 
 ######################################################################
@@ -4172,15 +4337,21 @@ def _plain(address):
     return mapped or address
 
 
+def _address(host):
+    return _plain(ipaddress.ip_address(host.partition("%")[0]))
+
+
 def socket_owner(tables, client, server):
     """(uid, inode) of the client's end of a TCP connection, from the text of
     /proc/net/tcp and /proc/net/tcp6; None if no table has it (a remote client).
 
     ``client`` and ``server`` are (host, port) as our side sees them: the client's
-    socket has them the other way round.
+    socket has them the other way round.  With ``server`` None, the client's socket
+    is the one whose own address is ``client``, whatever it says it is connected to
+    (a kernel redirect shows it the address it asked for, not ours).
     """
-    want = ((_plain(ipaddress.ip_address(client[0].partition("%")[0])), client[1]),
-            (_plain(ipaddress.ip_address(server[0].partition("%")[0])), server[1]))
+    want_local = (_address(client[0]), client[1])
+    want_remote = None if server is None else (_address(server[0]), server[1])
     for text in tables:
         for row in text.splitlines()[1:]:
             fields = row.split()
@@ -4191,7 +4362,9 @@ def socket_owner(tables, client, server):
                 uid, inode = int(fields[7]), int(fields[9])
             except ValueError:
                 continue
-            if ((_plain(local[0]), local[1]), (_plain(remote[0]), remote[1])) == want:
+            if (_plain(local[0]), local[1]) != want_local or fields[3] == "0A":  # 0A: LISTEN
+                continue
+            if want_remote is None or (_plain(remote[0]), remote[1]) == want_remote:
                 return uid, inode
     return None
 
@@ -4199,8 +4372,120 @@ def socket_owner(tables, client, server):
 # The kernel's sock_diag interface (linux/sock_diag.h, linux/inet_diag.h), as `ss` uses it.
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLMSG_ERROR = 2
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
+TCP_LISTEN = 10
+
+
+def diag_request(client, server, sequence):
+    """The sock_diag message asking for the one socket whose own end is ``client``
+    and whose peer is ``server``; with ``server`` None, a dump of the sockets whose
+    own port is ``client``'s (a kernel filter: a port compared both ways)."""
+    local = _address(client[0])
+    family = socket.AF_INET if local.version == 4 else socket.AF_INET6
+    remote = _address(server[0]) if server is not None else ipaddress.ip_address(
+        "0.0.0.0" if family == socket.AF_INET else "::")
+    # inet_diag_req_v2: family, protocol, extensions, pad, states; then inet_diag_sockid:
+    # ports and addresses in network order, interface, cookie (none).
+    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0,
+                          0xFFFFFFFF & ~(1 << TCP_LISTEN))
+    request += struct.pack("!HH16s16s", client[1], server[1] if server else 0,
+                           local.packed, remote.packed)
+    request += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    flags = NLM_F_REQUEST
+    if server is None:
+        # Two conditions (source port >= P, <= P), each an op {code, yes, no} and a
+        # value op; 'no' jumps past the end, which rejects the socket.
+        program = struct.pack("=BBH", INET_DIAG_BC_S_GE, 8, 20) + struct.pack(
+            "=BBH", 0, 0, client[1])
+        program += struct.pack("=BBH", INET_DIAG_BC_S_LE, 8, 12) + struct.pack(
+            "=BBH", 0, 0, client[1])
+        request += struct.pack("=HH", 4 + len(program), INET_DIAG_REQ_BYTECODE) + program
+        flags |= NLM_F_DUMP
+    return struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, flags,
+                       sequence, 0) + request
+
+
+def parse_diag(data, sequence):
+    """The sockets of sock_diag's answer ``data`` to message ``sequence``, each as
+    (uid, inode, (own address, port), (peer address, port)); and True once the
+    answer is complete.  Messages of other sequences (a late answer to an earlier
+    question on a kept-open socket) are skipped.  OSError for the kernel's errors,
+    except ENOENT (no such socket: it is not on this machine, or closed)."""
+    found, done, at = [], False, 0
+    while at + 16 <= len(data):
+        length, kind, _, number = struct.unpack_from("=IHHI", data, at)
+        if length < 16 or at + length > len(data):
+            raise OSError("malformed sock_diag answer")
+        if number == sequence:
+            if kind == NLMSG_ERROR:
+                error = -struct.unpack_from("=i", data, at + 16)[0]
+                if error != errno.ENOENT:
+                    raise OSError(error, os.strerror(error))
+                done = True
+            elif kind == NLMSG_DONE:
+                done = True
+            elif kind == SOCK_DIAG_BY_FAMILY and length >= 16 + 72:
+                family = data[at + 16]
+                size = 4 if family == socket.AF_INET else 16
+                own_port, peer_port = struct.unpack_from("!HH", data, at + 20)
+                own = ipaddress.ip_address(data[at + 24:at + 24 + size])
+                peer = ipaddress.ip_address(data[at + 40:at + 40 + size])
+                uid, inode = struct.unpack_from("=II", data, at + 16 + 64)
+                found.append((uid, inode, (_plain(own), own_port), (_plain(peer), peer_port)))
+        at += (length + 3) & ~3
+    return found, done
+
+
+class SockDiag(object):
+    """Kept-open sock_diag sockets: one question costs a send and a receive, not a
+    socket's making.  Each lookup takes a socket of its own from the pool."""
+
+    def __init__(self, timeout=1.0):
+        self.timeout = timeout
+        self._idle = []
+        self._lock = threading.Lock()
+        self._sequence = 0
+
+    def ask(self, client, server):
+        """The sockets matching (see diag_request).  OSError without sock_diag."""
+        netlink = getattr(socket, "AF_NETLINK", None)
+        if netlink is None:
+            raise OSError("no AF_NETLINK")
+        with self._lock:
+            sock = self._idle.pop() if self._idle else None
+            self._sequence = self._sequence % 0x7FFFFFFF + 1
+            sequence = self._sequence
+        if sock is None:
+            sock = socket.socket(netlink, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+            sock.settimeout(self.timeout)
+        try:
+            sock.sendto(diag_request(client, server, sequence), (0, 0))
+            found = []
+            while True:
+                sockets, done = parse_diag(sock.recv(262144), sequence)
+                found += sockets
+                if done or (server is not None and found):
+                    break
+        except BaseException:
+            sock.close()  # an answer may still be on its way: never reuse this one
+            raise
+        with self._lock:
+            if len(self._idle) < 8:
+                self._idle.append(sock)
+                sock = None
+        if sock is not None:
+            sock.close()
+        return found
+
+    def close(self):
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
 
 
 def diag_socket_owner(client, server, timeout=1.0):
@@ -4211,120 +4496,147 @@ def diag_socket_owner(client, server, timeout=1.0):
     socket, tens of milliseconds on a busy machine, long enough for a client
     to have exited.  Raises OSError where sock_diag is not available.
     """
-    netlink = getattr(socket, "AF_NETLINK", None)
-    if netlink is None:
-        raise OSError("no AF_NETLINK")
-    local = _plain(ipaddress.ip_address(client[0].partition("%")[0]))
-    remote = _plain(ipaddress.ip_address(server[0].partition("%")[0]))
-    family = socket.AF_INET if local.version == 4 else socket.AF_INET6
-    # inet_diag_req_v2: family, protocol, extensions, pad, states; then inet_diag_sockid:
-    # ports and addresses in network order, interface, cookie (none).
-    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-    request += struct.pack("!HH16s16s", client[1], server[1], local.packed, remote.packed)
-    request += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
-    header = struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, 1, 1, 0)
-    with socket.socket(netlink, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
-        sock.settimeout(timeout)
-        sock.sendto(header + request, (0, 0))
-        answer = sock.recv(65536)
-    if len(answer) < 16:
-        raise OSError("short sock_diag answer")
-    kind = struct.unpack_from("=H", answer, 4)[0]
-    if kind == NLMSG_ERROR:
-        error = -struct.unpack_from("=i", answer, 16)[0]
-        if error == 2:  # ENOENT: not a socket of this machine
-            return None
-        raise OSError(error, os.strerror(error))
-    if kind != SOCK_DIAG_BY_FAMILY or len(answer) < 16 + 72:
-        raise OSError("unexpected sock_diag answer")
-    # inet_diag_msg: 4 bytes, the 48-byte sockid, expires, rqueue, wqueue, uid, inode.
-    return struct.unpack_from("=II", answer, 16 + 64)
-
-
-def socket_process(inode, uid, deadline, clock=time.monotonic, proc="/proc", first=()):
-    """(pid, program) of a process of ``uid`` holding socket ``inode``, or None.
-
-    Gives up at ``deadline`` (of ``clock``).  The pids in ``first`` are looked
-    at first (the clients found lately, which often come back), then the newest
-    processes: a client is most often one just started.
-    """
-    target = "socket:[{}]".format(inode)
-
-    def program_holding(pid):
-        base = os.path.join(proc, str(pid))
-        try:
-            if os.stat(base).st_uid != uid:
-                return None
-            fds = os.listdir(os.path.join(base, "fd"))
-        except OSError:  # gone, or not ours to look at
-            return None
-        for fd in fds:
-            try:
-                if os.readlink(os.path.join(base, "fd", fd)) == target:
-                    with open(os.path.join(base, "comm"), "rb") as handle:
-                        return handle.read(64).decode("utf-8", "replace").strip()
-            except OSError:
-                continue
-        return None
-
-    for pid in first:
-        program = program_holding(pid)
-        if program is not None:
-            return pid, program
+    diag = SockDiag(timeout)
     try:
-        pids = sorted((int(name) for name in os.listdir(proc) if name.isdigit()), reverse=True)
-    except OSError:
-        return None
-    for pid in pids:
-        if clock() > deadline:
-            return None
-        if pid not in first:
-            program = program_holding(pid)
-            if program is not None:
-                return pid, program
+        found = diag.ask(client, server)
+    finally:
+        diag.close()
+    return found[0][:2] if found else None
+
+
+_CONTAINER_ID_RE = re.compile(r"(?:docker|libpod|crio|containerd|cri-containerd)[-/]"
+                              r"(?:conmon-)?([0-9a-f]{64})\b")
+
+
+def container_id(cgroup):
+    """The container id in the text of /proc/PID/cgroup (Docker, Podman, CRI-O,
+    containerd name their cgroups after it), else None."""
+    for line in cgroup.splitlines():
+        match = _CONTAINER_ID_RE.search(line.rpartition(":")[2])
+        if match:
+            return match.group(1)
     return None
 
 
+def container_name_in(engine_files, identifier):
+    """The container's name from its engine's own state files, else None.
+
+    ``engine_files``: (kind, text) pairs: ("podman", the text of containers.json:
+    a list of {"id", "names"}), ("docker", the text of the container's
+    config.v2.json: {"Name": "/name"})."""
+    for kind, text in engine_files:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            continue
+        if kind == "podman" and isinstance(data, list):
+            for entry in data:
+                if isinstance(entry, dict) and entry.get("id") == identifier:
+                    names = entry.get("names")
+                    if isinstance(names, list) and names and isinstance(names[0], str):
+                        return names[0]
+        elif kind == "docker" and isinstance(data, dict) and isinstance(data.get("Name"), str):
+            return data["Name"].lstrip("/") or None
+    return None
+
+
+# Where engines keep what names their containers (rootful; rootless under the
+# user's ~/.local/share/containers).
+PODMAN_CONTAINERS = ("/var/lib/containers/storage/overlay-containers/containers.json",
+                     "~/.local/share/containers/storage/overlay-containers/containers.json")
+DOCKER_CONTAINER = "/var/lib/docker/containers/{}/config.v2.json"
+
+
+def container_name(identifier):
+    files = []
+    for path in PODMAN_CONTAINERS + (DOCKER_CONTAINER.format(identifier),):
+        try:
+            with open(_expand(path), encoding="utf-8") as handle:
+                files.append(("docker" if "docker" in path else "podman", handle.read()))
+        except (OSError, ValueError):
+            continue
+    return container_name_in(files, identifier)
+
+
+def describe_holders(holders, container=None):
+    """The log suffix naming the processes holding a client's socket, and the same
+    as fields: ``holders`` is [(pid, program)], ``container`` (id, name or None)."""
+    fields = {"pid": holders[0][0], "program": holders[0][1]}
+    text = "client pid {} ({})".format(*holders[0])
+    if len(holders) > 1:
+        # An inherited socket (fork, then the parent or the child asks): the one that
+        # sent the request cannot be told from the others, so all are named.
+        text = "client pids {} (the socket is shared)".format(
+            ", ".join("{} ({})".format(pid, program) for pid, program in holders))
+        fields["pids"] = [pid for pid, _ in holders]
+        fields["programs"] = [program for _, program in holders]
+    if container is not None:
+        fields["container"] = container[0][:12]
+        if container[1]:
+            fields["container_name"] = container[1]
+        text += " in container {}{}".format(
+            container[0][:12], " ({})".format(container[1]) if container[1] else "")
+    return text, fields
+
+
 class ClientLookup(object):
-    """One connection's lookup: its answer (a log suffix) and the lines waiting for it."""
+    """One connection's lookup: its answer (a log suffix and fields), the lines
+    waiting for it, and its search while it runs (a generator, resumed by the
+    lookup thread after the first answer's budget)."""
 
     def __init__(self, client, server):
         self.client = client
         self.server = server
         self.found = None
+        self.fields = {}
         self.waiting = []
-        self.started = False  # queued for the lookup thread
+        self.search = None
+        self.deadline = 0.0
+        self.timed_out = "client not found (lookup timed out)"
+        self.started = False  # begun (before the first answer)
 
 
 class ClientAttribution(object):
     """Names the local process that owns a client's socket, for the access log.
 
-    Linux only: the kernel's sock_diag (else /proc/net/tcp{,6}) gives the
-    owner and inode of the client's socket, /proc/PID/fd the process holding
-    it.  A lookup runs once per connection, on this class's own thread, and
-    starts once the first credential answer has been sent, so no client waits
-    for it.  A client that keeps its connection (an SDK's pool) is found; one
-    that closes its socket the moment it has read the answer (curl) is often
-    gone by then, and the line says so rather than guess.  The log line is
-    written when the lookup ends (well under a millisecond, mostly), which is
-    within ``time_limit`` seconds.  Only processes of the socket's owner are
-    examined, and only if that is the server's user (or the server is root);
-    another user's client is named by uid.  At most ``max_pending`` lookups
-    wait; beyond that the line says so at once.
+    Linux only.  The lookup of a connection begins before its first credential
+    answer, on the request's thread: one sock_diag question on a kept-open
+    socket gives the owner and inode of the client's socket (else
+    /proc/net/tcp{,6}), then /proc/PID/fd of the clients found lately and of the
+    newest processes gives who holds it.  It may take ``budget`` seconds there,
+    a deadline checked inside each process's descriptors too; the answer then
+    goes out, and the lookup thread carries on for up to ``time_limit`` (a
+    one-shot client such as curl is gone by then, which is why the search comes
+    first).  Processes with more than ``many_fds`` descriptors are searched last.
+    Lookups are shed, and their lines say so, while they have taken more than
+    ``share`` of the last ``window`` seconds: a flood of new connections costs the
+    server that much at most.  As root every process is examined; otherwise only
+    the server's user's own, and another user's client is named by uid.  A client
+    in another network namespace (a container) is found through a process of
+    that namespace (root only) and named with its container.
     """
 
+    budget = 0.002
     time_limit = 1.0
+    share = 0.10
+    window = 1.0
+    many_fds = 1024
     max_pending = 64
 
     def __init__(self, log, proc="/proc", clock=time.monotonic):
-        self.log = log
+        self.log = log  # log(line, priority, fields)
         self.proc = proc
         self.clock = clock
         self.user = os.geteuid() if hasattr(os, "geteuid") else None
+        self.diag = SockDiag()
         self._lock = threading.Lock()  # guards every ClientLookup's found and waiting
         self._queue = queue.Queue(self.max_pending)
         self._thread = None
-        self._recent = []  # pids found lately, latest first; only the lookup thread uses it
+        self._recent = []  # pids found lately, latest first
+        self._spent = 0.0  # seconds of lookups in the current window
+        self._window_start = None
+        self._namespaces = (None, {})  # (when read, {netns inode: [pids]})
+        self._own_netns = None
 
     @classmethod
     def available(cls, proc="/proc"):
@@ -4338,65 +4650,162 @@ class ClientAttribution(object):
                                                 daemon=True)
                 self._thread.start()
 
-    def start(self, lookup):
-        """Have the lookup thread find who holds the client's end; never waits."""
-        self.start_thread()
+    # -- the request's side ------------------------------------------------------
+
+    def _charge(self, seconds):
+        """Count ``seconds`` of lookup work; True while lookups stay within their share."""
+        with self._lock:
+            now = self.clock()
+            if self._window_start is None or now - self._window_start >= self.window:
+                self._window_start, self._spent = now, 0.0
+            self._spent += seconds
+            return self._spent <= self.share * self.window
+
+    def _shedding(self):
+        with self._lock:
+            now = self.clock()
+            if self._window_start is None or now - self._window_start >= self.window:
+                return False
+            return self._spent > self.share * self.window
+
+    def begin(self, lookup):
+        """Search for the client for ``budget`` seconds at most, before its answer."""
+        lookup.started = True
+        if self._shedding():
+            self._finish(lookup, "client not looked up (lookups shed: the server is busy)",
+                         {"lookup": "shed"})
+            return
+        started = self.clock()
+        lookup.search = self._search(lookup)
+        lookup.deadline = started + self.budget
+        self._step(lookup)
+        self._charge(self.clock() - started)
+        if lookup.found is None:
+            self.start_thread()
+            try:
+                self._queue.put_nowait(lookup)
+            except queue.Full:
+                self._close(lookup, "client not looked up (too many lookups waiting)",
+                            {"lookup": "shed"})
+
+    def _step(self, lookup):
+        """Run the search until it ends or its deadline; True if it ended."""
         try:
-            self._queue.put_nowait(lookup)
-        except queue.Full:
-            with self._lock:
-                lookup.found, waiting, lookup.waiting = (
-                    "client not looked up (too many lookups waiting)", lookup.waiting, [])
-            self._log_all(waiting, lookup.found)
+            while True:
+                next(lookup.search)
+                if self.clock() > lookup.deadline:
+                    return False
+        except StopIteration as end:
+            text, fields = end.value
+        except Exception as error:  # never let one odd entry end a thread
+            text, fields = "client not found ({})".format(error.__class__.__name__), {}
+        self._finish(lookup, text, fields)
+        return True
 
-    def _log_all(self, waiting, found):
-        for line, priority in waiting:
-            self.log("{} {}".format(line, found), priority)
+    def _close(self, lookup, text, fields):
+        if lookup.search is not None:
+            lookup.search.close()
+        self._finish(lookup, text, fields)
 
-    def log_after(self, lookup, line, priority=None):
+    def _finish(self, lookup, text, fields):
+        text = printable(text)  # a process names itself: it must not forge a line
+        with self._lock:
+            lookup.found, lookup.fields = text, fields
+            waiting, lookup.waiting = lookup.waiting, []
+            lookup.search = None
+        for line, priority, record in waiting:
+            self._write(line, priority, record, lookup)
+
+    def _write(self, line, priority, record, lookup):
+        record = dict(record, client_lookup=lookup.found, **lookup.fields)
+        self.log("{} {}".format(line, lookup.found), priority, record)
+
+    def log_after(self, lookup, line, priority=None, record=None):
         """Log ``line`` with the client named, now if the lookup has ended, else when it does."""
         with self._lock:
             if lookup.found is None:
-                lookup.waiting.append((line, priority))
+                lookup.waiting.append((line, priority, record or {}))
                 return
-        self.log("{} {}".format(line, lookup.found), priority)
+        self._write(line, priority, record or {}, lookup)
 
     def stop(self):
         """Let the lookups queued end and write their lines, for 2 * time_limit at
         most: a line should not be lost because the server is stopping."""
         with self._lock:
             thread = self._thread
-        if thread is None:
-            return
-        try:
-            self._queue.put(None, timeout=self.time_limit)
-        except queue.Full:
-            return
-        thread.join(2 * self.time_limit)
+        if thread is not None:
+            try:
+                self._queue.put(None, timeout=self.time_limit)
+            except queue.Full:
+                return
+            thread.join(2 * self.time_limit)
+        self.diag.close()
 
     def _run(self):
         while True:
             lookup = self._queue.get()
             if lookup is None:
                 return
-            try:
-                found = self.find(lookup.client, lookup.server)
-            except Exception as error:  # never let one odd entry end the thread
-                found = "client not found ({})".format(error.__class__.__name__)
-            found = printable(found)  # a process names itself: it must not forge a line
-            with self._lock:
-                lookup.found, waiting, lookup.waiting = found, lookup.waiting, []
-            self._log_all(waiting, found)
+            started = self.clock()
+            lookup.deadline = started + self.time_limit
+            if not self._step(lookup):
+                self._close(lookup, lookup.timed_out, {"lookup": "timed out"})
+            self._charge(self.clock() - started)
 
-    def find(self, client, server):
-        """The log suffix naming who holds the client's end of the connection."""
-        peer = _plain(ipaddress.ip_address(client[0].partition("%")[0]))
-        if not (peer.is_loopback or peer == _plain(ipaddress.ip_address(
-                server[0].partition("%")[0]))):
-            return "client remote"  # another machine's: its address is on the line
-        deadline = self.clock() + self.time_limit
+    def find(self, client, server, time_limit=None):
+        """The log suffix naming who holds the client's end of the connection,
+        searched for ``time_limit`` seconds at most (the lookup thread's by default)."""
+        lookup = ClientLookup(client, server)
+        lookup.search = self._search(lookup)
+        lookup.deadline = self.clock() + (self.time_limit if time_limit is None
+                                          else time_limit)
+        if not self._step(lookup):
+            self._close(lookup, lookup.timed_out, {})
+        return lookup.found
+
+    # -- the search ----------------------------------------------------------------
+    # Generators: each ``yield`` is a point where the deadline is looked at, and where
+    # the search may stop for the answer to go out, to go on in the lookup thread.
+
+    def _search(self, lookup):
+        client, server = lookup.client, lookup.server
+        peer = _address(client[0])
+        lookup.timed_out = "client not found (lookup timed out)"
+        if not (peer.is_loopback or peer == _address(server[0])):
+            found = yield from self._search_namespaces(lookup)
+            return found
+        owner = self._owner(client, server)
+        yield
+        if owner is None:
+            # A kernel redirect (iptables DNAT or REDIRECT to our port): the client's
+            # socket says it is connected to the address it asked for, so it is found
+            # by its own address and port alone.
+            owner = self._owner(client, None)
+            yield
+        if owner is None or not owner[1]:
+            # Closed already (a TIME_WAIT socket belongs to no one).
+            return ("client gone (it closed the connection before it was looked up)",
+                    {"lookup": "gone"})
+        uid, inode = owner
+        if self.user not in (0, uid):
+            return ("client uid {} (another user's process: not examined)".format(uid),
+                    {"uid": uid, "lookup": "another user"})
+        lookup.timed_out = "client uid {} (process not found: lookup timed out)".format(uid)
+        found = yield from self._holders(inode, uid, self._pids())
+        if found:
+            return describe_holders(found)
+        if self.user != 0 and self._hidden(uid):
+            return ("client uid {} (not examined: the process holding it is not dumpable "
+                    "or changed its uid, so only root may look into it)".format(uid),
+                    {"uid": uid, "lookup": "not dumpable"})
+        return "client uid {} (process not found)".format(uid), {"uid": uid,
+                                                                 "lookup": "not found"}
+
+    def _owner(self, client, server):
+        """(uid, inode) of the client's socket by its addresses (server None: by its
+        own address alone; one match, else None)."""
         try:
-            owner = diag_socket_owner(client, server, max(0.05, self.time_limit))
+            sockets = self.diag.ask(client, server)
         except OSError:  # no sock_diag (an old kernel, a sandbox): the slower tables
             tables = []
             for name in ("tcp", "tcp6"):
@@ -4405,21 +4814,200 @@ class ClientAttribution(object):
                         tables.append(handle.read())
                 except OSError:
                     pass
-            owner = socket_owner(tables, client, server)
-        if owner is None or not owner[1]:
-            # Closed already (a TIME_WAIT socket belongs to no one): curl and other
-            # one-shot clients close as soon as they have read the answer.
-            return "client gone (it closed the connection before it was looked up)"
-        uid, inode = owner
-        if self.user not in (0, uid):
-            return "client uid {} (another user's process: not examined)".format(uid)
-        found = socket_process(inode, uid, deadline, self.clock, self.proc, self._recent)
-        if found is not None:
-            self._recent = [found[0]] + [pid for pid in self._recent if pid != found[0]][:7]
-        if found is None:
-            return "client uid {} (process not found{})".format(
-                uid, ": lookup timed out" if self.clock() > deadline else "")
-        return "client pid {} ({})".format(found[0], found[1])
+            return socket_owner(tables, client, server)
+        own = (_address(client[0]), client[1])
+        sockets = [entry for entry in sockets if entry[2] == own]
+        if server is None and len(sockets) != 1:
+            return None  # none, or several to choose from: no guess
+        return sockets[0][:2] if sockets else None
+
+    def _pids(self):
+        """Recent clients first, then the newest processes."""
+        try:
+            pids = sorted((int(name) for name in os.listdir(self.proc) if name.isdigit()),
+                          reverse=True)
+        except OSError:
+            pids = []
+        recent = [pid for pid in self._recent]
+        return recent + [pid for pid in pids if pid not in recent]
+
+    def _holders(self, inode, uid, pids):
+        """[(pid, program)] of the processes holding socket ``inode``: the first one
+        found among ``pids`` (newest first), then its parent, children and siblings,
+        which share it when it was inherited."""
+        target = "socket:[{}]".format(inode)
+        crowded = []
+        first = None
+        for pid in pids:
+            held = yield from self._holds(pid, target, uid, self.many_fds)
+            if held == "crowded":
+                crowded.append(pid)
+            elif held is True:
+                first = pid
+                break
+        if first is None:
+            for pid in crowded:
+                held = yield from self._holds(pid, target, uid, None)
+                if held is True:
+                    first = pid
+                    break
+        if first is None:
+            return []
+        self._recent = [first] + [pid for pid in self._recent if pid != first][:7]
+        holders = [first]
+        parent = self._parent(first)
+        for pid in self._children(first) + [parent] + self._children(parent):
+            if pid and pid not in holders and len(holders) < 16:
+                held = yield from self._holds(pid, target, uid, None)
+                if held is True:
+                    holders.append(pid)
+        named = []
+        for pid in sorted(holders):
+            try:
+                with open(os.path.join(self.proc, str(pid), "comm"), "rb") as handle:
+                    named.append((pid, handle.read(64).decode("utf-8", "replace").strip()))
+            except OSError:  # gone meanwhile
+                continue
+        return named
+
+    def _holds(self, pid, target, uid, most):
+        """True if process ``pid`` has ``target`` open; "crowded" if it has more than
+        ``most`` descriptors (looked at later); else False.  Yields every few
+        descriptors, so a process with 20,000 of them cannot hold up a deadline."""
+        yield
+        base = os.path.join(self.proc, str(pid))
+        try:
+            if self.user != 0 and os.stat(base).st_uid != uid:
+                return False
+            folder = os.path.join(base, "fd")
+            if most is not None and os.stat(folder).st_size > most:
+                return "crowded"  # Linux 6.2+ gives the count of descriptors as the size
+            entries = os.scandir(folder)
+        except OSError:  # gone, or not ours to look at
+            return False
+        with entries:
+            for count, entry in enumerate(entries):
+                if count & 63 == 63:
+                    yield
+                    if most is not None and count >= most:
+                        return "crowded"
+                try:
+                    if os.readlink(entry.path) == target:
+                        return True
+                except OSError:
+                    continue
+        return False
+
+    def _parent(self, pid):
+        try:
+            with open(os.path.join(self.proc, str(pid), "stat"), "rb") as handle:
+                return int(handle.read().rpartition(b")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _children(self, pid):
+        if not pid:
+            return []
+        children = []
+        try:
+            tasks = os.listdir(os.path.join(self.proc, str(pid), "task"))
+        except OSError:
+            return []
+        for task in tasks[:64]:
+            try:
+                with open(os.path.join(self.proc, str(pid), "task", task, "children")) as handle:
+                    children += [int(child) for child in handle.read().split()]
+            except (OSError, ValueError):
+                continue
+        return children[:64]
+
+    def _hidden(self, uid):
+        """True if some process runs as ``uid`` without being open to it: /proc shows a
+        process that is not dumpable (or changed its uid, which makes it so) as root's."""
+        try:
+            names = [name for name in os.listdir(self.proc) if name.isdigit()]
+        except OSError:
+            return False
+        for name in names:
+            try:
+                if os.stat(os.path.join(self.proc, name)).st_uid == uid:
+                    continue
+                with open(os.path.join(self.proc, name, "status")) as handle:
+                    for line in handle:
+                        if line.startswith("Uid:"):
+                            if str(uid) in line.split()[1:]:
+                                return True
+                            break
+            except OSError:
+                continue
+        return False
+
+    # -- clients in other network namespaces (containers) ------------------------
+
+    def _namespace_map(self, fresh):
+        """{network namespace: [pids in it]} of every process, other than ours;
+        re-read at most every second, or on demand."""
+        when, spaces = self._namespaces
+        if when is not None and not fresh:
+            return spaces
+        if when is not None and self.clock() - when < 1.0:
+            return spaces
+        spaces = {}
+        try:
+            own = os.readlink(os.path.join(self.proc, "self", "ns", "net"))
+            names = sorted((int(name) for name in os.listdir(self.proc) if name.isdigit()),
+                           reverse=True)
+        except OSError:
+            return spaces
+        for pid in names:
+            try:
+                space = os.readlink(os.path.join(self.proc, str(pid), "ns", "net"))
+            except OSError:
+                continue
+            if space != own:
+                spaces.setdefault(space, []).append(pid)
+        self._namespaces = (self.clock(), spaces)
+        return spaces
+
+    def _search_namespaces(self, lookup):
+        client, server = lookup.client, lookup.server
+        readable = self.user == 0
+        if not readable:
+            return ("client remote (or a container's: only a server running as root looks "
+                    "into other network namespaces)", {"lookup": "remote"})
+        for fresh in (False, True):
+            spaces = self._namespace_map(fresh)
+            for pids in spaces.values():
+                yield
+                tables = []
+                for name in ("tcp", "tcp6"):
+                    try:
+                        with open(os.path.join(self.proc, str(pids[0]), "net", name)) as handle:
+                            tables.append(handle.read())
+                    except OSError:
+                        pass
+                owner = socket_owner(tables, client, server)
+                if owner is None:
+                    continue
+                if not owner[1]:
+                    return ("client gone (it closed the connection before it was looked up)",
+                            {"lookup": "gone"})
+                lookup.timed_out = "client in another network namespace (process not found: " \
+                                   "lookup timed out)"
+                found = yield from self._holders(owner[1], owner[0], pids)
+                if not found:
+                    return ("client in another network namespace (process not found)",
+                            {"lookup": "not found"})
+                container = None
+                try:
+                    with open(os.path.join(self.proc, str(found[0][0]), "cgroup")) as handle:
+                        identifier = container_id(handle.read())
+                except OSError:
+                    identifier = None
+                if identifier:
+                    container = (identifier, container_name(identifier))
+                return describe_holders(found, container)
+        return "client remote", {"lookup": "remote"}
 
 
 ######################################################################
@@ -4550,6 +5138,9 @@ def build_parser(prog="s3_localserver.py"):
     serving.add_argument("--no-client-lookup", action="store_true",
                          help="do not name the local process (pid, program) that took "
                               "credentials in the access log (Linux)")
+    serving.add_argument("--log-format", choices=("text", "json"), default="text",
+                         help="the log's form: text lines, or one JSON object per line "
+                              "(journal fields under journald)")
     guard = parser.add_argument_group("who may fetch credentials")
     guard.add_argument("--auth-token", metavar="TOKEN",
                        help="require 'Authorization: TOKEN' on GET / ('generate' makes a "
@@ -4596,6 +5187,12 @@ def build_parser(prog="s3_localserver.py"):
                       help="assume this role instead; no IAM calls")
     made.add_argument("--federation", action="store_true",
                       help="use GetFederationToken (needs long-term IAM user keys)")
+    how.add_argument("--session-name", metavar="NAME",
+                     help="the STS session name CloudTrail shows for every call made with "
+                          "the served credentials (default: USER@HOST)")
+    how.add_argument("--source-identity", metavar="NAME",
+                     help="set SourceIdentity on the assumed role (its trust policy must "
+                          "allow sts:SetSourceIdentity; the default role's does)")
     base = parser.add_argument_group("the script's own AWS identity and endpoints")
     base.add_argument("--access-key", metavar="KEY", help="AWS access key id")
     base.add_argument("--secret-key", metavar="SECRET", help="AWS secret access key")
@@ -4674,6 +5271,13 @@ def validate(args):
         raise ValueError("give --auth-token or --auth-token-file, not both")
     if args.role_arn:
         check_role_arn(args.role_arn)
+    if args.session_name is not None:
+        check_session_name(args.session_name, "--session-name",
+                           32 if args.federation else 64)
+    if args.source_identity is not None:
+        check_session_name(args.source_identity, "--source-identity", 64)
+        if args.federation:
+            raise ValueError("--source-identity needs a role (GetFederationToken sets none)")
     if args.region is not None:
         check_region(args.region)
     if not args.prefix:
@@ -5188,8 +5792,11 @@ def start_server(args, environ, say, files, sockets=None):
     base = resolve_credentials(args, context.environ, files=files, context=context)
     client = context.client(base)
     mode = "federation" if args.federation else ("role-arn" if args.role_arn else "role")
+    session = sts_session_name(user_name(environ), socket.gethostname(),
+                               32 if args.federation else 64, args.session_name)
     maker = CredentialMaker(client, mode, policy, args.duration, args.permission, args.buckets,
-                            role_arn=args.role_arn, log=say)
+                            role_arn=args.role_arn, log=say, session=session,
+                            source_identity=args.source_identity)
     cache = CredentialCache(maker, maker.duration, clock=context.clock, log=say)
     rules = AccessRules([args.host] + args.allow_host, token, args.allow_client)
     try:
@@ -5259,6 +5866,15 @@ def start_server(args, environ, say, files, sockets=None):
     return server, cache, region or server.region, token_origin
 
 
+def user_name(environ):
+    """This process's user name, for the default session name."""
+    try:
+        import pwd  # POSIX only; imported here, where it is needed
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError, AttributeError):
+        return environ.get("USER") or environ.get("USERNAME") or "user"
+
+
 def describe_buckets(buckets):
     """"bucket 'a'" for one (the seed's words), "buckets 'a', 'b'" for several."""
     return "bucket{} {}".format("s" if len(buckets) > 1 else "",
@@ -5271,12 +5887,20 @@ def main(argv=None, environ=None):
     environ, service = take_service_variables(environ)
     journal = journal_stderr(environ)
 
+    log_format = []  # set once the arguments are read: errors about them are text
+
     def say(message):
         message = SECRETS.redact(message)
-        sys.stderr.write((journal_line(message) if journal else message) + "\n")
+        if log_format == ["json"]:
+            line = json.dumps({"time": format_timestamp(time.time()), "message": message})
+        else:
+            line = message
+        sys.stderr.write((journal_line(line, journal_priority(message)) if journal else line)
+                         + "\n")
         sys.stderr.flush()
 
     args = parse_args(sys.argv[1:] if argv is None else argv, program_name(sys.argv[0]))
+    log_format.append(args.log_format)
     notifier = ServiceNotifier(service, os.getpid(), say)
     try:
         if args.print_identity:
@@ -5322,8 +5946,11 @@ def main(argv=None, environ=None):
     if args.statements:
         say("Extra policy statements: {}".format(len(args.statements)))
     server.journal = journal
+    server.log_format = args.log_format
+    if journal and args.log_format == "json":
+        server.journal_socket = JournalSocket.open()
     if not (args.no_client_lookup or server.quiet) and ClientAttribution.available():
-        server.attribution = ClientAttribution(server.log)
+        server.attribution = ClientAttribution(server.write_access)
         server.attribution.start_thread()
     server.heartbeat = notifier.heartbeat
     cache.after_attempt = lambda: notifier.status(service_status(cache.status(), served))

@@ -242,8 +242,7 @@ def test_socket_activation_on_interpreter(systemd, minor):
     python = required_python(minor)
     manager = systemd()
     server = manager.start(python=python)
-    me = "GET / 200 client pid {} ({})".format(os.getpid(),
-                                              open("/proc/self/comm").read().strip())
+    me = " client pid {} ({})".format(os.getpid(), open("/proc/self/comm").read().strip())
     for index in range(len(manager.sockets)):
         # Kept open until the access log names this process, as an SDK's pool keeps it.
         connection = http.client.HTTPConnection(*manager.address(index), timeout=30)
@@ -576,10 +575,11 @@ def test_access_log_names_the_local_process(moto, start, tester_env):
     try:
         pid, program = child.stdout.readline().decode().split()
         line = wait_for(lambda: [line for line in server.lines
-                                 if " GET / 200 client " in line], what="the access line")[0]
+                                 if " GET / 200 key " in line], what="the access line")[0]
     finally:
         child.communicate(timeout=30)
-    assert line.endswith(" 127.0.0.1 GET / 200 client pid {} ({})".format(pid, program)), line
+    assert re.search(r" 127\.0\.0\.1 GET / 200 key \S+ client pid {} \({}\)$".format(
+        pid, re.escape(program)), line), line
 
 
 def test_client_gone_or_remote_is_said_so_never_guessed():
@@ -600,19 +600,22 @@ def test_client_gone_or_remote_is_said_so_never_guessed():
         listener.close()
 
 
-def test_keep_alive_connection_is_looked_up_once_and_never_waited_for():
-    """The answer goes out while the lookup is blocked; two requests, one lookup."""
+def test_keep_alive_connection_is_looked_up_once_and_waited_for_within_the_budget():
+    """A lookup that does not end within its budget does not hold the answer: it goes
+    out, the lookup goes on, and the line waits for it.  Two requests, one lookup."""
     release = threading.Event()
     logged, finds = [], []
 
     class Blocked(s.ClientAttribution):
-        def find(self, client, server):
-            finds.append((client, server))
-            release.wait(30)
-            return "client pid 1 (test)"
+        time_limit = 60.0
+
+        def _search(self, lookup):
+            finds.append(lookup.client)
+            while not release.wait(0.001):
+                yield
+            return "client pid 1 (test)", {"pid": 1}
     server = s.CredentialServer(("127.0.0.1", 0), _Cache())
-    server.log = lambda message, priority=None: logged.append(message)
-    server.attribution = Blocked(server.log)
+    server.attribution = Blocked(lambda line, priority, record: logged.append(line))
     thread = _serve(server)
     try:
         connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
@@ -630,7 +633,7 @@ def test_keep_alive_connection_is_looked_up_once_and_never_waited_for():
         server.server_close()
         thread.join(10)
     assert len(finds) == 1
-    assert all(line.endswith(" 127.0.0.1 GET / 200 client pid 1 (test)") for line in logged)
+    assert logged == ["127.0.0.1 GET / 200 key AKID client pid 1 (test)"] * 2
 
 
 @pytest.mark.parametrize("sock_diag", [True, False])
@@ -691,9 +694,6 @@ def test_socket_owner_parses_the_tables():
 
 
 def test_process_search_is_bounded_in_time():
-    ticks = iter(range(100))
-    assert s.socket_process(1, os.geteuid(), deadline=0.5,
-                            clock=lambda: next(ticks)) is None
     attribution = s.ClientAttribution(log=None, clock=lambda: 10.0 ** 9)
     attribution.time_limit = -1.0  # already over when the search starts
     listener = socket.socket()
@@ -704,7 +704,7 @@ def test_process_search_is_bounded_in_time():
     try:
         if s.ClientAttribution.available():
             assert attribution.find(peer, ours.getsockname()) == (
-                "client uid {} (process not found: lookup timed out)".format(os.geteuid()))
+                "client not found (lookup timed out)")
     finally:
         for sock in (client, ours, listener):
             sock.close()
