@@ -4440,12 +4440,54 @@ def parse_diag(data, sequence):
     return found, done
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd, kind):
+    native = getattr(os, "setns", None)  # Python 3.12+
+    if native is not None:
+        native(fd, kind)
+        return
+    import ctypes  # only for a root server with clients in containers
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, kind) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def socket_in_namespace(path, *args):
+    """socket.socket(*args) made in the network namespace ``path`` names
+    (/proc/PID/ns/net): a socket keeps the namespace it was made in.  Made on a
+    thread of its own, which alone enters that namespace, and ends there."""
+    made = []
+
+    def make():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                _setns(fd, CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            made.append(socket.socket(*args))
+        except (OSError, AttributeError) as error:
+            made.append(error if isinstance(error, OSError) else OSError(str(error)))
+    thread = threading.Thread(target=make, name="netns", daemon=True)
+    thread.start()
+    thread.join()
+    if not made or isinstance(made[0], OSError):
+        raise made[0] if made else OSError("no socket")
+    return made[0]
+
+
 class SockDiag(object):
     """Kept-open sock_diag sockets: one question costs a send and a receive, not a
-    socket's making.  Each lookup takes a socket of its own from the pool."""
+    socket's making.  Each lookup takes a socket of its own from the pool.
+    ``namespace``: the /proc/PID/ns/net path of another network namespace to ask
+    (a container's), else our own."""
 
-    def __init__(self, timeout=1.0):
+    def __init__(self, timeout=1.0, namespace=None):
         self.timeout = timeout
+        self.namespace = namespace
         self._idle = []
         self._lock = threading.Lock()
         self._sequence = 0
@@ -4460,7 +4502,11 @@ class SockDiag(object):
             self._sequence = self._sequence % 0x7FFFFFFF + 1
             sequence = self._sequence
         if sock is None:
-            sock = socket.socket(netlink, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+            if self.namespace is None:
+                sock = socket.socket(netlink, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+            else:
+                sock = socket_in_namespace(self.namespace, netlink, socket.SOCK_DGRAM,
+                                           NETLINK_SOCK_DIAG)
             sock.settimeout(self.timeout)
         try:
             sock.sendto(diag_request(client, server, sequence), (0, 0))
@@ -4636,7 +4682,7 @@ class ClientAttribution(object):
         self._spent = 0.0  # seconds of lookups in the current window
         self._window_start = None
         self._namespaces = (None, {})  # (when read, {netns inode: [pids]})
-        self._own_netns = None
+        self._namespace_diags = {}  # netns inode -> SockDiag asking in it
 
     @classmethod
     def available(cls, proc="/proc"):
@@ -4740,6 +4786,8 @@ class ClientAttribution(object):
                 return
             thread.join(2 * self.time_limit)
         self.diag.close()
+        for diag in list(self._namespace_diags.values()):
+            diag.close()
 
     def _run(self):
         while True:
@@ -4791,10 +4839,11 @@ class ClientAttribution(object):
             return ("client uid {} (another user's process: not examined)".format(uid),
                     {"uid": uid, "lookup": "another user"})
         lookup.timed_out = "client uid {} (process not found: lookup timed out)".format(uid)
-        found = yield from self._holders(inode, uid, self._pids())
+        denied = []
+        found = yield from self._holders(inode, uid, self._pids(), denied)
         if found:
             return describe_holders(found)
-        if self.user != 0 and self._hidden(uid):
+        if denied:
             return ("client uid {} (not examined: the process holding it is not dumpable "
                     "or changed its uid, so only root may look into it)".format(uid),
                     {"uid": uid, "lookup": "not dumpable"})
@@ -4831,7 +4880,7 @@ class ClientAttribution(object):
         recent = [pid for pid in self._recent]
         return recent + [pid for pid in pids if pid not in recent]
 
-    def _holders(self, inode, uid, pids):
+    def _holders(self, inode, uid, pids, denied=None):
         """[(pid, program)] of the processes holding socket ``inode``: the first one
         found among ``pids`` (newest first), then its parent, children and siblings,
         which share it when it was inherited."""
@@ -4840,7 +4889,9 @@ class ClientAttribution(object):
         first = None
         for pid in pids:
             held = yield from self._holds(pid, target, uid, self.many_fds)
-            if held == "crowded":
+            if held == "denied" and denied is not None:
+                denied.append(pid)
+            elif held == "crowded":
                 crowded.append(pid)
             elif held is True:
                 first = pid
@@ -4872,8 +4923,10 @@ class ClientAttribution(object):
 
     def _holds(self, pid, target, uid, most):
         """True if process ``pid`` has ``target`` open; "crowded" if it has more than
-        ``most`` descriptors (looked at later); else False.  Yields every few
-        descriptors, so a process with 20,000 of them cannot hold up a deadline."""
+        ``most`` descriptors (looked at later); "denied" if it is ``uid``'s but its
+        descriptors are closed to us (not dumpable: a setuid program, or one that
+        changed its uid); else False.  Yields every few descriptors, so a process
+        with 20,000 of them cannot hold up a deadline."""
         yield
         base = os.path.join(self.proc, str(pid))
         try:
@@ -4883,7 +4936,9 @@ class ClientAttribution(object):
             if most is not None and os.stat(folder).st_size > most:
                 return "crowded"  # Linux 6.2+ gives the count of descriptors as the size
             entries = os.scandir(folder)
-        except OSError:  # gone, or not ours to look at
+        except PermissionError:
+            return "denied"
+        except OSError:  # gone
             return False
         with entries:
             for count, entry in enumerate(entries):
@@ -4921,36 +4976,16 @@ class ClientAttribution(object):
                 continue
         return children[:64]
 
-    def _hidden(self, uid):
-        """True if some process runs as ``uid`` without being open to it: /proc shows a
-        process that is not dumpable (or changed its uid, which makes it so) as root's."""
-        try:
-            names = [name for name in os.listdir(self.proc) if name.isdigit()]
-        except OSError:
-            return False
-        for name in names:
-            try:
-                if os.stat(os.path.join(self.proc, name)).st_uid == uid:
-                    continue
-                with open(os.path.join(self.proc, name, "status")) as handle:
-                    for line in handle:
-                        if line.startswith("Uid:"):
-                            if str(uid) in line.split()[1:]:
-                                return True
-                            break
-            except OSError:
-                continue
-        return False
-
     # -- clients in other network namespaces (containers) ------------------------
 
     def _namespace_map(self, fresh):
-        """{network namespace: [pids in it]} of every process, other than ours;
-        re-read at most every second, or on demand."""
+        """{network namespace: [pids in it]} of every process, other than ours; read
+        again when ``fresh`` (a client was not found in those known), at most every
+        0.1 s: a new container's first client is found at once."""
         when, spaces = self._namespaces
         if when is not None and not fresh:
             return spaces
-        if when is not None and self.clock() - when < 1.0:
+        if when is not None and self.clock() - when < 0.1:
             return spaces
         spaces = {}
         try:
@@ -4967,7 +5002,42 @@ class ClientAttribution(object):
             if space != own:
                 spaces.setdefault(space, []).append(pid)
         self._namespaces = (self.clock(), spaces)
+        for gone in [space for space in self._namespace_diags if space not in spaces]:
+            self._namespace_diags.pop(gone).close()
         return spaces
+
+    def _namespace_owner(self, space, pids, client, server):
+        """(uid, inode) of the client's socket if it is in namespace ``space``: asked
+        of sock_diag there (a socket made in it once), else read from a process's
+        /proc/PID/net/tcp{,6} (slower: the kernel prints every socket)."""
+        diag = self._namespace_diags.get(space)
+        for pid in pids:  # any process of the namespace leads to it
+            if diag is not None:
+                break
+            candidate = SockDiag(namespace=os.path.join(self.proc, str(pid), "ns", "net"))
+            try:
+                sockets = candidate.ask(client, server)
+            except OSError:
+                continue
+            self._namespace_diags[space] = candidate
+            return sockets[0][:2] if sockets else None
+        if diag is not None:
+            try:
+                sockets = diag.ask(client, server)
+                return sockets[0][:2] if sockets else None
+            except OSError:
+                self._namespace_diags.pop(space, None)
+                diag.close()
+        tables = []
+        for pid in pids:
+            try:
+                for name in ("tcp", "tcp6"):
+                    with open(os.path.join(self.proc, str(pid), "net", name)) as handle:
+                        tables.append(handle.read())
+                break
+            except OSError:  # gone since the map was made
+                tables = []
+        return socket_owner(tables, client, server)
 
     def _search_namespaces(self, lookup):
         client, server = lookup.client, lookup.server
@@ -4977,16 +5047,9 @@ class ClientAttribution(object):
                     "into other network namespaces)", {"lookup": "remote"})
         for fresh in (False, True):
             spaces = self._namespace_map(fresh)
-            for pids in spaces.values():
+            for space, pids in spaces.items():
                 yield
-                tables = []
-                for name in ("tcp", "tcp6"):
-                    try:
-                        with open(os.path.join(self.proc, str(pids[0]), "net", name)) as handle:
-                            tables.append(handle.read())
-                    except OSError:
-                        pass
-                owner = socket_owner(tables, client, server)
+                owner = self._namespace_owner(space, pids, client, server)
                 if owner is None:
                     continue
                 if not owner[1]:
@@ -4994,7 +5057,8 @@ class ClientAttribution(object):
                             {"lookup": "gone"})
                 lookup.timed_out = "client in another network namespace (process not found: " \
                                    "lookup timed out)"
-                found = yield from self._holders(owner[1], owner[0], pids)
+                # Among all processes, newest first: the client may be newer than the map.
+                found = yield from self._holders(owner[1], owner[0], self._pids())
                 if not found:
                     return ("client in another network namespace (process not found)",
                             {"lookup": "not found"})
