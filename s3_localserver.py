@@ -4655,8 +4655,8 @@ class ClientAttribution(object):
     one-shot client such as curl is gone by then, which is why the search comes
     first).  Processes with more than ``many_fds`` descriptors are searched last.
     Lookups are shed, and their lines say so, while they have taken more than
-    ``share`` of the last ``window`` seconds: a flood of new connections costs the
-    server that much at most.  As root every process is examined; otherwise only
+    ``share`` of the current ``window`` seconds and other connections are open (see
+    ``busy``): a flood of new connections costs the server that much at most.  As root every process is examined; otherwise only
     the server's user's own, and another user's client is named by uid.  A client
     in another network namespace (a container) is found through a process of
     that namespace (root only) and named with its container.
@@ -4671,6 +4671,7 @@ class ClientAttribution(object):
 
     def __init__(self, log, proc="/proc", clock=time.monotonic):
         self.log = log  # log(line, priority, fields)
+        self.busy = lambda: True  # whether other connections are open (set by the server)
         self.proc = proc
         self.clock = clock
         self.user = os.geteuid() if hasattr(os, "geteuid") else None
@@ -4712,7 +4713,10 @@ class ClientAttribution(object):
             now = self.clock()
             if self._window_start is None or now - self._window_start >= self.window:
                 return False
-            return self._spent > self.share * self.window
+            over = self._spent > self.share * self.window
+        # Lookups cost throughput only while other clients wait: one client at a time
+        # (curl after curl) is never kept from being named.
+        return over and self.busy()
 
     def begin(self, lookup):
         """Search for the client for ``budget`` seconds at most, before its answer."""
@@ -4822,13 +4826,15 @@ class ClientAttribution(object):
         if not (peer.is_loopback or peer == _address(server[0])):
             found = yield from self._search_namespaces(lookup)
             return found
-        owner = self._owner(client, server)
+        asked = server
+        owner = self._owner(client, asked)
         yield
         if owner is None:
             # A kernel redirect (iptables DNAT or REDIRECT to our port): the client's
             # socket says it is connected to the address it asked for, so it is found
             # by its own address and port alone.
-            owner = self._owner(client, None)
+            asked = None
+            owner = self._owner(client, asked)
             yield
         if owner is None or not owner[1]:
             # Closed already (a TIME_WAIT socket belongs to no one).
@@ -4847,6 +4853,10 @@ class ClientAttribution(object):
             return ("client uid {} (not examined: the process holding it is not dumpable "
                     "or changed its uid, so only root may look into it)".format(uid),
                     {"uid": uid, "lookup": "not dumpable"})
+        if self._owner(client, asked) != owner:
+            # Its answer went out while the search went on, and it closed at once.
+            return ("client gone (it closed the connection before it was found)",
+                    {"uid": uid, "lookup": "gone"})
         return "client uid {} (process not found)".format(uid), {"uid": uid,
                                                                  "lookup": "not found"}
 
@@ -6015,6 +6025,7 @@ def main(argv=None, environ=None):
         server.journal_socket = JournalSocket.open()
     if not (args.no_client_lookup or server.quiet) and ClientAttribution.available():
         server.attribution = ClientAttribution(server.write_access)
+        server.attribution.busy = lambda: server.open_connections > 1
         server.attribution.start_thread()
     server.heartbeat = notifier.heartbeat
     cache.after_attempt = lambda: notifier.status(service_status(cache.status(), served))
