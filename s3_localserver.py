@@ -4656,10 +4656,11 @@ class ClientAttribution(object):
     first).  Processes with more than ``many_fds`` descriptors are searched last.
     Lookups are shed, and their lines say so, while they have taken more than
     ``share`` of the current ``window`` seconds and other connections are open (see
-    ``busy``): a flood of new connections costs the server that much at most.  As root every process is examined; otherwise only
-    the server's user's own, and another user's client is named by uid.  A client
-    in another network namespace (a container) is found through a process of
-    that namespace (root only) and named with its container.
+    ``busy``): a flood of new connections costs the server that much at most.  As
+    root every process is examined; otherwise only the server's user's own, and
+    another user's client is named by uid.  A client in another network namespace
+    (a container) is found by sock_diag in that namespace (root only) and named
+    with its container.
     """
 
     budget = 0.002
