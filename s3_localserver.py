@@ -1659,10 +1659,15 @@ def _check_status(status, headers, data):
 def explain(error, source=None):
     """AWS's error, plus what to do about it when we know; ``source`` says where the
     script's own credentials came from ('profile work', 'command line'...)."""
+    renew = "renew them (for example 'aws sso login')"
+    if source == "command line":
+        # Keys typed on the command line renew nothing by themselves.
+        source, renew = ("the command line: --access-key, --secret-key and --session-token",
+                         "give fresh ones")
     hints = {
-        "ExpiredToken": "the script's own credentials{} have expired; renew them (for "
-                        "example 'aws sso login') and start the server again".format(
-                            " (from {})".format(source) if source else ""),
+        "ExpiredToken": "the script's own credentials{} have expired; {} and start the "
+                        "server again".format(" (from {})".format(source) if source else "",
+                                              renew),
         "InvalidClientTokenId": "the base access key is not valid for this account or "
                                 "region",
         "InvalidIdentityToken": "STS refused the web identity token: check the token file "
@@ -3690,6 +3695,7 @@ class CredentialServer(http.server.HTTPServer):
         self._closing = threading.Event()  # tells the extra sockets' threads to end
         self.monotonic = time.monotonic  # for the refusal lines; injectable
         self._refusal_lines = {}  # client address -> (time of its last line, lines held back)
+        self._refusal_lock = threading.Lock()  # the accepting threads share _refusal_lines
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         http.server.HTTPServer.__init__(self, address, CredentialHandler, bind_and_activate=False)
@@ -3782,16 +3788,22 @@ class CredentialServer(http.server.HTTPServer):
     def log_refusal(self, client):
         """One line per client per refusal_log_interval at most, with the number of
         refusals not logged since: an excluded client cannot flood the log."""
+        self._log_seldom(client, client, 403, "client {} is not in --allow-client".format(
+            client))
+
+    def _log_seldom(self, key, client, status, reason):
+        """log_access, once per refusal_log_interval per ``key`` at most."""
         now = self.monotonic()
-        last, held_back = self._refusal_lines.get(client, (None, 0))
-        if last is not None and now - last < self.refusal_log_interval:
-            self._refusal_lines[client] = (last, held_back + 1)
-            return
-        if len(self._refusal_lines) >= 1024:  # bounded: forget old clients at once
-            self._refusal_lines.clear()
-        self._refusal_lines[client] = (now, 0)
-        self.log_access(client, "-", "-", 403, "client {} is not in --allow-client{}".format(
-            client, " ({} more refused)".format(held_back) if held_back else ""))
+        with self._refusal_lock:
+            last, held_back = self._refusal_lines.get(key, (None, 0))
+            if last is not None and now - last < self.refusal_log_interval:
+                self._refusal_lines[key] = (last, held_back + 1)
+                return
+            if len(self._refusal_lines) >= 1024:  # bounded: forget old clients at once
+                self._refusal_lines.clear()
+            self._refusal_lines[key] = (now, 0)
+        self.log_access(client, "-", "-", status, reason + (
+            " ({} more refused)".format(held_back) if held_back else ""))
 
     def process_request(self, request, client_address):
         if self.refused_at_accept(request, client_address):
@@ -3801,7 +3813,9 @@ class CredentialServer(http.server.HTTPServer):
             if not busy:
                 self._deadlines[request] = time.monotonic() + self.idle_timeout
         if busy:
-            self.log_access(client_address[0], "-", "-", 503, "too many connections")
+            # One line a second for every client together: a flood's lines would be
+            # a flood of their own.
+            self._log_seldom(None, client_address[0], 503, "too many connections")
             self._refuse(request)
         elif self._answer_now(request) and self.cache.answers_at_once():
             # A whole one-shot request is already here: answering it on this thread
@@ -4126,32 +4140,69 @@ def socket_activation(service, pid):
     return [passed_socket(fd, name) for fd, name in zip(fds, names)], names, warning
 
 
+_VSOCK_RE = re.compile(r"vsock(?:-(stream|seqpacket|dgram))?:([0-9]{1,10}):([0-9]{1,10})\Z")
+
+
+def notify_address(text):
+    """NOTIFY_SOCKET's address as (family name, socket types to try, address), or
+    None if it is empty: '/path' or '@abstract' (AF_UNIX datagrams), or
+    'vsock[-TYPE]:CID:PORT' (AF_VSOCK, for a service in a VM: SOCK_SEQPACKET, else
+    SOCK_STREAM, as sd_notify tries them, unless TYPE says which)."""
+    if not text:
+        return None
+    match = _VSOCK_RE.match(text)
+    if match:
+        kinds = {"stream": ("SOCK_STREAM",), "seqpacket": ("SOCK_SEQPACKET",),
+                 "dgram": ("SOCK_DGRAM",)}.get(match.group(1),
+                                               ("SOCK_SEQPACKET", "SOCK_STREAM"))
+        return "AF_VSOCK", kinds, (int(match.group(2)), int(match.group(3)))
+    return "AF_UNIX", ("SOCK_DGRAM",), "\0" + text[1:] if text.startswith("@") else text
+
+
+def status_text(text):
+    """``text`` fit for one STATUS= line: each run of control characters (a newline
+    in an AWS error would start another assignment) becomes one space."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", text)
+
+
 class ServiceNotifier(object):
     """sd_notify(3): tells systemd we are ready, what we serve, that we live, that we stop.
 
     Each message is one datagram to the AF_UNIX socket NOTIFY_SOCKET names ('@'
-    at the start: the abstract namespace).  Without NOTIFY_SOCKET (or AF_UNIX, as
-    on Windows) every method does nothing.  The socket is non-blocking: a full
+    at the start: the abstract namespace), or one connection's message to the
+    AF_VSOCK address of 'vsock:CID:PORT'.  Without NOTIFY_SOCKET (or the family,
+    as on Windows) every method does nothing.  The socket is non-blocking: a full
     queue at systemd's end drops a message rather than stall the serving thread.
     """
+
+    vsock_timeout = 1.0  # seconds for one message's connection
 
     def __init__(self, service, pid, log, clock=time.monotonic):
         self.log = log
         self.clock = clock
         self.shown = service.get("NOTIFY_SOCKET")  # as given, '@' and all, for messages
-        self.address = self.shown or None
-        if self.address and self.address.startswith("@"):
-            self.address = "\0" + self.address[1:]
-        if self.address and getattr(socket, "AF_UNIX", None) is None:
-            self.address = None
+        parsed = notify_address(self.shown)
+        self.family = self.kinds = self.address = None
+        if parsed is not None:
+            family = getattr(socket, parsed[0], None)
+            if family is None and parsed[0] == "AF_VSOCK":
+                log("Warning: NOTIFY_SOCKET={} is a vsock address, and this Python has no "
+                    "AF_VSOCK (Linux, Python 3.7 or later); the service manager will not "
+                    "hear that the server is ready".format(printable(self.shown)))
+            if family is not None:
+                self.family, self.address = family, parsed[2]
+                self.kinds = [getattr(socket, kind) for kind in parsed[1]
+                              if hasattr(socket, kind)]
         # The watchdog is ours when WATCHDOG_PID is unset or names us (systemd.service(5)).
         usec, owner = _decimal(service.get("WATCHDOG_USEC")), service.get("WATCHDOG_PID")
         ours = owner is None or _decimal(owner) == pid
-        self.watchdog_interval = usec / 2e6 if usec and ours and self.address else None
+        self.watchdog_interval = (usec / 2e6 if usec and ours and self.address is not None
+                                  else None)
         self._last_beat = None
         self._warned = False
         self._sock = None
-        if self.address:
+        self._vsock_lock = threading.Lock()
+        if self.address is not None and self.family == getattr(socket, "AF_UNIX", None):
             # Made once, here: the serving, refreshing and main threads all send.
             try:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -4167,21 +4218,41 @@ class ServiceNotifier(object):
 
     def send(self, *lines):
         """Send one message; False if it could not be delivered (warned about once)."""
+        message = "\n".join(lines).encode("utf-8", "replace")
+        if self.family is not None and self.family == getattr(socket, "AF_VSOCK", None):
+            return self._send_vsock(message)
         sock = self._sock  # close() may run on another thread
         if sock is None:
             return False
         try:
-            sock.sendto("\n".join(lines).encode("utf-8", "replace"), self.address)
+            sock.sendto(message, self.address)
             return True
         except OSError as error:
             self._warn(error)
             return False
 
+    def _send_vsock(self, message):
+        """One connection per message, as sd_notify does over vsock (the end of a
+        stream ends the message).  One sender at a time: messages keep their order."""
+        with self._vsock_lock:
+            error = OSError("no socket type to try")
+            for kind in self.kinds:
+                try:
+                    with socket.socket(self.family, kind) as sock:
+                        sock.settimeout(self.vsock_timeout)
+                        sock.connect(self.address)
+                        sock.sendall(message)
+                    return True
+                except OSError as failure:
+                    error = failure
+            self._warn(error)
+            return False
+
     def ready(self, status):
-        self.send("READY=1", "STATUS=" + status)
+        self.send("READY=1", "STATUS=" + status_text(status))
 
     def status(self, status):
-        self.send("STATUS=" + status)
+        self.send("STATUS=" + status_text(status))
 
     def stopping(self):
         self.send("STOPPING=1", "STATUS=Stopping")
@@ -5482,6 +5553,14 @@ class ClientFiles(object):
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write(text)
 
+    def write(self, name, text):
+        """A file of this folder's, readable by this user alone; its path."""
+        path = os.path.join(self.folder, name)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return path
+
     def remove(self):
         import shutil
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -5961,6 +6040,8 @@ def main(argv=None, environ=None):
     environ = os.environ if environ is None else environ
     environ, service = take_service_variables(environ)
     journal = journal_stderr(environ)
+    # Under a unit, stdout goes to the journal too: a token must not be printed there.
+    journal_stdout = journal_stderr(environ, 1)
 
     log_format = []  # set once the arguments are read: errors about them are text
 
@@ -6061,11 +6142,24 @@ def main(argv=None, environ=None):
         else:
             door = container_environment(host, server.server_port, server.rules.token,
                                          region)
-            if door:
+            if door and journal_stdout:
+                client_files = client_files or ClientFiles("", environ)
+                path = client_files.write("container.env", door)
+                say("Containers: their environment is in {} (readable by this user only; "
+                    "docker run --env-file {}; see CONTAINERS.md), not on stdout, which "
+                    "goes to the journal; it is removed when the server stops".format(
+                        path, path))
+            elif door:
                 say("Containers: the lines on stdout are their environment (docker run "
                     "--env-file FILE; see CONTAINERS.md)")
                 sys.stdout.write(door)
                 sys.stdout.flush()
+            elif token_origin == "generated" and journal_stdout:
+                path = client_files.write("shell.sh", shell_setup(env, os.getpid()))
+                say("Clients must send the generated token as the Authorization header: it "
+                    "is in {} (readable by this user only; '. {}' sets up a shell), not on "
+                    "stdout, which goes to the journal; it is removed when the server "
+                    "stops".format(path, path))
             elif token_origin == "generated":
                 say("Clients must send the generated token as the Authorization header: "
                     "the lines on stdout set up a shell for that")
