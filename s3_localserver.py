@@ -270,8 +270,10 @@ def sts_session_name(user, host, limit, chosen=None, suffix=None):
     return name if len(name) >= 2 else (name + "--")[:2]
 
 
-# botocore's validate_region_name: a region goes into host names and signatures.
-_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
+# botocore's validate_region_name: a region goes into host names and signatures.  One
+# difference: botocore's `$` also accepts a name with one trailing newline; `\Z` here
+# does not.
+_REGION_RE = re.compile(r"^(?![0-9]+\Z)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)\Z")
 
 
 def check_region(region, origin="--region"):
@@ -334,14 +336,63 @@ def parse_statement(text):
 ######################################################################
 
 
+# botocore's partitions (its data/partitions.json, in that order) and the per-partition
+# hosts of its endpoint rules for IAM and the sign-in service, carried here so that
+# every partition gets botocore's hosts, not a guess.  Each row: the name; its global
+# pseudo-region; the pattern of its region names; its DNS suffix and dual-stack DNS
+# suffix; the IAM hosts (plain, FIPS, dual-stack, both) and the region IAM signs for;
+# the domain of its console sign-in hosts ('REGION.signin.DOMAIN'); and whether
+# botocore's older endpoint data (endpoints.json, consulted when a client is made)
+# has dual-stack hosts there: where it does not, botocore refuses dual-stack.
+_PARTITIONS = (
+    ("aws", "aws-global", r"^(us|eu|ap|sa|ca|me|af|il|mx)\-\w+\-\d+$", "amazonaws.com",
+     "api.aws", ("iam.amazonaws.com", "iam-fips.amazonaws.com", "iam.global.api.aws",
+                 "iam-fips.global.api.aws"), "us-east-1", "aws.amazon.com", True),
+    ("aws-cn", "aws-cn-global", r"^cn\-\w+\-\d+$", "amazonaws.com.cn",
+     "api.amazonwebservices.com.cn",
+     ("iam.cn-north-1.amazonaws.com.cn", "iam-fips.amazonaws.com.cn",
+      "iam.global.api.amazonwebservices.com.cn", "iam-fips.api.amazonwebservices.com.cn"),
+     "cn-north-1", "amazonaws.cn", True),
+    ("aws-eusc", None, r"^eusc\-(de)\-\w+\-\d+$", "amazonaws.eu", "api.amazonwebservices.eu",
+     ("iam.eusc-de-east-1.amazonaws.eu", "iam-fips.amazonaws.eu",
+      "iam.global.api.amazonwebservices.eu", "iam-fips.api.amazonwebservices.eu"),
+     "eusc-de-east-1", "amazonaws-eusc.eu", True),
+    ("aws-iso", "aws-iso-global", r"^us\-iso\-\w+\-\d+$", "c2s.ic.gov", "api.aws.ic.gov",
+     ("iam.us-iso-east-1.c2s.ic.gov", "iam-fips.us-iso-east-1.c2s.ic.gov",
+      "iam.api.aws.ic.gov", "iam-fips.api.aws.ic.gov"), "us-iso-east-1", "c2shome.ic.gov",
+     True),
+    ("aws-iso-b", "aws-iso-b-global", r"^us\-isob\-\w+\-\d+$", "sc2s.sgov.gov",
+     "api.aws.scloud", ("iam.us-isob-east-1.sc2s.sgov.gov", "iam-fips.us-isob-east-1.sc2s.sgov.gov",
+                        "iam.api.aws.scloud", "iam-fips.api.aws.scloud"),
+     "us-isob-east-1", "sc2shome.sgov.gov", True),
+    ("aws-iso-e", "aws-iso-e-global", r"^eu\-isoe\-\w+\-\d+$", "cloud.adc-e.uk",
+     "api.cloud-aws.adc-e.uk", ("iam.eu-isoe-west-1.cloud.adc-e.uk", "iam-fips.cloud.adc-e.uk",
+                                "iam.api.cloud-aws.adc-e.uk", "iam-fips.api.cloud-aws.adc-e.uk"),
+     "eu-isoe-west-1", "csphome.adc-e.uk", False),
+    ("aws-iso-f", "aws-iso-f-global", r"^us\-isof\-\w+\-\d+$", "csp.hci.ic.gov",
+     "api.aws.hci.ic.gov", ("iam.us-isof-south-1.csp.hci.ic.gov", "iam-fips.csp.hci.ic.gov",
+                            "iam.api.aws.hci.ic.gov", "iam-fips.api.aws.hci.ic.gov"),
+     "us-isof-south-1", "csphome.hci.ic.gov", False),
+    ("aws-us-gov", "aws-us-gov-global", r"^us\-gov\-\w+\-\d+$", "amazonaws.com", "api.aws",
+     ("iam.us-gov.amazonaws.com", "iam.us-gov.amazonaws.com", "iam.us-gov.api.aws",
+      "iam.us-gov.api.aws"), "us-gov-west-1", "amazonaws-us-gov.com", True),
+)
+
+
+def _partition(region):
+    """The row of _PARTITIONS for ``region``: the first that names or matches it, else
+    aws's (botocore's aws.partition)."""
+    if isinstance(region, str):
+        for row in _PARTITIONS:
+            if region == row[1] or re.match(row[2], region):
+                return row
+    return _PARTITIONS[0]
+
+
 def partition_for_region(region):
-    """The AWS partition a region belongs to: aws, aws-cn or aws-us-gov."""
-    region = region or ""
-    if region.startswith("cn-"):
-        return "aws-cn"
-    if region.startswith("us-gov-"):
-        return "aws-us-gov"
-    return "aws"
+    """The AWS partition a region belongs to, as botocore finds it: aws, aws-cn,
+    aws-us-gov, aws-eusc, aws-iso, aws-iso-b..."""
+    return _partition(region)[0]
 
 
 def bucket_statements(permission, bucket, prefix="*", partition="aws"):
@@ -730,16 +781,21 @@ def sign_request(method, url, headers, body, credentials, region, service, now):
 # JWT signed with ES256, ECDSA on the NIST P-256 curve (FIPS 186-4) over SHA-256.
 # The standard library has no elliptic curves, so here is the arithmetic, written
 # for clarity: it runs once per refresh (every 15 minutes at most).  Points are in
-# Jacobian coordinates (X, Y, Z) for x = X/Z^2, y = Y/Z^3; Z = 0 is the identity.
+# homogeneous projective coordinates (X, Y, Z) for x = X/Z, y = Y/Z; (0, 1, 0) is the
+# identity.  The group law is the complete one of Renes, Costello and Batina
+# ("Complete addition formulas for prime order elliptic curves", 2016, algorithms 4
+# and 6 for a = -3): one sequence of field operations for every pair of points, the
+# identity and equal points included, so no input takes a shorter path.
 
 P256_P = 2 ** 256 - 2 ** 224 + 2 ** 192 + 2 ** 96 - 1  # the field's prime
 P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # group order
+P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B  # y^2 = x^3 - 3x + b
 P256_G = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
           0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)  # generator
 # DER: the OIDs of an EC public key (1.2.840.10045.2.1) and of P-256 (1.2.840.10045.3.1.7).
 _OID_EC_PUBLIC_KEY = bytes.fromhex("2a8648ce3d0201")
 _OID_P256 = bytes.fromhex("2a8648ce3d030107")
-_IDENTITY = (1, 1, 0)
+_IDENTITY = (0, 1, 0)
 
 
 def _inverse(value, modulus):
@@ -747,54 +803,99 @@ def _inverse(value, modulus):
 
 
 def _point_double(point):
+    """2 * point (RCB algorithm 6); sums stay unreduced until the next product."""
     x, y, z = point
-    if z == 0 or y == 0:
-        return _IDENTITY
-    p = P256_P
-    delta, gamma = z * z % p, y * y % p
-    beta = x * gamma % p
-    alpha = 3 * (x - delta) * (x + delta) % p  # 3x^2 + a z^4 with the curve's a = -3
-    x3 = (alpha * alpha - 8 * beta) % p
-    z3 = ((y + z) ** 2 - gamma - delta) % p
-    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
-    return x3, y3, z3
+    p, b = P256_P, P256_B
+    t0, t1, t2 = x * x % p, y * y % p, z * z % p
+    t3 = 2 * (x * y % p)
+    z3 = 2 * (x * z % p)
+    y3 = b * t2 % p - z3
+    x3 = 2 * y3
+    y3 = x3 + y3
+    x3 = t1 - y3
+    y3 = t1 + y3
+    y3 = x3 * y3 % p
+    x3 = x3 * t3 % p
+    t2 = 3 * t2
+    z3 = b * z3 % p - t2 - t0
+    z3 = 3 * z3
+    t0 = 3 * t0 - t2
+    y3 = y3 + t0 * z3 % p
+    t0 = 2 * (y * z % p)
+    x3 = x3 - t0 * z3 % p
+    z3 = 4 * (t0 * t1 % p)
+    return x3 % p, y3 % p, z3 % p
 
 
 def _point_add(first, second):
+    """first + second (RCB algorithm 4), whatever the two points are."""
     x1, y1, z1 = first
     x2, y2, z2 = second
-    if z1 == 0:
-        return second
-    if z2 == 0:
-        return first
-    p = P256_P
-    z1z1, z2z2 = z1 * z1 % p, z2 * z2 % p
-    u1, u2 = x1 * z2z2 % p, x2 * z1z1 % p
-    s1, s2 = y1 * z2 * z2z2 % p, y2 * z1 * z1z1 % p
-    if u1 == u2:
-        return _point_double(first) if s1 == s2 else _IDENTITY
-    h, r = (u2 - u1) % p, (s2 - s1) % p
-    hh = h * h % p
-    hhh = h * hh % p
-    x3 = (r * r - hhh - 2 * u1 * hh) % p
-    y3 = (r * (u1 * hh - x3) - s1 * hhh) % p
-    return x3, y3, h * z1 * z2 % p
+    p, b = P256_P, P256_B
+    t0, t1, t2 = x1 * x2 % p, y1 * y2 % p, z1 * z2 % p
+    t3 = (x1 + y1) * (x2 + y2) % p - t0 - t1
+    t4 = (y1 + z1) * (y2 + z2) % p - t1 - t2
+    y3 = (x1 + z1) * (x2 + z2) % p - t0 - t2
+    x3 = y3 - b * t2 % p
+    x3 = 3 * x3
+    z3 = t1 - x3
+    x3 = t1 + x3
+    y3 = b * y3 % p
+    t2 = 3 * t2
+    y3 = 3 * (y3 - t2 - t0)
+    t0 = 3 * t0 - t2
+    t1 = t4 * y3 % p
+    t2 = t0 * y3 % p
+    y3 = x3 * z3 % p + t2
+    x3 = t3 * x3 % p - t1
+    z3 = z3 * t4 % p + t3 * t0 % p
+    return x3 % p, y3 % p, z3 % p
+
+
+def _conditional_swap(first, second, bit):
+    """(second, first) if ``bit`` is 1, (first, second) if 0: by masking, not branching."""
+    mask = -bit  # all ones or all zeros
+    dx = (first[0] ^ second[0]) & mask
+    dy = (first[1] ^ second[1]) & mask
+    dz = (first[2] ^ second[2]) & mask
+    return ((first[0] ^ dx, first[1] ^ dy, first[2] ^ dz),
+            (second[0] ^ dx, second[1] ^ dy, second[2] ^ dz))
 
 
 def p256_multiply(scalar, point=P256_G):
-    """scalar * point, as affine (x, y).  A Montgomery ladder: the same additions and
-    doublings whatever the bits, so the secret nonce does not set the amount of work."""
-    low, high = _IDENTITY, (point[0], point[1], 1)
-    for bit in range(255, -1, -1):
-        if (scalar >> bit) & 1:
-            low, high = _point_add(low, high), _point_double(high)
-        else:
-            low, high = _point_double(low), _point_add(low, high)
+    """scalar * point, as affine (x, y), for 0 < scalar < P256_N.
+
+    The scalar is first given a fixed length: adding the group order once or twice
+    (which changes no product) makes it 257 bits long with its top bit set, so the
+    ladder always starts from (point, 2 * point) and does not carry the identity, whose
+    zero coordinates CPython would multiply faster (but for a handful of scalars, 1
+    among them, that a nonce is with negligible odds).  Then a Montgomery ladder over the
+    256 remaining bits, with complete formulas and swaps by masking: every scalar
+    runs the same Python lines in the same order (one addition, one doubling and one
+    swap per bit, then one inversion), so the work does not depend on the secret.
+
+    That is not constant time in the cryptographer's sense: CPython's integers have
+    variable length, and their multiplication, modulo and pow take time that depends
+    on the values (a coordinate with leading zero digits is a little faster), as do
+    the allocator and caches; nothing written in Python can prevent that.  What it
+    removes is the leak by structure (an early return while the low point is the
+    identity, a shorter loop for a shorter scalar, a branch on a bit)."""
+    longer = scalar + P256_N
+    longer += P256_N * (1 - (longer >> 256))  # by arithmetic: bit 256 set, not past it
+    low = (point[0], point[1], 1)
+    high = _point_double(low)
+    previous = 0
+    for position in range(255, -1, -1):
+        bit = (longer >> position) & 1
+        low, high = _conditional_swap(low, high, bit ^ previous)
+        low, high = _point_double(low), _point_add(low, high)
+        previous = bit
+    low, high = _conditional_swap(low, high, previous)
     x, y, z = low
-    if z == 0:
+    if z == 0:  # only for a multiple of the group order, which no caller passes
         raise ValueError("the point at infinity has no coordinates")
     z_inverse = _inverse(z, P256_P)
-    return x * z_inverse ** 2 % P256_P, y * z_inverse ** 3 % P256_P
+    return x * z_inverse % P256_P, y * z_inverse % P256_P
 
 
 def rfc6979_nonces(private_key, digest):
@@ -913,11 +1014,7 @@ def dpop_proof(private_key, url, now, jti):
 
 
 def _dns_suffix(partition):
-    return "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
-
-
-def _dualstack_suffix(partition):
-    return "api.amazonwebservices.com.cn" if partition == "aws-cn" else "api.aws"
+    return next(row[3] for row in _PARTITIONS if row[0] == partition)
 
 
 # Where sts_regional_endpoints = legacy still sends STS calls to sts.amazonaws.com
@@ -934,10 +1031,16 @@ def _true(value):
     return isinstance(value, str) and value.lower() == "true"
 
 
-def endpoint_settings(environ, configured=None):
+def endpoint_settings(environ, configured=None, service=None):
     """The settings that choose AWS's hosts, each from its variable, else the profile
-    (``configured``, as AWSFiles.endpoints reads it): {"fips", "dualstack", "sts_legacy"}."""
+    (``configured``, as AWSFiles.endpoints reads it): {"fips", "dualstack", "sts_legacy"}.
+
+    For S3, a profile's nested 's3 =' block saying 'use_dualstack_endpoint = true' (any
+    case) turns dual-stack on above the variable, as botocore's S3 client reads it;
+    saying anything else there leaves the general setting in charge."""
     configured = configured or {}
+    if service == "s3" and _true(configured.get("s3_use_dualstack_endpoint")):
+        return dict(endpoint_settings(environ, configured), dualstack=True)
 
     def setting(variable, key):
         value = environ.get(variable)
@@ -955,20 +1058,15 @@ def aws_endpoint(service, region, fips=False, dualstack=False, sts_legacy=False)
     """(base URL, signing region) of 'sts', 'iam', 's3' or 'signin' in ``region``, as
     botocore's endpoint rules give them for these settings.  For S3 the URL is the
     path-style base; a bucket's virtual host is '<bucket>.' before its host."""
-    partition = partition_for_region(region)
-    regular, dual = _dns_suffix(partition), _dualstack_suffix(partition)
+    (partition, _, _, regular, dual, iam_hosts, iam_region, sign_in_domain,
+     legacy_dualstack) = _partition(region)
     suffix = dual if dualstack else regular
-    if service == "iam":  # one endpoint per partition
-        if partition == "aws-cn":
-            if fips:
-                host = "iam-fips." + suffix
-            else:
-                host = "iam.global." + dual if dualstack else "iam.cn-north-1." + regular
-            return "https://" + host, "cn-north-1"
-        if partition == "aws-us-gov":  # GovCloud's IAM is FIPS already
-            return "https://iam.us-gov." + suffix, "us-gov-west-1"
-        return "https://iam{}.{}".format("-fips" if fips else "",
-                                         "global." + dual if dualstack else regular), "us-east-1"
+    if dualstack and not legacy_dualstack:
+        raise LocalServerError("botocore has no dual-stack endpoints in partition {} ({}): "
+                               "unset use_dualstack_endpoint or give an endpoint "
+                               "URL".format(partition, region))
+    if service == "iam":  # one endpoint per partition (GovCloud's is FIPS already)
+        return "https://" + iam_hosts[2 * dualstack + fips], iam_region
     if service == "sts":
         if not (fips or dualstack) and (region is None or region == "aws-global" or (
                 sts_legacy and region in _STS_LEGACY_GLOBAL_REGIONS)):
@@ -996,9 +1094,7 @@ def aws_endpoint(service, region, fips=False, dualstack=False, sts_legacy=False)
                 return "https://" + host, region
             return "https://signin{}.{}.{}".format("-fips" if fips else "", region,
                                                    suffix), region
-        return "https://{}.signin.{}".format(region, {
-            "aws-cn": "amazonaws.cn", "aws-us-gov": "amazonaws-us-gov.com"}.get(
-                partition, "aws.amazon.com")), region
+        return "https://{}.signin.{}".format(region, sign_in_domain), region
     raise ValueError("no endpoint rules for " + service)
 
 
@@ -1036,7 +1132,19 @@ def service_endpoint(service, region, endpoint_url=None, environ=os.environ, con
     custom = custom_endpoint(service, endpoint_url, environ, configured)
     if custom:
         return custom.rstrip("/"), region or "us-east-1"
-    return aws_endpoint(service, region, **endpoint_settings(environ, configured))
+    return aws_endpoint(service, region, **endpoint_settings(environ, configured, service))
+
+
+def sign_in_token_url(region, environ=os.environ, configured=None):
+    """The URL of the sign-in service's CreateOAuth2Token (POST /v1/token) in ``region``;
+    the DPoP proof's htu is this URL too.  A custom endpoint keeps its path, query and
+    fragment, with /v1/token appended to the path, as botocore's _urljoin builds it."""
+    custom = custom_endpoint("signin", None, environ, configured)
+    if not custom:
+        return service_endpoint("signin", region, None, environ, configured)[0] + "/v1/token"
+    scheme, host, path, query, fragment = urllib.parse.urlsplit(custom)
+    path = (path[:-1] if path.endswith("/") else path) + "/v1/token"
+    return urllib.parse.urlunsplit((scheme, host, path, query, fragment))
 
 
 ######################################################################
@@ -1846,6 +1954,9 @@ class AWSFiles(object):
         for key in ("ignore_configured_endpoint_urls", "use_fips_endpoint",
                     "use_dualstack_endpoint", "sts_regional_endpoints"):
             settings[key] = config.get(key)
+        s3 = config.get("s3") or ""  # a nested block ('s3 =' then indented lines), or not
+        settings["s3_use_dualstack_endpoint"] = _nested(s3).get(
+            "use_dualstack_endpoint") if s3.startswith("\n") else None
         return settings
 
     def where(self):
@@ -2270,8 +2381,12 @@ _LOGIN_ERROR_CODES = frozenset(_LOG_IN_AGAIN_ERRORS + (
 
 
 def login_cache_file(session, environ):
-    """~/.aws/login/cache/<sha256 of the session name>.json, or in AWS_LOGIN_CACHE_DIRECTORY."""
-    folder = _expand(environ.get("AWS_LOGIN_CACHE_DIRECTORY") or "~/.aws/login/cache")
+    """~/.aws/login/cache/<sha256 of the session name>.json, or in AWS_LOGIN_CACHE_DIRECTORY
+    expanded as botocore expands it: variables first, then '~' (so a variable may hold
+    '~/...'); set but empty, it is the current folder, as for botocore."""
+    folder = environ.get("AWS_LOGIN_CACHE_DIRECTORY")
+    folder = os.path.expanduser("~/.aws/login/cache" if folder is None
+                                else os.path.expandvars(folder))
     return os.path.join(folder, hashlib.sha256(session.encode("utf-8")).hexdigest() + ".json")
 
 
@@ -2293,6 +2408,8 @@ def refresh_login_token(cached, url, now, opener, jti, again):
         try:
             error = json.loads(answer.decode("utf-8")).get("error")
         except (ValueError, AttributeError, RecursionError):
+            error = None
+        if not isinstance(error, str):  # a list, an object, a number: no code at all
             error = None
         if error in _LOG_IN_AGAIN_ERRORS:
             raise LocalServerError("the aws login session has expired or its credentials "
@@ -2373,11 +2490,18 @@ def login_source(name, settings, context):
             if not sign_in_region:
                 raise LocalServerError("profile '{}' needs a region to refresh its aws login "
                                        "session".format(name))
+            if not (isinstance(sign_in_region, str) and _REGION_RE.match(sign_in_region)):
+                # It names the host that gets the refresh token and the proof: a crafted
+                # one ('x@host:port/#') would send them elsewhere.  botocore refuses it too.
+                raise LocalServerError("the signInRegion in {} is not a region name ({}): "
+                                       "{}".format(cache_file, repr(sign_in_region)[:80] if
+                                                   isinstance(sign_in_region, str) else
+                                                   "JSON " + type(sign_in_region).__name__,
+                                                   again))
             # --endpoint-url is the STS/IAM/S3 endpoint, not this one: only its own settings.
-            url = service_endpoint("signin", sign_in_region, None, context.environ,
-                                   context.endpoints)[0]
+            url = sign_in_token_url(sign_in_region, context.environ, context.endpoints)
             try:
-                fresh = refresh_login_token(cached, url + "/v1/token", aws_now(), pool,
+                fresh = refresh_login_token(cached, url, aws_now(), pool,
                                             str(uuid.uuid4()), again)
             except LocalServerError:
                 # Another process sharing this login (the CLI, a second server) may have
@@ -3207,12 +3331,216 @@ def relative_uri(token):
 
 def client_network(text):
     """An --allow-client value as a network: '172.17.0.0/16', '10.0.0.5' (one address),
-    'fd00::/64'.  ValueError for anything else."""
+    'fd00::/64'.  ValueError for anything else, and for ranges that cannot mean what
+    they say: link-local IPv6 (fe80::/10 is on every interface, and a range names none)
+    and IPv4-mapped IPv6 (IPv4 clients are matched as IPv4: the range would match
+    nothing)."""
     try:
-        return ipaddress.ip_network(text.strip(), strict=False)
+        network = ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         raise ValueError("{!r} is not an address or network such as "
                          "172.17.0.0/16".format(text))
+    if network.version == 6 and network.overlaps(_LINK_LOCAL6):
+        raise ValueError("{!r} is link-local: every interface has fe80::/64, so the range "
+                         "names no network; give the container network's own IPv6 range "
+                         "(such as fd00:1::/64) or its IPv4 one".format(text))
+    if (network.version == 6 and network.prefixlen >= 96
+            and network.network_address in _IPV4_MAPPED):
+        ipv4 = ipaddress.ip_network("{}/{}".format(network.network_address.ipv4_mapped,
+                                                   network.prefixlen - 96))
+        raise ValueError("{!r} is IPv4-mapped IPv6, which no client is matched as: write "
+                         "{} instead".format(text, ipv4))
+    return network
+
+
+_LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def address_of(text):
+    """A peer or local address as an ip_address, IPv4 for an IPv4 peer of a dual-stack
+    socket ('::ffff:10.0.0.1'), without a zone ('fe80::1%eth0'); None if not one."""
+    address = _ip(text.partition("%")[0])
+    if address is not None and address.version == 6 and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+# The doors: the addresses SDKs knock on for credentials.  On a connection that
+# reached one, a client that is neither this host's process nor on one of this
+# machine's container networks is refused unless --allow-client names it.
+DOOR_ADDRESSES = frozenset(ipaddress.ip_address(host)
+                           for host in CONTAINER_HOSTS + METADATA_HOSTS)
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(host) for host in METADATA_HOSTS)
+# Names containers know the host by: a server that answers them is a door too.
+CONTAINER_HOST_NAMES = ("host.docker.internal", "host.containers.internal")
+
+# The interface kinds (IFLA_INFO_KIND) of this machine's own container networks.
+# A bridge counts only if every port is a container's or a VM's end (a veth, a tap):
+# one holding a NIC, a VLAN or a tunnel (br0 with eth0) is a LAN segment.
+CONTAINER_BRIDGE_PORTS = ("veth", "tun")
+
+
+def container_networks(links, addresses):
+    """This machine's own container networks, [(ip_network, interface name)], from its
+    interface table: ``links`` {index: (name, kind, index of its bridge or None)},
+    ``addresses`` [(index, ip_network)].
+
+    A network counts if it is configured on a bridge whose ports are all veths or taps
+    (Docker's docker0 and br-*, Podman's podman0, LXD, libvirt), or on a veth (the
+    host's end of a pair: systemd-nspawn, a network namespace).  Interfaces backed by
+    hardware have no kind, and no other kind counts.  IPv6 link-local networks are on
+    every interface and never count.
+    """
+    ports = {}
+    for _, kind, master in links.values():
+        if master is not None:
+            ports.setdefault(master, []).append(kind)
+    own = set(index for index, (_, kind, _) in links.items()
+              if kind == "veth" or (kind == "bridge" and all(
+                  port in CONTAINER_BRIDGE_PORTS for port in ports.get(index, ()))))
+    return [(network, links[index][0]) for index, network in addresses
+            if index in own and not (network.version == 6 and network.is_link_local)]
+
+
+# rtnetlink (linux/rtnetlink.h, if_link.h, if_addr.h): the kernel's interface table.
+NETLINK_ROUTE = 0
+RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
+IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 10, 18, 1
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+# Notices of changed links and addresses: the table is read again only after one.
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
+
+
+def _netlink_attributes(data, offset=0):
+    """{type: payload} of the attributes (struct rtattr) in ``data`` from ``offset``."""
+    found = {}
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        found[kind & 0x3FFF] = data[offset + 4:offset + length]  # without the NESTED flags
+        offset += (length + 3) & ~3
+    return found
+
+
+def _netlink_text(payload):
+    return (payload or b"").split(b"\0")[0].decode("utf-8", "replace")
+
+
+def _netlink_dump(sock, message_type, body):
+    """[(type, body)] of the messages the kernel answers a dump request with."""
+    sock.send(struct.pack("=IHHII", 16 + len(body), message_type, 0x301, 1, 0) + body)
+    messages = []  # 0x301: NLM_F_REQUEST | NLM_F_DUMP
+    while True:
+        data = sock.recv(65536)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if kind == 3 or length < 16:  # NLMSG_DONE (or a garbled length)
+                return messages
+            if kind == 2:  # NLMSG_ERROR
+                raise OSError("the kernel refused to list its interfaces")
+            messages.append((kind, data[offset + 16:offset + length]))
+            offset += (length + 3) & ~3
+        if not data:
+            return messages
+
+
+def read_interfaces():
+    """(links, addresses) of this network namespace, as container_networks() takes them;
+    OSError where there is no rtnetlink (anything but Linux)."""
+    netlink = getattr(socket, "AF_NETLINK", None)
+    if netlink is None:
+        raise OSError("no AF_NETLINK")
+    with socket.socket(netlink, socket.SOCK_RAW, NETLINK_ROUTE) as sock:
+        sock.settimeout(2.0)
+        links = {}
+        for kind, body in _netlink_dump(sock, RTM_GETLINK, bytes(16)):  # struct ifinfomsg
+            if kind != RTM_NEWLINK or len(body) < 16:
+                continue
+            found = _netlink_attributes(body, 16)
+            info = _netlink_attributes(found.get(IFLA_LINKINFO, b""))
+            master = found.get(IFLA_MASTER)
+            links[struct.unpack_from("=i", body, 4)[0]] = (
+                _netlink_text(found.get(IFLA_IFNAME)),
+                _netlink_text(info.get(IFLA_INFO_KIND)) or None,
+                struct.unpack("=I", master)[0] if master and len(master) == 4 else None)
+        addresses = []
+        for kind, body in _netlink_dump(sock, RTM_GETADDR, bytes(8)):  # struct ifaddrmsg
+            if kind != RTM_NEWADDR or len(body) < 8:
+                continue
+            _, prefix, _, _, index = struct.unpack_from("=BBBBI", body)
+            found = _netlink_attributes(body, 8)
+            raw = found.get(IFA_LOCAL) or found.get(IFA_ADDRESS)  # LOCAL: ours, on a p2p link
+            try:
+                addresses.append((index, ipaddress.ip_network("{}/{}".format(
+                    ipaddress.ip_address(raw), prefix), strict=False)))
+            except ValueError:
+                continue
+    return links, addresses
+
+
+def _interface_notices():
+    """A socket the kernel writes to whenever a link or address changes, or None."""
+    netlink = getattr(socket, "AF_NETLINK", None)
+    if netlink is None:
+        return None
+    try:
+        sock = socket.socket(netlink, socket.SOCK_RAW, NETLINK_ROUTE)
+        sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        sock.setblocking(False)
+        return sock
+    except OSError:
+        return None
+
+
+class ContainerNetworks(object):
+    """container_networks() of this machine, read again only after the kernel says an
+    interface or address changed (Podman makes its bridge when its first container
+    starts, and removes it after the last): a client is judged on today's table, and
+    no client can make us read it (a LAN host knocking costs one recv)."""
+
+    def __init__(self, read=read_interfaces, watch=True):
+        self._read = read
+        self._notices = _interface_notices() if watch else None
+        self._table = None
+        self._lock = threading.Lock()
+
+    def current(self):
+        """[(ip_network, interface name)] as of now."""
+        with self._lock:
+            if self._table is None or self._changed():
+                try:
+                    self._table = container_networks(*self._read())
+                except (OSError, ValueError, struct.error):
+                    # No table (Windows, macOS): no container network.  Where notices
+                    # come (Linux), the next client tries again: reading failed once.
+                    self._table = None if self._notices is not None else []
+                    return []
+            return self._table
+
+    def _changed(self):
+        changed = False
+        while self._notices is not None:
+            try:
+                if not self._notices.recv(65536):
+                    break
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # ENOBUFS: notices were lost, so anything may have changed
+                return True
+            changed = True
+        return changed
+
+    def network_of(self, address):
+        """The (network, interface name) that holds ``address``, or None."""
+        return next((entry for entry in self.current() if address.version ==
+                     entry[0].version and address in entry[0]), None)
+
+    def close(self):
+        if self._notices is not None:
+            self._notices.close()
 
 
 class AccessRules(object):
@@ -3221,16 +3549,22 @@ class AccessRules(object):
     ``allowed_hosts`` are the Host names accepted besides localhost and IP
     literals (which a DNS-rebinding page cannot send); ``token`` is the
     Authorization value required, or None; ``clients`` are the networks
-    answered besides this host's own processes (empty: every client).
+    answered besides this host's own processes (empty: every client, except on
+    a door, where only this machine's container networks are: see client_refusal).
+    ``networks``: the ContainerNetworks to judge by (made when first needed).
     """
 
     REDACT_FROM = 8  # characters of the secret path's segment that are never logged
 
-    def __init__(self, allowed_hosts=(), token=None, clients=()):
+    def __init__(self, allowed_hosts=(), token=None, clients=(), networks=None):
         self.allowed_hosts = frozenset(["localhost"] + [h.lower().strip("[]") for h in
                                                         allowed_hosts])
         self.token = token
         self.clients = tuple(clients)
+        # A server answering host.docker.internal is a door whatever address it is on.
+        self.container_door = any(name in self.allowed_hosts for name in CONTAINER_HOST_NAMES)
+        self._networks = networks
+        self._networks_lock = threading.Lock()
         # The path that stands for the token (None: there is no token to stand for).
         self.relative_uri = None if token is None else relative_uri(token)
         # Its first REDACT_FROM characters, then whatever base64url follows.
@@ -3250,24 +3584,68 @@ class AccessRules(object):
                 self._verdicts[host_header] = allowed
         return allowed
 
+    @property
+    def networks(self):
+        """This machine's ContainerNetworks, read when a door first needs them."""
+        with self._networks_lock:
+            if self._networks is None:
+                self._networks = ContainerNetworks()
+            return self._networks
+
+    def is_door(self, local):
+        """True if a connection that reached ``local`` (our address) came in by a door."""
+        return self.container_door or (local is not None and address_of(local) in
+                                       DOOR_ADDRESSES)
+
+    def may_be_door(self, bound):
+        """True if a server bound to ``bound`` may be reached by a door: every connection
+        must then be judged by its own local address."""
+        address = address_of(bound)
+        if address is None:  # a name: localhost, or whatever it resolved to
+            return self.container_door or not is_loopback(bound)
+        return self.container_door or address.is_unspecified or address in DOOR_ADDRESSES
+
+    @staticmethod
+    def is_host_process(client, local):
+        """True for this host's own processes: they connect from loopback, or from the
+        very address they connect to (169.254.170.2 on lo, the bridge's 10.88.0.1)."""
+        address = address_of(client)
+        return address is not None and (address.is_loopback or (
+            local is not None and address == address_of(local)))
+
+    def client_refusal(self, client, local):
+        """None if ``client`` (the peer's address) may be answered on a connection that
+        reached ``local``, else why not.  This host's processes always may.  Others:
+        those in --allow-client if it is given; else anyone, except on a door, where
+        only clients on this machine's container networks are (a LAN host may route
+        169.254.169.254 to us, and Linux answers for a lo address on any interface)."""
+        verdict = self._client_verdicts.get((client, local))
+        if verdict is not None:
+            return verdict or None
+        if self.is_host_process(client, local):
+            verdict = ""
+        elif self.clients:
+            address = address_of(client)
+            verdict = "" if address is not None and any(
+                address in network for network in self.clients
+                if network.version == address.version) else (
+                    "client {} is not in --allow-client".format(client))
+        elif not self.is_door(local):
+            verdict = ""
+        else:
+            # Judged on the table as it is now: never kept among the verdicts.
+            address = address_of(client)
+            found = address is not None and self.networks.network_of(address)
+            return None if found else (
+                "client {} is not on this machine's container networks (see "
+                "--allow-client)".format(client))
+        if len(self._client_verdicts) < 1024:
+            self._client_verdicts[(client, local)] = verdict
+        return verdict or None
+
     def client_allowed(self, client, local):
-        """True if ``client`` (the peer's address) may be answered on a connection
-        that reached ``local``.  This host's processes always may: they connect from
-        127.0.0.1, or from the very address they connect to (169.254.170.2 on lo)."""
-        if not self.clients:
-            return True
-        allowed = self._client_verdicts.get((client, local))
-        if allowed is None:
-            address = _ip(client.partition("%")[0])  # fe80::1%eth0: the zone is no part
-            if address is not None and address.version == 6 and address.ipv4_mapped:
-                address = address.ipv4_mapped  # an IPv4 client of a dual-stack socket
-            allowed = address is not None and (
-                address.is_loopback or client == local
-                or any(address in network for network in self.clients
-                       if network.version == address.version))
-            if len(self._client_verdicts) < 1024:
-                self._client_verdicts[(client, local)] = allowed
-        return allowed
+        """True if ``client`` may be answered on a connection that reached ``local``."""
+        return self.client_refusal(client, local) is None
 
     def is_relative_uri(self, path):
         """True for the secret path; compared in constant time, as the token is."""
@@ -3284,8 +3662,9 @@ class AccessRules(object):
 
     def refusal(self, headers, needs_token=True, client=None, local=None):
         """None if the request may proceed, else (status, code, reason)."""
-        if client is not None and not self.client_allowed(client, local):
-            return 403, "Forbidden", "client {} is not in --allow-client".format(client)
+        refused = None if client is None else self.client_refusal(client, local)
+        if refused:
+            return 403, "Forbidden", refused
         for name in headers.keys():
             reason = REFUSED_HEADERS.get(name.lower())
             if reason:
@@ -3319,15 +3698,22 @@ class MetadataTokens(object):
         # change of the wall clock (or of AWS's time) can revive a token.
         self.monotonic = monotonic
         self._key = secrets.token_bytes(32)  # never leaves the process
+        # Expiries count from a random epoch: monotonic time is the host's uptime,
+        # which a token readable by any client must not tell.
+        self._epoch = (1 << 40) + secrets.randbelow(1 << 60)
+
+    def _now(self):
+        """Milliseconds since this run's random epoch."""
+        return int(self.monotonic() * 1000) + self._epoch
 
     def _seal(self, nonce, expiry):
-        """The token for ``nonce`` and ``expiry`` (milliseconds of ``monotonic``), as bytes."""
+        """The token for ``nonce`` and ``expiry`` (milliseconds of _now), as bytes."""
         body = nonce + expiry.to_bytes(8, "big")
         mac = hmac.new(self._key, body, hashlib.sha256).digest()[:self._MAC]
         return base64.urlsafe_b64encode(body + mac)
 
     def issue(self, ttl):
-        expiry = int(self.monotonic() * 1000) + int(ttl) * 1000
+        expiry = self._now() + int(ttl) * 1000
         return self._seal(secrets.token_bytes(self._NONCE), expiry).decode("ascii")
 
     def valid(self, token):
@@ -3342,7 +3728,7 @@ class MetadataTokens(object):
         expiry = int.from_bytes(raw[self._NONCE:self._NONCE + 8], "big")
         # The whole text is compared, so no other spelling of the same bytes passes.
         return (hmac.compare_digest(self._seal(raw[:self._NONCE], expiry), sent)
-                and int(self.monotonic() * 1000) < expiry)
+                and self._now() < expiry)
 
 
 def metadata_document(credentials, updated):
@@ -3398,6 +3784,44 @@ def printable(text):
         "ascii"), text)
 
 
+class RequestHeadTooLarge(Exception):
+    """A request head beyond _CappedHead's limits: answered 431 before it is parsed."""
+
+
+class _CappedHead(object):
+    """The connection's reader, as http.server reads a request head through it: at most
+    MAX_BYTES and MAX_LINES for the request line and headers together, reset per
+    request.  http.server's own limits are 64 KiB per line and 100 headers, all held
+    and then parsed, so one request could cost several megabytes (and 128 of them
+    gigabytes); here no read asks for more than the budget left, so a connection
+    never holds more than it either."""
+
+    MAX_BYTES = 16 * 1024
+    MAX_LINES = 64  # SDKs send about ten headers, browsers about twenty
+
+    def __init__(self, rfile):
+        self._rfile = rfile
+        self.start()
+
+    def start(self):
+        self._left, self._lines = self.MAX_BYTES, self.MAX_LINES + 2  # + request line, end
+
+    def readline(self, limit=-1):
+        if self._lines <= 0:
+            raise RequestHeadTooLarge("more than {} header lines".format(self.MAX_LINES))
+        self._lines -= 1
+        want = self._left + 1 if limit is None or limit < 0 else min(limit, self._left + 1)
+        line = self._rfile.readline(want)
+        self._left -= len(line)
+        if self._left < 0:
+            raise RequestHeadTooLarge("request head larger than {} bytes".format(
+                self.MAX_BYTES))
+        return line
+
+    def __getattr__(self, name):
+        return getattr(self._rfile, name)
+
+
 class CredentialHandler(http.server.BaseHTTPRequestHandler):
     """Answers GET / with the cached credentials, after AccessRules agree.
 
@@ -3426,6 +3850,21 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.idle_timeout  # each socket read and write
         http.server.BaseHTTPRequestHandler.setup(self)
+        self.rfile = _CappedHead(self.rfile)
+        self._local = None
+
+    @property
+    def local_address(self):
+        """The address this connection reached (a door, say), asked once."""
+        if self._local is None:
+            self._local = self.connection.getsockname()[0]
+        return self._local
+
+    def from_this_host(self):
+        """True if the client is one of this host's own processes."""
+        return self.server.rules.is_host_process(
+            self.client_address[0], None if is_loopback(self.client_address[0])
+            else self.local_address)
 
     def version_string(self):
         return self.server_version
@@ -3462,9 +3901,34 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         return True
 
     def handle_one_request(self):
-        http.server.BaseHTTPRequestHandler.handle_one_request(self)
+        self.rfile.start()
+        # Nothing of the last request's in this one's answer, if its head is refused.
+        self.command, self.path, self.request_version = None, None, "HTTP/1.1"
+        try:
+            http.server.BaseHTTPRequestHandler.handle_one_request(self)
+        except RequestHeadTooLarge as error:
+            self.refuse_head(str(error))
+            return
         # A keep-alive client must send its next request within the idle timeout.
         self.server.touch(self.connection, self.server.idle_timeout)
+
+    def refuse_head(self, reason):
+        """431 for a head over the limits, then the rest of it read and dropped for a
+        moment, so that closing does not reset the connection under the answer."""
+        self.send_error(431, reason)
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            if self.answer_once:  # the accepting thread takes only what is in already
+                self.connection.setblocking(False)
+            else:
+                self.connection.settimeout(0.5)
+            scratch = bytearray(16384)  # dropped as it comes: no memory grows
+            for _ in range(16):
+                if not self.connection.recv_into(scratch):
+                    break
+        except OSError:
+            pass
 
     def respond(self):
         """Every method comes here; a request that fails still gets an answer."""
@@ -3487,7 +3951,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         refused = rules.refusal(
             self.headers, needs_token=path in self.CREDENTIAL_PATHS,
             client=self.client_address[0],
-            local=self.connection.getsockname()[0] if rules.clients else None)
+            local=self.local_address if self.server.judges_clients else None)
         if refused:
             status, code, reason = refused
             self.reason = reason
@@ -3498,6 +3962,13 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(405, {"code": "MethodNotAllowed", "message": "use GET or HEAD"},
                            {"Allow": "GET, HEAD"})
         elif path in self.CREDENTIAL_PATHS or secret_path:
+            if self.on_metadata_door() and not self.server.metadata_tokens.valid(
+                    self.headers.get("X-aws-ec2-metadata-token")):
+                # On instance metadata's address, GET / is a credential path like the
+                # IMDS ones: without the session token, an SSRF bug could fetch it.
+                self.reason = "GET / on the metadata address without a valid IMDSv2 token"
+                self.send_json(401, {"code": "Unauthorized", "message": self.reason})
+                return
             self.look_up_client()
             try:
                 credentials, body = self.server.cache.current(wait=not self.answer_once)
@@ -3507,12 +3978,22 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
             self.key_id = credentials.access_key_id
             self.send_body(200, body)
         elif path == "/healthz":
-            self.send_json(200, self.server.cache.status())
+            status = self.server.cache.status()
+            # AWS's error text names the account and the caller's ARN: for this host's
+            # processes only.  Containers and the network get the status alone.
+            self.send_json(200, status if self.from_this_host() else {
+                "status": status["status"]})
         else:
             self.send_json(404, {"code": "NotFound", "message": "no such path; try GET /"})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = respond
     do_TRACE = do_CONNECT = respond
+
+    def on_metadata_door(self):
+        """True if this connection reached instance metadata's own address, where the
+        server holds no auth token (metadata tokens are the only guard there)."""
+        return self.server.metadata_tokens is not None and self.server.judges_clients and (
+            address_of(self.local_address) in METADATA_ADDRESSES)
 
     def answer_metadata(self, path):
         """The IMDSv2 subset SDKs use for credentials and region; v1 (no token) is refused."""
@@ -3648,7 +4129,8 @@ class CredentialServer(http.server.HTTPServer):
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
             % (len(_BUSY_BODY), _BUSY_BODY))
-    _NOT_ALLOWED_BODY = b'{"code": "Forbidden", "message": "client is not in --allow-client"}\n'
+    _NOT_ALLOWED_BODY = (b'{"code": "Forbidden", "message": "client not answered here '
+                         b'(see --allow-client)"}\n')
     NOT_ALLOWED = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
                    % (len(_NOT_ALLOWED_BODY), _NOT_ALLOWED_BODY))
@@ -3675,6 +4157,11 @@ class CredentialServer(http.server.HTTPServer):
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.max_connections = max_connections
+        # One client address (other than this host's processes, which share 127.0.0.1)
+        # holds at most this many, so that no container can take every slot.
+        self.max_per_client = min(max_connections, max(4, max_connections // 8))
+        self._per_client = {}  # client address -> its open connections (limited ones)
+        self._client_of = {}  # open connection -> its client address, if limited
         self.idle_timeout = idle_timeout
         self._deadlines = {}  # open connection -> time it must have sent a request by
         self._deadlines_lock = threading.Lock()  # guards _deadlines and _spare_workers
@@ -3705,14 +4192,19 @@ class CredentialServer(http.server.HTTPServer):
             self.socket = sockets[0]
             self.server_address = self.socket.getsockname()
             self.server_name, self.server_port = self.server_address[:2]
-            return
-        try:
-            self.server_bind()
-            if listen:
-                self.server_activate()
-        except OSError:
-            self.server_close()
-            raise
+        else:
+            try:
+                self.server_bind()
+                if listen:
+                    self.server_activate()
+            except OSError:
+                self.server_close()
+                raise
+        # Each client is judged by the address it reached only where that may be a door
+        # (or --allow-client applies): a loopback server spends nothing on it.
+        self.judges_clients = bool(self.rules.clients) or any(
+            self.rules.may_be_door(sock.getsockname()[0])
+            for sock in [self.socket] + self.extra_sockets)
 
     def server_bind(self):
         # On Windows, SO_REUSEADDR would let a second server bind this port too:
@@ -3769,27 +4261,31 @@ class CredentialServer(http.server.HTTPServer):
                     time.monotonic() + seconds)
 
     def refused_at_accept(self, request, client_address):
-        """--allow-client, right after accept: True if the client is refused, then
-        handed to the refuser for its 403, so it never holds one of the
-        max_connections slots.  (Not verify_request: socketserver closes the
-        connections that one refuses, before any answer.)"""
-        if not self.rules.clients:
+        """Who is answered (--allow-client, and on a door this machine's container
+        networks), right after accept: True if the client is refused, then handed to
+        the refuser for its 403, so it never holds one of the max_connections slots.
+        (Not verify_request: socketserver closes the connections that one refuses,
+        before any answer.)  Otherwise False, or the connection's local address (text)."""
+        client = client_address[0]
+        if not self.judges_clients:
             return False
         try:
             local = request.getsockname()[0]
-        except OSError:
-            local = None
-        if local is not None and self.rules.client_allowed(client_address[0], local):
-            return False
-        self.log_refusal(client_address[0])
+        except OSError:  # gone already: no one to answer
+            self.shutdown_request(request)
+            return True
+        reason = self.rules.client_refusal(client, local)
+        if reason is None:
+            return local
+        self.log_refusal(client, reason)
         self._refuse(request, self.NOT_ALLOWED)
         return True
 
-    def log_refusal(self, client):
+    def log_refusal(self, client, reason=None, status=403):
         """One line per client per refusal_log_interval at most, with the number of
         refusals not logged since: an excluded client cannot flood the log."""
-        self._log_seldom(client, client, 403, "client {} is not in --allow-client".format(
-            client))
+        self._log_seldom(client, client, status, reason or
+                         "client {} is not in --allow-client".format(client))
 
     def _log_seldom(self, key, client, status, reason):
         """log_access, once per refusal_log_interval per ``key`` at most."""
@@ -3805,14 +4301,37 @@ class CredentialServer(http.server.HTTPServer):
         self.log_access(client, "-", "-", status, reason + (
             " ({} more refused)".format(held_back) if held_back else ""))
 
+    def _limited_client(self, request, client, local):
+        """The client's address if its connections count against max_per_client: not
+        for this host's processes, which all share loopback (or the door's address)."""
+        if client == "127.0.0.1" or is_loopback(client):  # the first test: the usual case
+            return None
+        if local is None:
+            try:
+                local = request.getsockname()[0]
+            except OSError:
+                return client
+        return None if self.rules.is_host_process(client, local) else client
+
     def process_request(self, request, client_address):
-        if self.refused_at_accept(request, client_address):
+        local = self.refused_at_accept(request, client_address)
+        if local is True:
             return
+        limited = self._limited_client(request, client_address[0], local or None)
         with self._deadlines_lock:
             busy = len(self._deadlines) >= self.max_connections
-            if not busy:
+            crowded = limited is not None and not busy and (
+                self._per_client.get(limited, 0) >= self.max_per_client)
+            if not busy and not crowded:
                 self._deadlines[request] = time.monotonic() + self.idle_timeout
-        if busy:
+                if limited is not None:
+                    self._per_client[limited] = self._per_client.get(limited, 0) + 1
+                    self._client_of[request] = limited
+        if crowded:
+            self.log_refusal(client_address[0], "too many connections from this client "
+                             "(at most {})".format(self.max_per_client), 503)
+            self._refuse(request)
+        elif busy:
             # One line a second for every client together: a flood's lines would be
             # a flood of their own.
             self._log_seldom(None, client_address[0], 503, "too many connections")
@@ -3960,6 +4479,11 @@ class CredentialServer(http.server.HTTPServer):
     def shutdown_request(self, request):
         with self._deadlines_lock:
             self._deadlines.pop(request, None)
+            client = self._client_of.pop(request, None)
+            if client is not None:
+                left = self._per_client.pop(client) - 1
+                if left:
+                    self._per_client[client] = left
         http.server.HTTPServer.shutdown_request(self, request)
 
     def service_actions(self):
@@ -5906,11 +6430,28 @@ def container_environment(host, port, token, region):
     return "".join("{}={}\n".format(name, value) for name, value in settings)
 
 
-def describe_clients(networks):
-    """Who --allow-client lets in, for a warning: 'anyone', 'any client in 10.0.0.0/8'."""
-    if not networks:
-        return "anyone"
-    return "any client in " + ", ".join(str(network) for network in networks)
+def describe_clients(networks, door=False):
+    """Who is let in besides this host's processes, for a warning: 'anyone', 'any client
+    in 10.0.0.0/8', or on a door without --allow-client, the container networks."""
+    if networks:
+        return "any client in " + ", ".join(str(network) for network in networks)
+    return "any client on this machine's container networks" if door else "anyone"
+
+
+def door_clients(host, rules):
+    """The start-up line that says who a server on a door is answered by, or ''."""
+    if not rules.is_door(host):
+        return ""
+    if rules.clients:
+        who = "{} (--allow-client)".format(", ".join(str(network)
+                                                     for network in rules.clients))
+    else:
+        found = rules.networks.current()
+        who = "containers on this machine's own networks ({}; others that appear later " \
+              "too)".format(", ".join("{} on {}".format(network, name)
+                                     for network, name in found) or "none now")
+        who += "; no one else, not the LAN: --allow-client chooses instead"
+    return "Answered on {}: this host's processes and {}".format(host, who)
 
 
 def metadata_note(url, port, rules):
@@ -5922,7 +6463,7 @@ def metadata_note(url, port, rules):
            "with AWS_EC2_METADATA_SERVICE_ENDPOINT={}".format(url))
     return ("Instance metadata: containers {} get these credentials, as on EC2; no token "
             "can be asked of them, so {} who can reach this address can".format(
-                how, describe_clients(rules.clients)))
+                how, describe_clients(rules.clients, door=True)))
 
 
 def start_server(args, environ, say, files, sockets=None):
@@ -5966,7 +6507,7 @@ def start_server(args, environ, say, files, sockets=None):
     if unguarded:
         say("Warning: serving on {} without --auth-token: {} who can reach this port "
             "gets the credentials{}".format(
-                exposed[0], describe_clients(args.allow_client),
+                exposed[0], describe_clients(args.allow_client, rules.is_door(exposed[0])),
                 " (anyone, through a userspace forwarder such as socat in front of it)"
                 if args.allow_client else ""))
     try:
@@ -6096,6 +6637,9 @@ def main(argv=None, environ=None):
         address = sock.getsockname()
         say("Also serving at http://{}:{}/".format(
             address[0] if ":" not in address[0] else "[{}]".format(address[0]), address[1]))
+    answered = door_clients(host, server.rules)
+    if answered:
+        say(answered)
     say("Duration: {} seconds".format(args.duration))
     if args.prefix != "*":
         say("Prefix: only keys starting with '{}'".format(args.prefix.rstrip("*")))

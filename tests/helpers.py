@@ -699,9 +699,9 @@ def podman_unavailable():
             reason = "needs podman and runc (apt-get install -y podman runc; .ci/run does)"
         else:
             try:
-                result = subprocess.run(PODMAN_RUN + ["--rootfs", "/:O", "true"], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        timeout=120)
+                result = subprocess.run(PODMAN_RUN + ["--rootfs", "/:O", "true"],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, timeout=120)
                 reason = "" if result.returncode == 0 else "podman run fails here: {}".format(
                     result.stderr.decode("utf-8", "replace").strip()[-300:])
             except (OSError, subprocess.TimeoutExpired) as error:

@@ -166,10 +166,10 @@ class SignIn(object):
         self.proofs = []
         self.service = StandIn({("POST", "/v1/token"): self.create_token})
         self.url = self.service.url
+        self.htu = self.url + "/v1/token"  # the URL each proof must name
 
     def create_token(self, body, headers):
-        header, payload = verify_proof(headers["dpop"], self.url + "/v1/token",
-                                       self.key.public_key())
+        header, payload = verify_proof(headers["dpop"], self.htu, self.key.public_key())
         assert abs(payload["iat"] - self.now()) <= 5
         self.proofs.append(payload)
         if self.refuse:
@@ -690,3 +690,226 @@ def test_unknown_error_codes_are_not_repeated(files, login_cache):
     """Only the service's documented codes are quoted: an echoed value could be a token."""
     error, _ = refused_refresh(files, login_cache, (400, b'{"error": "abcdefg_echoed"}'))
     assert "abcdefg_echoed" not in str(error) and "(400)" in str(error)
+
+
+# --- issue 29: the cache's signInRegion, error shapes, constant work, botocore's details ---
+
+def botocore_refuses_region(value):
+    from botocore.exceptions import InvalidRegionError
+    from botocore.utils import validate_region_name
+    try:
+        validate_region_name(value)
+    except InvalidRegionError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("crafted", [
+    "x@127.0.0.1:{port}/#", "127.0.0.1:{port}/x?", "user:pw@127.0.0.1:{port}#",
+    "127.0.0.1", "eu-west-1/..", "123456", "-eu-west-1", "eu-west-1-", "a" * 64,
+    "eu west 1", "eu-west-1\n", "eu_west_1",
+])
+def test_crafted_sign_in_region_is_refused_and_nothing_is_sent(files, login_cache, crafted):
+    """A cache entry whose signInRegion would steer the refresh (refresh token and DPoP
+    proof) to another host is refused as botocore's validate_region_name refuses it, and
+    a listener on that host receives no connection at all."""
+    import socket
+    folder, cache_file = login_cache
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    crafted = crafted.format(port=listener.getsockname()[1])
+    if not crafted.endswith("\n"):  # botocore's `$` lets one trailing newline through
+        assert botocore_refuses_region(crafted)
+    key = ec.generate_private_key(ec.SECP256R1())
+    entry = cache_entry(key, time.time() - 60, signInRegion=crafted)
+    write_private(cache_file, entry)
+    env = dict(files(login_config()), AWS_LOGIN_CACHE_DIRECTORY=str(folder))
+    try:
+        base = s.resolve_credentials(ARGS, env, "us-east-1")
+        with pytest.raises(s.LocalServerError) as raised:
+            base.get()
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):  # the refresh is over: no one connected
+            listener.accept()
+    finally:
+        listener.close()
+    message = str(raised.value)
+    assert "signInRegion" in message and "\n" not in message
+    assert "refresh-0" not in message
+    assert json.loads(cache_file.read_text()) == entry
+
+
+@pytest.mark.parametrize("value", [5, 1.5, True, ["eu-west-1"], {"region": "eu-west-1"}])
+def test_sign_in_region_of_another_type_is_one_error_line(home, tmp_path, login_cache, value):
+    """As a process: a signInRegion that is not text is one `Error:` line, no traceback."""
+    folder, cache_file = login_cache
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private(cache_file, cache_entry(key, time.time() - 60, signInRegion=value))
+    (tmp_path / "config").write_text(login_config())
+    env = clean_env(home, AWS_CONFIG_FILE=tmp_path / "config",
+                    AWS_SHARED_CREDENTIALS_FILE=tmp_path / "none",
+                    AWS_LOGIN_CACHE_DIRECTORY=folder)
+    code, out, err = run_script(["--print-identity", "--profile", "dev"], env)
+    assert code == 1
+    assert err.startswith("Error: ") and err.count("\n") == 1 and "signInRegion" in err, err
+    assert "Traceback" not in err
+
+
+def test_error_of_any_json_shape_is_one_line():
+    """A 4xx whose body (or its "error") is any JSON at all: one clear error, never a
+    TypeError from hashing a list or an object, never a value the service echoed."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    key = ec.generate_private_key(ec.SECP256R1())
+    entry = cache_entry(key, time.time() - 60)
+    clock = Clock(time.time())
+    sign_in = SignIn(key, clock)
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | \
+        st.text(max_size=20) | st.sampled_from(sorted(s._LOGIN_ERROR_CODES))
+    shapes = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=5), inner, max_size=3), max_leaves=8)
+    bodies = st.one_of(
+        st.builds(lambda error: {"error": error, "message": "m"}, shapes), shapes)
+    documented = s._LOGIN_ERROR_CODES
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(status=st.integers(400, 499), body=bodies)
+    def check(status, body):
+        sign_in.refuse = (status, json.dumps(body).encode())
+        with pytest.raises(s.LocalServerError) as raised:
+            s.refresh_login_token(entry, sign_in.url + "/v1/token", clock.now, None, "jti",
+                                  "run 'aws login' again")
+        message = str(raised.value)
+        assert "\n" not in message and message.startswith(("the sign-in service refused",
+                                                            "the aws login session has"))
+        error = body.get("error") if isinstance(body, dict) else None
+        if not (isinstance(error, str) and error in documented):
+            assert "({})".format(status) in message
+    try:
+        check()
+    finally:
+        sign_in.stop()
+
+
+def traced_lines(function, *arguments):
+    """The (function, line) sequence ``function`` runs through in s3_localserver."""
+    events = []
+    source = s.__file__
+
+    def tracer(frame, event, argument):
+        if frame.f_code.co_filename != source:
+            return None
+        if event == "line":
+            events.append((frame.f_code.co_name, frame.f_lineno))
+        return tracer
+    sys.settrace(tracer)
+    try:
+        result = function(*arguments)
+    finally:
+        sys.settrace(None)
+    return events, result
+
+
+def test_scalar_multiplication_does_the_same_work_for_every_scalar():
+    """The ladder runs the same Python lines, in the same order, for a nonce with many
+    leading zero bits as for a full-length one: no early return on the identity, no
+    branch on a bit.  (The lines, not the time: CPython's big-int arithmetic is not
+    constant-time, and a timing test would be noise.)"""
+    scalars = [1, 2, 3, 2 ** 8 - 1, 2 ** 248 + 7, 2 ** 255 + 1, s.P256_N - 1, RFC_KEY,
+               int.from_bytes(os.urandom(32), "big") % s.P256_N or 1]
+    reference, _ = traced_lines(s.p256_multiply, s.P256_N - 2)
+    assert len(reference) > 256 * 10
+    for scalar in scalars:
+        lines, point = traced_lines(s.p256_multiply, scalar)
+        assert lines == reference, hex(scalar)
+        public = ec.derive_private_key(scalar, ec.SECP256R1()).public_key().public_numbers()
+        assert point == (public.x, public.y)
+
+
+def test_signing_does_the_same_work_whatever_the_nonce():
+    """es256_sign as a whole: a message whose RFC 6979 nonce has 8 or more leading zero
+    bits runs the same lines as one whose nonce is full length."""
+    def nonce_of(message):
+        return next(s.rfc6979_nonces(RFC_KEY, hashlib.sha256(message).digest()))
+    messages = (("m{}".format(number)).encode() for number in range(100000))
+    short = next(message for message in messages if nonce_of(message) < 2 ** 248)
+    full = next(message for message in messages if nonce_of(message) >= 2 ** 255)
+    short_lines, short_signature = traced_lines(s.es256_sign, RFC_KEY, short)
+    full_lines, _ = traced_lines(s.es256_sign, RFC_KEY, full)
+    assert short_lines == full_lines
+    key = ec.derive_private_key(RFC_KEY, ec.SECP256R1())
+    key.public_key().verify(utils.encode_dss_signature(
+        int.from_bytes(short_signature[:32], "big"), int.from_bytes(short_signature[32:], "big")),
+        short, ec.ECDSA(hashes.SHA256()))
+
+
+def botocore_token_url(endpoint):
+    """The URL botocore's signin client posts CreateOAuth2Token to (its DPoP htu) with
+    ``endpoint`` as the sign-in endpoint URL."""
+    import botocore
+    import botocore.config
+    import botocore.session
+
+    class Stop(Exception):
+        pass
+    client = botocore.session.Session().create_client(
+        "signin", region_name="us-east-1", endpoint_url=endpoint,
+        config=botocore.config.Config(signature_version=botocore.UNSIGNED))
+    seen = []
+
+    def capture(**kwargs):
+        seen.append(kwargs["params"]["url"])
+        raise Stop()
+    client.meta.events.register("before-call.signin.CreateOAuth2Token", capture)
+    with pytest.raises(Stop):
+        client.create_o_auth2_token(tokenInput={"clientId": "c", "refreshToken": "r",
+                                                "grantType": "refresh_token"})
+    return seen[0]
+
+
+@pytest.mark.parametrize("endpoint", [
+    "https://h.example", "https://h.example/", "https://h.example/base?x=1",
+    "https://h.example?x=1&y=2", "https://h.example/a/b/?q", "https://h.example/a//",
+    "http://127.0.0.1:8080/x?y=z#frag", "https://h.example:443/p%20q",
+])
+def test_token_url_and_htu_of_a_custom_endpoint_are_botocores(endpoint):
+    environ = {"AWS_ENDPOINT_URL_SIGNIN": endpoint}
+    assert s.sign_in_token_url("us-east-1", environ) == botocore_token_url(endpoint)
+
+
+def test_custom_endpoint_with_a_query_is_called_as_botocore_calls_it(files, login_cache):
+    """End to end: the stand-in sign-in service behind an endpoint URL with a path and a
+    query gets the POST at botocore's path and query, with botocore's htu in the proof."""
+    folder, cache_file = login_cache
+    clock = Clock(time.time())
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private(cache_file, cache_entry(key, clock.now - 60))
+    sign_in = SignIn(key, clock)
+    endpoint = sign_in.url + "/base?tenant=1"
+    htu = botocore_token_url(endpoint)
+    assert htu == sign_in.url + "/base/v1/token?tenant=1"
+
+    sign_in.htu = htu  # what each proof must name
+    sign_in.service.routes[("POST", "/base/v1/token?tenant=1")] = sign_in.create_token
+    env = dict(files(login_config()), AWS_LOGIN_CACHE_DIRECTORY=str(folder),
+               AWS_ENDPOINT_URL_SIGNIN=endpoint)
+    try:
+        base = s.resolve_credentials(ARGS, env, "us-east-1", clock=clock)
+        assert base.get().access_key_id == "ASIALOGIN1"
+    finally:
+        sign_in.stop()
+    assert [request[1] for request in sign_in.service.requests] == ["/base/v1/token?tenant=1"]
+
+
+@pytest.mark.parametrize("value", ["$FROM_VAR/cache", "~/plain", "$HOME/x", "~${NAME}/y",
+                                   "relative/$FROM_VAR", ""])
+def test_login_cache_directory_expanded_as_botocore_expands_it(tmp_path, monkeypatch, value):
+    from botocore.utils import get_login_token_cache_directory
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FROM_VAR", "~/from-variable")
+    monkeypatch.setenv("NAME", "root")
+    monkeypatch.setenv("AWS_LOGIN_CACHE_DIRECTORY", value)
+    expected = os.path.join(get_login_token_cache_directory(),
+                            hashlib.sha256(b"x").hexdigest() + ".json")
+    assert s.login_cache_file("x", dict(os.environ)) == expected

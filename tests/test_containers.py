@@ -8,10 +8,12 @@ through a relay on the host's end of the pair.  The real AWS CLI and boto3 run i
 it.  Those tests need root (CI runs as root) and skip, saying why, elsewhere.
 """
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -25,12 +27,16 @@ import s3_localserver as s
 from conftest import BUCKET
 from helpers import (
     BIN,
+    PODMAN_RUN,
     SCRIPT,
     HostAddresses,
     Namespace,
     Relay,
     clean_env,
+    ip,
     netns_unavailable,
+    podman_run,
+    podman_unavailable,
     run_script,
 )
 
@@ -47,9 +53,10 @@ BOTO3_READ = ("import sys, boto3\n"
 # A bare HTTP client, for answers no SDK would show: (status, body).
 FETCH = ("import sys, json, urllib.request, urllib.error\n"
          "headers = json.loads(sys.argv[2])\n"
+         "method = sys.argv[3] if len(sys.argv) > 3 else 'GET'\n"
          "try:\n"
          "    answer = urllib.request.urlopen(urllib.request.Request(sys.argv[1],\n"
-         "        headers=headers), timeout=20)\n"
+         "        headers=headers, method=method), timeout=20)\n"
          "    print(answer.status, answer.read().decode())\n"
          "except urllib.error.HTTPError as error:\n"
          "    print(error.code, error.read().decode())\n")
@@ -81,13 +88,25 @@ class Lab(object):
             BUCKET, KEY), "-", "--endpoint-url", self.endpoint, "--region", "us-east-1"],
             env)
 
-    def fetch(self, url, headers=None):
-        """(status, body text) of one GET from inside the namespace."""
-        code, out, err = self.ns.run([sys.executable, "-c", FETCH, url,
-                                      json.dumps(headers or {})], self.env())
-        assert code == 0, err
-        status, _, body = out.strip().partition(" ")
-        return int(status), body
+    def fetch(self, url, headers=None, method="GET"):
+        """(status, body text) of one request from inside the namespace."""
+        return fetch_with(self.ns.run, url, headers, method, self.env())
+
+
+def fetch_with(run, url, headers=None, method="GET", env=None):
+    """(status, body text) of one request made by FETCH through ``run`` (a namespace's
+    or a Podman container's)."""
+    code, out, err = run([sys.executable, "-c", FETCH, url, json.dumps(headers or {}),
+                          method], env)
+    assert code == 0, err
+    status, _, body = out.strip().partition(" ")
+    return int(status), body
+
+
+def podman_fetch(url, headers=None, method="GET", options=()):
+    """(status, body text) of one request from a fresh Podman container."""
+    return fetch_with(lambda command, env: podman_run(command, options=options), url,
+                      headers, method)
 
 
 def read_both(lab, env):
@@ -245,24 +264,36 @@ HOG = ("import socket, sys, time\n"
        "time.sleep(120)\n")
 
 
+@contextlib.contextmanager
+def connections_held(command):
+    """While ``command`` (HOG, in a namespace or a container) holds its connections."""
+    hog = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert hog.stdout.readline().strip() == b"ready"
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def fetch_as_this_host(server, door):
+    """GET the door's full URI with its token from this host's process: must be 200."""
+    request = urllib.request.Request(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], headers={
+        "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+    with urllib.request.urlopen(request, timeout=20) as answer:
+        served = json.loads(answer.read().decode())
+    server.secrets += [served["SecretAccessKey"], served["Token"]]
+
+
 def test_refused_clients_hold_no_connection_slot(lab, moto, start, tester_env):
     server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate",
                    "--allow-client", "10.99.0.0/16", "--max-connections", "4")
     door = door_settings(server)
     port = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/")
-    hog = subprocess.Popen(["ip", "netns", "exec", lab.ns.name, sys.executable, "-c", HOG,
-                            DOOR, port, "20"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    try:
-        assert hog.stdout.readline().strip() == b"ready"
+    with connections_held(["ip", "netns", "exec", lab.ns.name, sys.executable, "-c", HOG,
+                           DOOR, port, "20"]):
         # An allowed client (this host) is answered while the refused one holds 20 sockets.
-        request = urllib.request.Request(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], headers={
-            "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
-        with urllib.request.urlopen(request, timeout=20) as answer:
-            served = json.loads(answer.read().decode())
-        server.secrets += [served["SecretAccessKey"], served["Token"]]
-    finally:
-        hog.kill()
-        hog.wait()
+        fetch_as_this_host(server, door)
     assert "too many connections" not in server.output
     # One refusal line per client per second at most, not one per connection.
     refusals = [line for line in server.lines if "not in --allow-client" in line]
@@ -480,9 +511,98 @@ def test_client_allowed():
     assert rules.client_allowed("127.0.0.1", "127.0.0.1")
     assert rules.client_allowed("169.254.170.2", "169.254.170.2")
     assert not rules.client_allowed("169.254.170.3", "169.254.170.2")
-    assert s.AccessRules().client_allowed("203.0.113.9", "169.254.170.2")  # no list: all
+    # No list: anyone, except on a door (issue 29), where this machine's container
+    # networks decide.
+    table = s.ContainerNetworks(read=lambda: TABLE, watch=False)
+    open_rules = s.AccessRules(networks=table)
+    assert open_rules.client_allowed("203.0.113.9", "192.0.2.1")
+    assert not open_rules.client_allowed("203.0.113.9", "169.254.170.2")
+    assert not open_rules.client_allowed("203.0.113.9", "::ffff:169.254.169.254")
+    assert open_rules.client_allowed("172.17.0.5", "169.254.170.2")
+    assert open_rules.client_allowed("::ffff:10.88.0.7", "::ffff:169.254.169.254")
+    assert not open_rules.client_allowed("192.168.1.20", "fd00:ec2::254")  # br0, with eth0
+    assert open_rules.client_allowed("192.168.1.1", "192.168.1.1")  # this host, on br0
+    refused = open_rules.refusal({"Host": "169.254.170.2"}, client="192.168.1.20",
+                                 local="169.254.170.2")
+    assert refused[0] == 403 and "not on this machine's container networks" in refused[2]
+    # host.docker.internal among the Host names: a door on any address.
+    named = s.AccessRules(["host.docker.internal"], networks=table)
+    assert not named.client_allowed("192.168.1.20", "192.168.1.1")
+    assert named.client_allowed("172.17.0.5", "172.17.0.1")
     refused = rules.refusal({"Host": "169.254.170.2"}, client="10.0.0.1", local="10.0.0.2")
     assert refused[0] == 403 and "10.0.0.1 is not in --allow-client" in refused[2]
+
+
+# An interface table as read_interfaces() gives it: {index: (name, kind, bridge)}, and
+# [(index, network)].  eth0 is hardware (no kind); br0 holds it (a LAN segment).
+NETWORK = s.ipaddress.ip_network
+TABLE = ({1: ("lo", None, None), 2: ("eth0", None, 5), 3: ("docker0", "bridge", None),
+          4: ("vethab", "veth", 3), 5: ("br0", "bridge", None), 6: ("podman0", "bridge", None),
+          7: ("veth9", "veth", 6), 8: ("tap0", "tun", 6), 9: ("ve-box", "veth", None),
+          10: ("wg0", "wireguard", None), 11: ("br-lan", "bridge", None),
+          12: ("vx0", "vxlan", 11), 13: ("vethx", "veth", 11), 14: ("virbr0", "bridge", None)},
+         [(1, NETWORK("127.0.0.0/8")), (2, NETWORK("192.168.7.0/24")),
+          (3, NETWORK("172.17.0.0/16")), (3, NETWORK("fe80::/64")),
+          (5, NETWORK("192.168.1.0/24")), (6, NETWORK("10.88.0.0/16")),
+          (6, NETWORK("fd00:88::/64")), (9, NETWORK("192.168.99.0/28")),
+          (10, NETWORK("10.200.0.0/24")), (11, NETWORK("10.30.0.0/24")),
+          (14, NETWORK("192.168.122.0/24"))])
+
+
+def test_container_networks_are_bridges_of_veths_and_taps_and_veths():
+    found = s.container_networks(*TABLE)
+    assert found == [(NETWORK("172.17.0.0/16"), "docker0"), (NETWORK("10.88.0.0/16"), "podman0"),
+                     (NETWORK("fd00:88::/64"), "podman0"), (NETWORK("192.168.99.0/28"), "ve-box"),
+                     (NETWORK("192.168.122.0/24"), "virbr0")]
+    # Not: lo, eth0 (hardware), br0 (holds eth0), wg0 (a tunnel), br-lan (holds a VXLAN
+    # tunnel beside its veth), and no link-local range.
+
+
+def test_container_networks_read_again_only_after_a_notice():
+    tables = [TABLE, ({1: ("docker0", "bridge", None)}, [(1, NETWORK("172.18.0.0/16"))])]
+    reads = []
+
+    def read():
+        reads.append(1)
+        return tables[len(reads) - 1]
+
+    class Notices(object):
+        pending = []
+
+        def recv(self, size):
+            if not self.pending:
+                raise BlockingIOError()
+            return self.pending.pop()
+
+    networks = s.ContainerNetworks(read=read, watch=False)
+    networks._notices = Notices()
+    address = s.ipaddress.ip_address("172.18.0.3")
+    assert networks.network_of(address) is None and networks.network_of(address) is None
+    assert len(reads) == 1  # a client the table lacks makes no second reading
+    Notices.pending.append(b"RTM_NEWADDR")
+    assert networks.network_of(address) == (NETWORK("172.18.0.0/16"), "docker0")
+    assert len(reads) == 2
+
+
+def test_interface_table_of_this_machine():
+    if not hasattr(s.socket, "AF_NETLINK"):
+        pytest.skip("rtnetlink is Linux's")
+    links, addresses = s.read_interfaces()
+    names = dict((name, kind) for name, kind, _ in links.values())
+    assert names["lo"] is None and (1, NETWORK("127.0.0.0/8")) in addresses
+    namespace_reason = netns_unavailable()
+    if namespace_reason:
+        return
+    namespace = Namespace()
+    try:
+        links, addresses = s.read_interfaces()
+        index = next(index for index, (name, _, _) in links.items()
+                     if name == namespace.host_link)
+        assert links[index][1] == "veth" and (index, NETWORK(namespace.network)) in addresses
+        assert (NETWORK(namespace.network), namespace.host_link) in s.container_networks(
+            links, addresses)
+    finally:
+        namespace.remove()
 
 
 class ListStream(object):
@@ -581,3 +701,330 @@ def test_container_environment():
     assert other == ("AWS_CONTAINER_CREDENTIALS_FULL_URI=http://[fd00:ec2::23]:9000/\n"
                      "AWS_CONTAINER_AUTHORIZATION_TOKEN=tok\n")
 
+
+
+# --- real Podman containers on Podman's bridge (10.88.0.0/16) --------------------------
+
+@pytest.fixture
+def podman(lab):
+    """Podman's own containers, with the door addresses on the host's lo (the lab's)."""
+    reason = podman_unavailable()
+    if reason:
+        pytest.skip(reason)
+    return lab
+
+
+def imds_session(fetch, base):
+    """An IMDSv2 session token, PUT for as a client of ``base`` does through ``fetch``."""
+    status, token = fetch(base + "latest/api/token",
+                          {"X-aws-ec2-metadata-token-ttl-seconds": "60"}, "PUT")
+    assert status == 200, token
+    return token
+
+
+# --- issue 29, 1: the metadata door needs the session token on every credential path ----
+
+def test_metadata_root_needs_the_session_token(lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, METADATA, 80)
+    base = "http://{}/".format(METADATA)
+    status, body = lab.fetch(base)  # IMDSv1 style: what an SSRF bug can send
+    assert status == 401 and "AccessKeyId" not in body, status
+    status, body = lab.fetch(base, {"X-aws-ec2-metadata-token": "forged"})
+    assert status == 401 and "AccessKeyId" not in body
+    token = imds_session(lab.fetch, base)
+    status, body = lab.fetch(base, {"X-aws-ec2-metadata-token": token})
+    assert status == 200 and "AccessKeyId" in body
+    server.secrets += [json.loads(body)["SecretAccessKey"]]
+
+
+def test_ipv6_metadata_root_needs_the_session_token(lab, moto, start, tester_env):
+    serve(start, moto, tester_env, METADATA6, 80)
+    status, body = lab.fetch("http://[{}]/".format(METADATA6))
+    assert status == 401 and "AccessKeyId" not in body, status
+
+
+def test_podman_metadata_root_needs_the_session_token(podman, moto, start, tester_env):
+    server = serve(start, moto, tester_env, METADATA, 80)
+    base = "http://{}/".format(METADATA)
+    status, body = podman_fetch(base)
+    assert status == 401 and "AccessKeyId" not in body, status
+    # The whole IMDSv2 exchange in a container: answered.
+    code, out, err = podman_run([sys.executable, "-c", IMDS_READ, base])
+    assert code == 0 and out.startswith("200 ") and "AccessKeyId" in out, (out, err)
+    server.secrets += [json.loads(out.partition(" ")[2])["SecretAccessKey"]]
+
+
+# PUT for a session token, then GET / with it: (status, body) on one line.
+IMDS_READ = ("import sys, urllib.request, urllib.error\n"
+             "base = sys.argv[1]\n"
+             "token = urllib.request.urlopen(urllib.request.Request(base + 'latest/api/token',"
+             " method='PUT', headers={'X-aws-ec2-metadata-token-ttl-seconds': '60'}),"
+             " timeout=20).read().decode()\n"
+             "try:\n"
+             "    answer = urllib.request.urlopen(urllib.request.Request(base, headers={\n"
+             "        'X-aws-ec2-metadata-token': token}), timeout=20)\n"
+             "    print(answer.status, answer.read().decode())\n"
+             "except urllib.error.HTTPError as error:\n"
+             "    print(error.code, error.read().decode())\n")
+
+
+# --- issue 29, 3: on a door, only this machine's container networks are answered -------
+
+class LanNeighbour(object):
+    """A namespace joined to the host through a bridge that also holds a VXLAN tunnel
+    (to other machines), standing in for the NIC a bridge shares with the LAN (br0
+    holding eth0): a host on the LAN, as far as the interface table tells."""
+
+    def __init__(self):
+        self.ns = Namespace()
+        tag = self.ns.name[len("s3ls-"):]
+        self.bridge, self.nic = "s3b" + tag, "s3n" + tag
+        try:
+            # A fixed MAC: a bridge otherwise takes its ports', which changes when the
+            # "NIC" leaves it, and the namespace's ARP entry would point nowhere.
+            ip("link", "add", self.bridge, "address", "02:29:" + ":".join(
+                "{:02x}".format(byte) for byte in os.urandom(4)), "type", "bridge")
+            ip("link", "add", self.nic, "type", "vxlan", "id",
+               1000 + int.from_bytes(os.urandom(2), "big"), "dstport", 4789)
+            ip("addr", "del", self.ns.host_ip + "/30", "dev", self.ns.host_link)
+            ip("link", "set", self.ns.host_link, "master", self.bridge)
+            ip("link", "set", self.nic, "master", self.bridge)
+            ip("addr", "add", self.ns.host_ip + "/30", "dev", self.bridge)
+            for link in (self.nic, self.bridge):
+                ip("link", "set", link, "up")
+        except BaseException:
+            self.remove()
+            raise
+
+    def unplug_nic(self):
+        """The bridge keeps only the namespace's veth: a container network now."""
+        ip("link", "set", self.nic, "nomaster")
+
+    def remove(self):
+        for link in (self.nic, self.bridge):
+            ip("link", "delete", link, check=False)
+        self.ns.remove()
+
+
+def test_lan_neighbour_is_not_answered_on_the_door(lab, moto, start, tester_env):
+    neighbour = LanNeighbour()
+    try:
+        server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
+        door = door_settings(server)
+        answered = next(line for line in server.lines if line.startswith("Answered on "))
+        assert "this host's processes" in answered and "--allow-client" in answered
+        assert neighbour.ns.network not in answered  # behind a bridge with a NIC in it
+        url = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+        token = {"Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]}
+        status, body = fetch_with(neighbour.ns.run, url, token, env=lab.env())
+        assert status == 403 and "AccessKeyId" not in body, status
+        server.wait_for_line(" {} - - 403 client {} is not".format(
+            neighbour.ns.inside_ip, neighbour.ns.inside_ip))
+        # The lab's namespace (a veth, as a container's) is answered all along...
+        status, body = lab.fetch(url, token)
+        assert status == 200 and "AccessKeyId" in body
+        server.secrets += [json.loads(body)["SecretAccessKey"]]
+        # ...and the neighbour too once its bridge holds nothing but veths: the table is
+        # read again when the kernel says an interface changed.
+        neighbour.unplug_nic()
+        status, body = fetch_with(neighbour.ns.run, url, token, env=lab.env())
+        assert status == 200 and "AccessKeyId" in body, body
+        server.secrets += [json.loads(body)["SecretAccessKey"]]
+        # --allow-client decides instead when it is given.
+        assert server.finish() == 0
+        server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate",
+                       "--allow-client", lab.ns.network)
+        door = door_settings(server)
+        assert "Answered on {}: this host's processes and {} (--allow-client)".format(
+            DOOR, lab.ns.network) in server.output
+        status, body = fetch_with(neighbour.ns.run, door["AWS_CONTAINER_CREDENTIALS_FULL_URI"],
+                                  {"Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]},
+                                  env=lab.env())
+        assert status == 403, status
+    finally:
+        neighbour.remove()
+
+
+def test_lan_neighbour_gets_no_metadata(lab, moto, start, tester_env):
+    neighbour = LanNeighbour()
+    try:
+        serve(start, moto, tester_env, METADATA, 80)
+        status, body = fetch_with(neighbour.ns.run, "http://{}/latest/api/token".format(
+            METADATA), {"X-aws-ec2-metadata-token-ttl-seconds": "60"}, "PUT", lab.env())
+        assert status == 403, status
+    finally:
+        neighbour.remove()
+
+
+def test_podman_container_is_answered_on_the_door(podman, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
+    door = door_settings(server)
+    status, body = podman_fetch(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], {
+        "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+    assert status == 200 and "AccessKeyId" in body, body
+    server.secrets += [json.loads(body)["SecretAccessKey"]]
+    line = server.wait_for_line(" GET / 200")
+    assert " 10.88." in line, line
+
+
+# --- issue 29, 4: one client address cannot take every connection ----------------------
+
+def test_idle_connections_of_one_namespace_do_not_lock_out_the_token_holder(
+        lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
+    door = door_settings(server)
+    port = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/")
+    with connections_held(["ip", "netns", "exec", lab.ns.name, sys.executable, "-c", HOG,
+                           DOOR, port, "256"]):
+        fetch_as_this_host(server, door)
+    server.wait_for_line("{} - - 503 too many connections from this client".format(
+        lab.ns.inside_ip))
+
+
+def test_idle_podman_container_does_not_lock_out_another(podman, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
+    door = door_settings(server)
+    port = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/")
+    with connections_held(PODMAN_RUN + ["--rootfs", "/:O", sys.executable, "-c", HOG, DOOR,
+                                        port, "256"]):
+        status, body = podman_fetch(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], {
+            "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+        assert status == 200 and "AccessKeyId" in body, body
+        server.secrets += [json.loads(body)["SecretAccessKey"]]
+    assert "too many connections from this client" in server.output
+
+
+# --- issue 29, 6: /healthz tells a container the status only ---------------------------
+
+def test_healthz_on_a_door_gives_containers_the_status_only(lab, moto, start, tester_env):
+    server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
+    door = door_settings(server)
+    url = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"] + "healthz"
+    status, body = lab.fetch(url)
+    assert status == 200 and json.loads(body) == {"status": "ok"}, sorted(json.loads(body))
+    with urllib.request.urlopen(url, timeout=20) as answer:  # this host's own process
+        mine = json.loads(answer.read().decode())
+    assert mine["status"] == "ok" and "last_error" in mine and "expiration" in mine
+
+
+# --- issue 29, 8: ranges that cannot mean what they say ----------------------------------
+
+@pytest.mark.parametrize("value, advice", [
+    ("fe80::/64", "link-local"),
+    ("fe80::1", "link-local"),
+    ("::ffff:10.88.0.0/112", "write 10.88.0.0/16"),
+    ("::ffff:172.17.0.5", "write 172.17.0.5/32"),
+])
+def test_allow_client_ranges_that_match_nothing_are_refused(home, value, advice):
+    code, out, err = run_script([BUCKET, "-d", "1h", "--allow-client", value],
+                                clean_env(home))
+    assert code == 2, err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(
+        "Error: argument --allow-client: "), err
+    assert advice in err and "Traceback" not in err
+
+
+# --- issue 29, 5: CONTAINERS.md's network-of-its-own recipe, run with Podman -----------
+
+def recipe(heading):
+    """The first ```bash block after ``heading`` in CONTAINERS.md."""
+    with open(os.path.join(os.path.dirname(SCRIPT), "CONTAINERS.md")) as handle:
+        text = handle.read()
+    after = text[text.index(heading):]
+    return after.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def substituted(text, replacements):
+    """``text`` with each (old, new) replaced; each old must be there."""
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+# GET with the token, as the container's environment gives them; prints the status.
+FETCH_FROM_ENVIRONMENT = (
+    "import os, urllib.request, urllib.error\n"
+    "request = urllib.request.Request(os.environ['AWS_CONTAINER_CREDENTIALS_FULL_URI'], "
+    "headers={'Authorization': os.environ['AWS_CONTAINER_AUTHORIZATION_TOKEN']})\n"
+    "try:\n"
+    "    print(urllib.request.urlopen(request, timeout=20).status)\n"
+    "except urllib.error.HTTPError as error:\n"
+    "    print(error.code)\n")
+
+
+def test_podman_recipe_network_of_its_own(podman, moto, tester_env, tmp_path):
+    relay = Relay(("127.0.0.1", moto.port), listen=(DOOR, 0))  # moto, as containers see it
+    network = "s3ls-{}".format(os.urandom(3).hex())
+    third = 100 + int.from_bytes(os.urandom(1), "big") % 150
+    block = recipe("## Neighbours on the same bridge")
+    script = substituted(block, [
+        ("sudo ", ""),
+        ("s3-creds", network),
+        ("10.89.29.", "10.89.{}.".format(third)),
+        ("python3 s3_localserver.py my-bucket", "{} {} {} --endpoint-url {}".format(
+            sys.executable, SCRIPT, BUCKET, moto.url)),
+        ("podman run", " ".join(PODMAN_RUN[:1] + PODMAN_RUN[1:3] + ["run"] + PODMAN_RUN[4:])),
+        ("amazon/aws-cli s3 ls s3://my-bucket/",
+         "--rootfs /:O {} s3 ls s3://{}/ --endpoint-url http://{}:{}".format(
+             os.path.join(BIN, "aws"), BUCKET, DOOR, relay.port)),
+    ])
+    # Then a neighbour on the same network, at another address, with the same file.
+    neighbour = "{} --network {} --ip 10.89.{}.11 --env-file ~/.s3-container.env " \
+        "--rootfs /:O {} -c {}".format(
+            " ".join(PODMAN_RUN[:1] + PODMAN_RUN[1:3] + ["run"] + PODMAN_RUN[4:]), network,
+            third, sys.executable, shlex.quote(FETCH_FROM_ENVIRONMENT))
+    env = tester_env()
+    env["HOME"] = str(tmp_path)
+    try:
+        result = subprocess.run(["bash", "-c", "set -e\n{}{}\nkill $!\nwait || true\n".format(
+            script, neighbour)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=300)
+    finally:
+        subprocess.run(["podman", "network", "rm", "-f", network], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
+        relay.stop()
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, err[-3000:]
+    lines = out.splitlines()
+    assert any(line.endswith(" " + KEY) for line in lines), out  # aws s3 ls in the container
+    assert lines[-1] == "403", lines[-1]  # the neighbour, with the token file
+    assert "Answered on {}: this host's processes and 10.89.{}.10/32 (--allow-client)".format(
+        DOOR, third) in err
+    assert " 10.89.{}.10 GET / 200".format(third) in err
+
+
+def test_container_networks_without_a_table_is_none_and_tried_again():
+    attempts = []
+
+    def failing():
+        attempts.append(1)
+        raise OSError("no AF_NETLINK")
+    networks = s.ContainerNetworks(read=failing, watch=False)
+    assert networks.current() == [] and networks.current() == [] and len(attempts) == 1
+    networks = s.ContainerNetworks(read=failing, watch=False)
+    networks._notices = object()  # as on Linux: notices would come, so reading is retried
+    assert networks.current() == [] and networks.current() == [] and len(attempts) == 3
+
+
+def test_host_docker_internal_makes_any_address_a_door(lab, moto, start, tester_env):
+    """With --allow-host host.docker.internal (Docker's name for the host, on Linux the
+    bridge's gateway), the server is a door on whatever address it is: the LAN is not
+    answered there either; without it, an ordinary address answers anyone."""
+    neighbour = LanNeighbour()
+    try:
+        named = serve(start, moto, tester_env, lab.ns.host_ip, 0, "--allow-host",
+                      "host.docker.internal")
+        assert "Answered on {}: this host's processes and containers".format(
+            lab.ns.host_ip) in named.output
+        url = named.url.replace("localhost", lab.ns.host_ip) + "latest/api/token"
+        ttl = {"X-aws-ec2-metadata-token-ttl-seconds": "60"}
+        assert fetch_with(neighbour.ns.run, url, ttl, "PUT", lab.env())[0] == 403
+        assert lab.fetch(url, ttl, "PUT")[0] == 200
+        assert named.finish() == 0
+        plain = serve(start, moto, tester_env, lab.ns.host_ip, 0)
+        assert "Answered on" not in plain.output
+        url = plain.url.replace("localhost", lab.ns.host_ip) + "latest/api/token"
+        assert fetch_with(neighbour.ns.run, url, ttl, "PUT", lab.env())[0] == 200
+    finally:
+        neighbour.remove()

@@ -4,6 +4,7 @@ forge, and binding that another server cannot share (issue 10)."""
 import http.client
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -258,7 +259,8 @@ def test_second_server_cannot_take_the_port(server):
 # --- http.server's own errors: short, with a status line (review findings) ----------------
 
 def test_unreadable_request_line_gets_a_short_answer_and_log_line(server):
-    answer = raw(server, b"GET / X" + b"\x01" * 65000 + b"\r\n\r\n")
+    # Under the 16 KiB cap on a head (beyond it: 431, test_head_over_16_kib_gets_431).
+    answer = raw(server, b"GET / X" + b"\x01" * 15000 + b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert len(answer) < 1000
     line = [text for text in server.log_text.getvalue().splitlines() if " 400 " in text][0]
@@ -325,3 +327,104 @@ def test_refused_connections_each_get_their_503_despite_a_slow_dripper():
         stop.set()
         server.shutdown()
         server.server_close()
+
+
+# --- the request head is capped before it is parsed (issue 29) -------------------------
+
+def test_many_headers_get_431():
+    """More header lines than any client sends (http.server allows 100): 431, closed."""
+    server = make_server()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        many = "".join("X-Filler-{}: y\r\n".format(number) for number in range(70))
+        answer = raw(server, "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n{}Connection: close"
+                             "\r\n\r\n".format(many).encode())
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert b"AccessKeyId" not in answer and b"Connection: close" in answer
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("where", ["headers", "request line"])
+def test_head_over_16_kib_gets_431(where):
+    """A head of 20 KB, in 20 lines or in the request line: refused before parsing."""
+    server = make_server()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        if where == "headers":
+            head = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(
+                "X-Filler-{}: {}\r\n".format(number, "y" * 1000) for number in range(20))
+        else:
+            head = "GET /?{} HTTP/1.1\r\nHost: 127.0.0.1\r\n".format("y" * 20000)
+        answer = raw(server, (head + "Connection: close\r\n\r\n").encode())
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert b"AccessKeyId" not in answer
+        # A head just under the cap is still served.
+        fits = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Filler: {}\r\nConnection: close" \
+            "\r\n\r\n".format("y" * 15000)
+        assert raw(server, fits.encode()).startswith(b"HTTP/1.1 200 ")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def memory_kib(pid):
+    """(VmRSS, VmHWM) of a process in KiB, from /proc/PID/status."""
+    with open("/proc/{}/status".format(pid)) as handle:
+        fields = dict(line.split(":", 1) for line in handle if ":" in line)
+    return tuple(int(fields[name].split()[0]) for name in ("VmRSS", "VmHWM"))
+
+
+def huge_head_sender(port, rounds, counts):
+    """``rounds`` connections one after another, each sending 100 header lines of 60 KB
+    (http.server's own limits: 100 lines of 64 KiB); counts connections and bytes sent."""
+    line = b"X-Huge: " + b"y" * 60000 + b"\r\n"
+    for _ in range(rounds):
+        counts["connections"] += 1
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                for _ in range(100):
+                    sock.sendall(line)
+                    counts["bytes"] += len(line)
+                sock.sendall(b"\r\n")
+                sock.recv(4096)
+        except OSError:
+            pass  # refused with 431 and closed mid-send: the next connection
+
+
+def test_huge_heads_keep_memory_bounded_and_the_token_holder_answered(start, tester_env, moto):
+    """Issue 29: 128 connections of 6 MB heads took the server to gigabytes.  Now each
+    head is cut at 16 KiB: the peak grows by less than 64 MiB, and a client with the
+    token is answered while the flood is on."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("reads the server's memory from /proc (Linux)")
+    from conftest import BUCKET
+    token = "huge-heads-" + os.urandom(8).hex()
+    server = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "--auth-token", token],
+                   tester_env())
+    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    assert server.fetch(headers={"Authorization": token})[0] == 200
+    before_rss, before_peak = memory_kib(server.process.pid)
+    counts = {"connections": 0, "bytes": 0}
+    senders = [threading.Thread(target=huge_head_sender, args=(port, 4, counts), daemon=True)
+               for _ in range(32)]
+    for sender in senders:
+        sender.start()
+    try:
+        deadline = time.monotonic() + 60
+        while counts["connections"] < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the flood is under way
+        status, _, body = server.fetch(headers={"Authorization": token})
+        assert status == 200 and b"AccessKeyId" in body
+    finally:
+        for sender in senders:
+            sender.join(300)
+    rss, peak = memory_kib(server.process.pid)
+    print("server memory KiB: before rss={} peak={}; after rss={} peak={}; {} connections, "
+          "{} MB sent".format(before_rss, before_peak, rss, peak, counts["connections"],
+                              counts["bytes"] // 1000000))
+    assert counts["connections"] == 128
+    assert peak - before_peak < 64 * 1024, (before_peak, peak)
+    assert " 431 " in server.output

@@ -276,3 +276,25 @@ def test_script_serves_the_buckets_region(moto, start, tester_env, home, tmp_pat
     s3 = session.client("s3", region_name=region, endpoint_url=moto.url)
     s3.put_object(Bucket=BUCKET, Key="imds-region/found.txt", Body=b"found")
     assert s3.get_object(Bucket=BUCKET, Key="imds-region/found.txt")["Body"].read() == b"found"
+
+
+def test_tokens_reveal_nothing_about_the_monotonic_clock():
+    """Issue 29: the token's sealed expiry was monotonic milliseconds plus the TTL, so
+    any client read the host's uptime from it.  It counts from a random per-run epoch."""
+    import base64
+    clock = Clock(now=123456.789)
+    fields = []
+    for _ in range(2):  # two runs at the same instant
+        token = s.MetadataTokens(monotonic=clock).issue(60)
+        raw = base64.urlsafe_b64decode(token.encode())
+        fields.append(int.from_bytes(raw[16:24], "big"))
+    for field in fields:
+        assert abs(field - int(clock.now * 1000)) > 10 ** 9, field
+    assert fields[0] != fields[1]
+    # Within one run, the epoch is fixed: tokens still expire after exactly their TTL.
+    tokens = s.MetadataTokens(monotonic=clock)
+    token = tokens.issue(60)
+    clock.now += 59.999
+    assert tokens.valid(token)
+    clock.now += 0.001
+    assert not tokens.valid(token)

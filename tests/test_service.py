@@ -797,16 +797,16 @@ def test_token_never_reaches_the_journal(systemd, door):
     manager = systemd()
     journal, stream = socket.socketpair()
     added = HostAddresses(["169.254.170.2"]) if door else None
-    extra = ["--auth-token", "generate"]
+    extra = ["--auth-token", "generate", "--port", str(free_port())]
     if door:
-        extra += ["--host", "169.254.170.2", "--port", str(free_port())]
+        extra += ["--host", "169.254.170.2"]
     try:
         status = os.fstat(stream.fileno())
         env = manager.environment(JOURNAL_STREAM="{}:{}".format(status.st_dev, status.st_ino),
                                   XDG_RUNTIME_DIR=str(manager.home / "run"),
                                   LISTEN_FDS=None, LISTEN_FDNAMES=None)
         process = subprocess.Popen(
-            SYSTEMD_WRAPPER + [sys.executable, os.path.join(ROOT, "s3_localserver.py")]
+            [sys.executable, os.path.join(ROOT, "s3_localserver.py")]
             + manager.arguments(extra), env=env, stdin=subprocess.DEVNULL,
             stdout=stream.fileno(), stderr=stream.fileno())
         stream.close()
