@@ -570,3 +570,65 @@ class _Cache(object):
     def status(self):
         return {}
 
+
+
+# --- tying a fetch to AWS's record --------------------------------------------------------
+
+def test_session_name_and_source_identity_reach_sts(moto, proxy, start, tester_env):
+    """--session-name and --source-identity go to AssumeRole; the default role made
+    before it allowed sts:SetSourceIdentity gets it added to its trust policy."""
+    iam = moto.client("iam", access_key=moto.tester["AccessKeyId"],
+                      secret_key=moto.tester["SecretAccessKey"])
+    role = "s3-credentials.AmazonS3FullAccess"
+    before = iam.get_role(RoleName=role)["Role"]["AssumeRolePolicyDocument"]
+    before = json.loads(before) if isinstance(before, str) else before
+    server = start(["my-bucket", "-d", "1h", "--endpoint-url", proxy.url, "--session-name",
+                    "build-42", "--source-identity", "alice@example.com"], tester_env())
+    params = proxy.params("AssumeRole")
+    assert (params["RoleSessionName"], params["SourceIdentity"]) == (
+        "build-42", "alice@example.com")
+    trust = iam.get_role(RoleName=role)["Role"]["AssumeRolePolicyDocument"]
+    trust = json.loads(trust) if isinstance(trust, str) else trust
+    actions = [action for statement in trust["Statement"]
+               for action in ([statement["Action"]] if isinstance(statement["Action"], str)
+                              else statement["Action"])]
+    assert "sts:SetSourceIdentity" in actions
+    if s.trust_with_source_identity(before) is not None:  # it lacked it: repaired, and said
+        assert any("Adding sts:SetSourceIdentity to the trust policy" in line
+                   for line in server.lines), server.lines
+    server.fetch_json()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--session-name", "a b"], "--session-name must be 2 to 64 characters"),
+    (["--session-name", "x"], "--session-name must be 2 to 64 characters"),
+    (["--source-identity", "y" * 65], "--source-identity must be 2 to 64 characters"),
+    (["--federation", "--session-name", "z" * 33], "--session-name must be 2 to 32"),
+    (["--federation", "--source-identity", "me"], "--source-identity needs a role"),
+])
+def test_bad_session_names_are_one_error_line(home, args, message):
+    from helpers import clean_env, run_script
+    code, out, err = run_script(["my-bucket", "-d", "1h"] + args, clean_env(home))
+    assert code == 2, err
+    assert err.startswith("Error: " + message) and len(err.splitlines()) == 1, err
+
+
+def test_default_session_name_names_user_and_host():
+    assert s.sts_session_name("alice", "build-box.example.com", 64) == "alice@build-box"
+    assert s.sts_session_name("a b", "h", 64) == "a-b@h"
+    name = s.sts_session_name("u" * 80, "h", 64, suffix="grant-a")
+    assert len(name) == 64 and name.endswith(".grant-a")
+    assert s.sts_session_name(None, None, 32, chosen="ci") == "ci"
+    assert len(s.sts_session_name("u" * 40, "host", 32)) == 32
+    for name in (s.sts_session_name("ü", "", 64), s.sts_session_name("x", "y", 64, "a/b")):
+        assert s.check_session_name(name, "name") == name
+
+
+def test_new_default_roles_trust_set_source_identity():
+    trust = {"Statement": [{"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::1:root"},
+                            "Action": "sts:AssumeRole"}]}
+    repaired = s.trust_with_source_identity(trust)
+    assert repaired["Statement"][0]["Action"] == ["sts:AssumeRole", "sts:SetSourceIdentity"]
+    assert s.trust_with_source_identity(repaired) is None
+    assert s.trust_with_source_identity({"Statement": [{"Effect": "Allow", "Action": "sts:*",
+                                                        "Principal": "*"}]}) is None
