@@ -40,6 +40,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import selectors
 import shlex
 import signal
@@ -4501,6 +4502,17 @@ class CredentialServer(http.server.HTTPServer):
             except OSError:
                 pass
 
+    def busy(self):
+        """True if another client waits: a connection open besides the current one, or
+        one queued on a listening socket (looked at without waiting)."""
+        if self.open_connections > 1:
+            return True
+        try:
+            ready, _, _ = select.select([self.socket] + self.extra_sockets, [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(ready)
+
     @property
     def open_connections(self):
         with self._deadlines_lock:
@@ -5260,7 +5272,7 @@ class ClientAttribution(object):
 
     budget = 0.002
     time_limit = 1.0
-    share = 0.10
+    share = 0.05
     window = 1.0
     many_fds = 1024
     max_pending = 64
@@ -5488,8 +5500,8 @@ class ClientAttribution(object):
 
     def _holders(self, inode, uid, pids, denied=None):
         """[(pid, program)] of the processes holding socket ``inode``: the first one
-        found among ``pids`` (newest first), then its parent, children and siblings,
-        which share it when it was inherited."""
+        found among ``pids`` (newest first), then its parent and children, which
+        share it when it was inherited across fork."""
         target = "socket:[{}]".format(inode)
         crowded = []
         first = None
@@ -5513,7 +5525,7 @@ class ClientAttribution(object):
         self._recent = [first] + [pid for pid in self._recent if pid != first][:7]
         holders = [first]
         parent = self._parent(first)
-        for pid in self._children(first) + [parent] + self._children(parent):
+        for pid in self._children(first) + [parent]:
             if pid and pid not in holders and len(holders) < 16:
                 held = yield from self._holds(pid, target, uid, None)
                 if held is True:
@@ -6651,7 +6663,7 @@ def main(argv=None, environ=None):
         server.journal_socket = JournalSocket.open()
     if not (args.no_client_lookup or server.quiet) and ClientAttribution.available():
         server.attribution = ClientAttribution(server.write_access)
-        server.attribution.busy = lambda: server.open_connections > 1
+        server.attribution.busy = server.busy
         server.attribution.start_thread()
     server.heartbeat = notifier.heartbeat
     cache.after_attempt = lambda: notifier.status(service_status(cache.status(), served))

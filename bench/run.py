@@ -354,7 +354,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", type=int, default=11, help="cold starts of each")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the other figures")
+    parser.add_argument("--only", choices=["flood"],
+                        help="measure one figure alone: flood = new-connection throughput "
+                             "with the client lookup on and off")
     options = parser.parse_args()
+    if options.only == "flood":
+        print(flood_only(options.rounds))
+        return
 
     tmp = tempfile.mkdtemp(prefix="s3ls-bench-")
     moto = MotoServer(os.path.join(tmp, "moto.log"))
@@ -445,6 +451,8 @@ def main():
                     stop(process)
 
     lookup_row = client_lookup_cost(proxy.url, env)
+    with ProcessPoolExecutor(8) as pool:
+        lookup_row += "\n" + client_lookup_flood(proxy.url, env, pool, options.rounds)
     proxy.stop()
     moto.stop()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -582,6 +590,48 @@ def client_lookup_cost(endpoint, env, rounds=6, per_round=300, gap=0.005):
         for _, process, _ in servers:
             stop(process)
     return "\n".join(rows)
+
+
+def client_lookup_flood(endpoint, env, pool, rounds=3):
+    """A table row: new-connection throughput (the flood of new_connection_throughput)
+    with the client lookup on and off (--no-client-lookup), two servers side by side,
+    alternating which goes first in each round; goal: on >= 0.85x off, the share of
+    its time the lookup may take before it sheds lookups."""
+    print("client lookup under a flood...", file=sys.stderr)
+    on = Target("lookup on", OURS.argv)
+    off = Target("lookup off", OURS.argv + ["--no-client-lookup"])
+    servers = [(target,) + target.start(endpoint, env)[:2] for target in (on, off)]
+    rates = {on.name: [], off.name: []}
+    try:
+        for index in range(rounds):
+            for target, _, port in servers[index % 2:] + servers[:index % 2]:
+                rates[target.name].append(new_connection_throughput(port, pool)[0])
+    finally:
+        for _, process, _ in servers:
+            stop(process)
+    with_lookup, without = (statistics.median(rates[name]) for name in (on.name, off.name))
+    ratio = with_lookup / without
+    return ("| flood of new connections, req/s: client lookup on / off (ratio; goal >= 0.85x"
+            "{}), {} rounds | {:.0f} / {:.0f} ({:.2f}x) | | |".format(
+                "" if ratio >= 0.85 else ", MISSED", rounds, with_lookup, without, ratio))
+
+
+def flood_only(rounds):
+    """`bench/run.py --only flood`: that one row, against its own moto."""
+    tmp = tempfile.mkdtemp(prefix="s3ls-bench-")
+    moto = MotoServer(os.path.join(tmp, "moto.log"))
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp, "LANG": "C.UTF-8",
+           "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_CONFIG_FILE": os.path.join(tmp, "none"),
+           "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "none")}
+    try:
+        moto.client("s3").create_bucket(Bucket=BUCKET)
+        with ProcessPoolExecutor(8) as pool:
+            return client_lookup_flood(moto.url, env, pool, rounds)
+    finally:
+        moto.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- IMDS session tokens: no per-token state -------------------------------------------

@@ -472,6 +472,19 @@ def test_lookups_are_shed_beyond_their_share():
     assert not attribution._shedding()
 
 
+def test_the_server_is_busy_while_a_client_waits():
+    """Lookups are shed only while another client waits: a connection queued on the
+    listening socket, or another one open."""
+    server = s.CredentialServer(("127.0.0.1", 0), _Cache())
+    try:
+        assert not server.busy()
+        queued = socket.create_connection(("127.0.0.1", server.server_port))
+        wait_for(server.busy, what="the queued connection")
+        queued.close()
+    finally:
+        server.server_close()
+
+
 def test_keep_alive_key_id_and_lookup_reach_the_json_log(moto, start, tester_env):
     port = free_port()
     server = start(["my-bucket", "-d", "1h", "--endpoint-url", moto.url, "--log-format",
