@@ -19,6 +19,7 @@ import time
 import urllib.request
 
 import pytest
+from test_service import wait_for
 
 import s3_localserver as s
 from helpers import (
@@ -35,16 +36,6 @@ pytestmark = pytest.mark.skipif(not s.ClientAttribution.available(),
                                 reason="needs Linux /proc/net/tcp")
 
 NAMED_RE = re.compile(r" GET / 200 (?:key (\S+) )?client pids? (.*)$")
-
-
-def wait_for(predicate, seconds=60, what="a condition"):
-    deadline = time.monotonic() + seconds
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out waiting for " + what
-        time.sleep(0.02)
 
 
 def credential_lines(server):
