@@ -12,8 +12,14 @@ $(MARKER): requirements-test.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
+# In parallel: most tests wait on subprocesses (the script, moto, the AWS CLI), so more
+# workers than the 2 cores pay.  Whole files per worker (--dist loadfile): a module's
+# fixtures are built once, and a new file spreads by itself.  Tests that share this
+# machine's addresses (169.254.170.2:80 and the like) take a file lock (tests/helpers.py).
+TEST_WORKERS ?= 4
+
 test: $(MARKER)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(MARKER)
 	$(BIN)/ruff check s3_localserver.py tests bench

@@ -42,7 +42,6 @@ import re
 import secrets
 import select
 import selectors
-import shlex
 import signal
 import socket
 import socketserver
@@ -55,7 +54,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import xml.etree.ElementTree as ElementTree
 
 __version__ = "0.1.0"
@@ -1269,6 +1267,18 @@ def certificate_failure(error):
     return None
 
 
+def _create_connection(address, *args, **kwargs):
+    """socket.create_connection, an ASCII host name passed as bytes: getaddrinfo encodes
+    a str with the 'idna' codec, whose first use imports encodings.idna, stringprep and
+    unicodedata, 2 ms of every start-up spent on names that are ASCII anyway."""
+    host, port = address[0], address[1]
+    try:
+        host = host.encode("ascii") if isinstance(host, str) else host
+    except UnicodeEncodeError:
+        pass  # an internationalized name: idna it is
+    return socket.create_connection((host, port), *args, **kwargs)
+
+
 def _dropped(sock):
     """True if an idle connection reads as ready: the server closed it (EOF) or sent
     what nobody asked for; either way it cannot carry a request."""
@@ -1333,17 +1343,19 @@ class ConnectionPool(object):
         context = self._ssl_context() if parts.scheme == "https" else None
         with self._lock:
             self.opened += 1
-        if proxy is None:
-            if context is None:
-                return http.client.HTTPConnection(host, port, timeout=timeout)
-            return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-        proxy_parts = urllib.parse.urlsplit(proxy)
+        if proxy is not None:
+            proxy_parts = urllib.parse.urlsplit(proxy)
+            target = (proxy_parts.hostname, proxy_parts.port or 80)
+        else:
+            target = (host, port)
         if context is None:
-            return http.client.HTTPConnection(proxy_parts.hostname, proxy_parts.port or 80,
-                                              timeout=timeout)
-        connection = http.client.HTTPSConnection(proxy_parts.hostname, proxy_parts.port or 80,
-                                                 timeout=timeout, context=context)
-        connection.set_tunnel(host, port or 443, headers=_proxy_authorization(proxy))
+            connection = http.client.HTTPConnection(*target, timeout=timeout)
+        else:
+            connection = http.client.HTTPSConnection(*target, timeout=timeout,
+                                                     context=context)
+            if proxy is not None:
+                connection.set_tunnel(host, port or 443, headers=_proxy_authorization(proxy))
+        connection._create_connection = _create_connection
         return connection
 
     def _take(self, key):
@@ -1884,6 +1896,7 @@ def _section_name(title, kind):
     like a shell line, so extra spaces and quotes ('[profile "my name"]') are fine."""
     if not title.startswith(kind):
         return None
+    import shlex  # deferred, as every use: most start-ups split no shell words
     try:
         parts = shlex.split(title)
     except ValueError:
@@ -2163,6 +2176,7 @@ def split_windows_command(command):
 
 def process_source(command, profile, clock=None):
     """A profile's credential_process: run it (no shell) and read its JSON."""
+    import shlex
     import subprocess  # only needed for credential_process profiles
     what = "credential_process of profile '{}'".format(profile)
     try:
@@ -2391,6 +2405,11 @@ def login_cache_file(session, environ):
     return os.path.join(folder, hashlib.sha256(session.encode("utf-8")).hexdigest() + ".json")
 
 
+def _random_uuid():
+    import uuid  # with the platform module it loads: only for an `aws login` refresh
+    return str(uuid.uuid4())
+
+
 def refresh_login_token(cached, url, now, opener, jti, again):
     """The sign-in service's CreateOAuth2Token with the refresh token, proved by a DPoP
     header signed with the session's key: the cache entry botocore would write (new
@@ -2503,7 +2522,7 @@ def login_source(name, settings, context):
             url = sign_in_token_url(sign_in_region, context.environ, context.endpoints)
             try:
                 fresh = refresh_login_token(cached, url, aws_now(), pool,
-                                            str(uuid.uuid4()), again)
+                                            _random_uuid(), again)
             except LocalServerError:
                 # Another process sharing this login (the CLI, a second server) may have
                 # refreshed first: the refresh token we sent was spent (it rotates), and
@@ -2819,14 +2838,16 @@ class CredentialMaker(object):
         self.buckets = _as_list(buckets)
         self.role_arn = role_arn
         self.role_created_at = None
+        self.existing_role = None  # GetRole's answer, when the default role was there
         self.log = log or (lambda message: None)
 
     def prepare(self, before_create=None):
-        """One-off set-up before the first credentials (IAM calls for 'role').
+        """What the first credentials need, and nothing more (the start-up's critical
+        path): for 'role', the role's ARN from GetRole, the role made when missing.
 
-        ``before_create()`` may raise to stop the role from being created.  A role
-        that exists is checked for what serving relies on: a start-up that stopped
-        between creating it and attaching its policy must not leave it useless."""
+        ``before_create()`` may raise to stop the role from being created.  The checks
+        of a role that exists wait for check_role(), after the first credentials: a
+        healthy start costs GetRole and AssumeRole, two round trips."""
         if self.mode != "role" or self.role_arn:
             return
         role = self.client.get_role(DEFAULT_ROLE_NAME)
@@ -2839,10 +2860,11 @@ class CredentialMaker(object):
             self.role_created_at = self.client.clock.elapsed()
             self._attach_policy()
         else:
-            self._check_policy()
-            self._check_trust(role)
             if self.source_identity:
+                # AssumeRole with SourceIdentity needs it: on the critical path, but
+                # costs a call only for a role made before it was in the trust policy.
                 role = self._allow_source_identity(role)
+            self.existing_role = role  # for check_role(), and to explain a refusal
         self.role_arn = role["Arn"]
 
     def _allow_source_identity(self, role):
@@ -2855,6 +2877,19 @@ class CredentialMaker(object):
                  "(--source-identity needs it)...".format(DEFAULT_ROLE_NAME))
         self.client.update_assume_role_policy(DEFAULT_ROLE_NAME, trust)
         return dict(role, Trust=trust)
+
+    def check_role(self):
+        """The default role's checks that need not delay serving (run once the first
+        credentials are served): its AmazonS3FullAccess is attached, attached here if
+        not (a start-up that stopped half-way).  Logs what it finds; never raises."""
+        if self.existing_role is None:
+            return  # another role, or one this run made
+        try:
+            self._check_policy()
+        except (AWSError, LocalServerError) as error:
+            # IAM evaluates the role's policies at each request, so credentials already
+            # served work once the policy is attached: a warning, not a stop.
+            self.log("Warning: {}".format(explain(error)))
 
     @property
     def _policy_arn(self):
@@ -2887,19 +2922,29 @@ class CredentialMaker(object):
             self.log("IAM role {} exists without {} (an earlier start-up stopped half-way?); "
                      "attaching it...".format(DEFAULT_ROLE_NAME, self._policy_arn))
             self._attach_policy()
+            self.log("Attached {} to IAM role {}".format(self._policy_arn, DEFAULT_ROLE_NAME))
 
-    def _check_trust(self, role):
-        trust = role["Trust"]
+    def _trust_refusal(self, refusal):
+        """The error for an AssumeRole of the existing default role that AWS refused
+        (``refusal``, AccessDenied): the trust policy's explanation when it shuts the
+        caller out, else ``refusal`` itself.  Costs GetCallerIdentity, on failure only,
+        when the trust names principals other than the account."""
+        role = self.existing_role
+        trust = role["Trust"] if role is not None else None
         if trust is None or trust_admits(trust, role["Arn"]):
-            return  # unreadable: AssumeRole will tell
-        caller = self.client.get_caller_identity()["Arn"]
-        if not trust_admits(trust, role["Arn"], caller):
-            raise LocalServerError(
-                "the trust policy of IAM role {} does not let {} assume it (it should allow "
-                "sts:AssumeRole for the account's root, arn:{}:iam::{}:root); fix it with "
-                "'aws iam update-assume-role-policy --role-name {} --policy-document ...' "
-                "or use --role-arn".format(DEFAULT_ROLE_NAME, caller, self.client.partition,
-                                           role["Arn"].split(":")[4], DEFAULT_ROLE_NAME))
+            return refusal  # unreadable, or admits the whole account: AWS's words
+        try:
+            caller = self.client.get_caller_identity()["Arn"]
+        except (AWSError, LocalServerError):
+            return refusal
+        if trust_admits(trust, role["Arn"], caller):
+            return refusal
+        return LocalServerError(
+            "the trust policy of IAM role {} does not let {} assume it (it should allow "
+            "sts:AssumeRole for the account's root, arn:{}:iam::{}:root); fix it with "
+            "'aws iam update-assume-role-policy --role-name {} --policy-document ...' "
+            "or use --role-arn".format(DEFAULT_ROLE_NAME, caller, self.client.partition,
+                                       role["Arn"].split(":")[4], DEFAULT_ROLE_NAME))
 
     def __call__(self):
         if self.mode == "federation":
@@ -2919,7 +2964,9 @@ class CredentialMaker(object):
                 # A role created moments ago is refused until IAM has propagated it.
                 new_role = self.role_created_at is not None and (
                     self.client.clock.elapsed() - self.role_created_at < self.propagation_wait)
-                if error.code != "AccessDenied" or not new_role:
+                if error.code == "AccessDenied" and not new_role:
+                    raise self._trust_refusal(error)
+                if error.code != "AccessDenied":
                     raise
                 self.log("The new role is not usable yet (IAM propagation); retrying...")
                 self.client.sleep(2.0)
@@ -6128,6 +6175,7 @@ def shell_setup(env, pid=None):
     to stop it with."""
     names = ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
              "AWS_CONFIG_FILE") + CREDENTIALS_FILE_VARIABLES
+    import shlex
     lines = ["export {}={}".format(name, shlex.quote(env[name])) for name in names
              if name in env]
     lines.append("unset " + " ".join(OUTRANKING_VARIABLES))
@@ -6211,7 +6259,8 @@ def run_command(command, env):
 
 
 class StopRequest(object):
-    """Set by the SIGTERM handler; the main thread waits for it.
+    """Set by the SIGTERM handler, and SIGINT's once the server answers; the main
+    thread waits for it.
 
     Not a threading.Event: its set() takes the lock that Event.wait() holds for a
     moment at every timeout, and a signal handler runs on the main thread, between
@@ -6222,6 +6271,7 @@ class StopRequest(object):
 
     def __init__(self):
         self._signals = []
+        self.answered = False  # the server has begun to answer (set by main)
         # Held for good, so that acquiring it again is a pause with a timeout that the
         # handler never touches.  Not time.sleep: under libfaketime it fails (EINVAL).
         self._pause = threading.Lock()
@@ -6233,6 +6283,11 @@ class StopRequest(object):
 
     def is_set(self):
         return bool(self._signals)
+
+    @property
+    def exit_code(self):
+        """What a stop by the first signal exits with, as shells say: 128 + N."""
+        return 128 + (self._signals[0] or signal.SIGTERM) if self._signals else 0
 
     def wait(self, timeout):
         """True once set, else False after ``timeout`` seconds."""
@@ -6246,7 +6301,7 @@ class StopRequest(object):
 
 
 def wait_for_signal(stop):
-    """Block the main thread until Ctrl+C, or until ``stop`` is set (SIGTERM)."""
+    """Block the main thread until ``stop`` is set (Ctrl+C, SIGTERM)."""
     try:
         while not stop.wait(1.0):  # a timeout keeps Ctrl+C responsive on every OS
             pass
@@ -6563,6 +6618,9 @@ def start_server(args, environ, say, files, sockets=None):
     except BaseException:
         server.server_close()
         raise
+    # Off the critical path: the role's checks run while the first credentials are
+    # served, and log (and repair) what they find.
+    threading.Thread(target=maker.check_role, name="role checks", daemon=True).start()
     if maker.duration < args.duration:
         # The cache's refresh timing is the same for any duration of 1 hour or more, so
         # a cap STS only revealed during the first refresh needs nothing else.
@@ -6589,7 +6647,21 @@ def describe_buckets(buckets):
 
 
 def main(argv=None, environ=None):
-    """Run the server (and the exec-mode command); return the exit code."""
+    """Run the server (and the exec-mode command); return the exit code.
+
+    Ctrl+C stops it cleanly at any moment: until the server answers, as the
+    KeyboardInterrupt that also cuts short a wait for AWS (exit 130, nothing was
+    served); from then on SIGINT, as SIGTERM, only asks the main thread to stop in
+    order (exit 0), so no half-done step ends in a traceback."""
+    stop = StopRequest()
+    try:
+        return _run(argv, environ, stop)
+    except KeyboardInterrupt:
+        # Only before the SIGINT handler went in, or after main restored it.
+        return 0 if stop.answered else 130
+
+
+def _run(argv, environ, stop):
     environ = os.environ if environ is None else environ
     environ, service = take_service_variables(environ)
     journal = journal_stderr(environ)
@@ -6627,13 +6699,13 @@ def main(argv=None, environ=None):
         # shows why in systemctl status.
         notifier.status("Failed: {}".format(explain(error)))
         return 1
-    except KeyboardInterrupt:
-        return 130
 
-    # SIGTERM's handler goes in before anything says we are up: a supervisor (or a
-    # test) may send it the moment it reads the first line.
-    stop = StopRequest()
-    previous_sigterm = signal.signal(signal.SIGTERM, stop.set)
+    # The handlers go in before anything says we are up: a supervisor (or a test) may
+    # send SIGTERM the moment it reads the first line, and a user press Ctrl+C.  An
+    # ignored SIGINT (a job started in the background) stays ignored.
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, stop.set)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, stop.set)
     host = server.server_address[0]
     # The URL SDKs accept over plain http names a loopback address: for a server
     # bound to every address (0.0.0.0, ::), that is the loopback one.
@@ -6679,6 +6751,7 @@ def main(argv=None, environ=None):
     # The first credentials are in the cache: a Type=notify unit is up from here, and
     # systemd hears it before any client (queued on a passed socket) is answered.
     notifier.ready(service_status(cache.status(), served))
+    stop.answered = True
     threading.Thread(target=server.serve_forever, name="server", daemon=True,
                      kwargs={"poll_interval": poll}).start()
     host = loopback or host
@@ -6693,8 +6766,7 @@ def main(argv=None, environ=None):
             env = client_environment(environ, full_uri, server.rules.token, region,
                                      client_files)
         if args.command:
-            code = run_command(args.command, env) if not stop.is_set() else (
-                128 + signal.SIGTERM)
+            code = run_command(args.command, env) if not stop.is_set() else stop.exit_code
         else:
             door = container_environment(host, server.server_port, server.rules.token,
                                          region)
@@ -6733,7 +6805,6 @@ def main(argv=None, environ=None):
         code = getattr(error, "exit_code", 1)
     finally:
         notifier.stopping()
-        signal.signal(signal.SIGTERM, previous_sigterm)
         cache.stop()
         server.shutdown()
         server.server_close()
@@ -6744,6 +6815,8 @@ def main(argv=None, environ=None):
             client_files.remove()
     if not args.command:
         say("Stopped.")
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
     return code
 
 

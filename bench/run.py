@@ -103,6 +103,11 @@ class LatencyRelay(object):
             daemon_threads = True
             request_queue_size = 64
 
+            def handle_error(self, request, client_address):
+                # A server stopped while its kept-alive connection idles resets it.
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    http.server.HTTPServer.handle_error(self, request, client_address)
+
         self.server = Server(("127.0.0.1", 0), Handler)
         self.url = "http://127.0.0.1:{}".format(self.server.server_address[1])
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -148,8 +153,13 @@ OURS_MODULE = Target("python3 -m s3_localserver", [sys.executable, "-m", "s3_loc
                                                     BUCKET, "-d", "1h", "-p", "{port}",
                                                     "--host", "127.0.0.1", "--endpoint-url",
                                                     "{endpoint}"])
-OURS_ROLE_ARN = Target("s3_localserver --role-arn", OURS.argv + [
-    "--role-arn", "arn:aws:iam::123456789012:role/bench-uploader"])
+ROLE_ARN = ["--role-arn", "arn:aws:iam::123456789012:role/bench-uploader"]
+OURS_ROLE_ARN = Target("s3_localserver --role-arn", OURS.argv + ROLE_ARN)
+OURS_NO_LOOKUP = Target("s3_localserver --no-client-lookup",
+                        OURS.argv + ["--no-client-lookup"])
+# --compare SCRIPT: another version of the script (its path replaces argv[1]).
+COMPARED = Target("compared script", list(OURS.argv))
+COMPARED_ROLE_ARN = Target("compared script --role-arn", OURS.argv + ROLE_ARN)
 REFERENCE = Target("s3-credentials 0.17", [os.path.join(BIN, "s3-credentials"), "localserver",
                                            BUCKET, "--duration", "1h", "--port", "{port}",
                                            "--host", "127.0.0.1", "--endpoint-url",
@@ -339,7 +349,24 @@ def start_nginx(body, workdir):
     return None, None
 
 
-# --- the run ----------------------------------------------------------------------------
+# --- the table: one line per figure, each with its goal --------------------------------
+
+class Row(object):
+    """One figure of the table: ``target``'s median of ``key`` beside the reference's
+    (or ``versus``'s, another of ours), their ratio, and the goal for that ratio:
+    "<=0.30" (ours at most 0.30 times theirs) or ">=3.0" (at least), or None.  A row
+    whose figures were not measured (see --only) is left out."""
+
+    def __init__(self, label, target, key, fmt, goal=None, versus=None):
+        self.label, self.target, self.key, self.fmt = label, target, key, fmt
+        self.goal, self.versus = goal, versus
+
+    def meets(self, ratio):
+        if self.goal is None or ratio is None:
+            return None
+        limit = float(self.goal[2:])
+        return ratio <= limit if self.goal.startswith("<=") else ratio >= limit
+
 
 def summary(values, fmt):
     values = sorted(values)
@@ -350,192 +377,295 @@ def summary(values, fmt):
                                       fmt.format(values[-1]))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--starts", type=int, default=11, help="cold starts of each")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the other figures")
-    parser.add_argument("--only", choices=["flood"],
-                        help="measure one figure alone: flood = new-connection throughput "
-                             "with the client lookup on and off")
-    options = parser.parse_args()
-    if options.only == "flood":
-        print(flood_only(options.rounds))
-        return
+def table(rows, results):
+    """The markdown lines, and the labels of the rows that miss their goal."""
+    lines = ["| figure | s3_localserver | reference | ours/reference | goal | meets goal? |",
+             "|---|---|---|---|---|---|"]
+    misses = []
+    for row in rows:
+        mine = results.get(row.target.name, {}).get(row.key)
+        if not mine:
+            continue
+        mine, mine_text = summary(mine, row.fmt)
+        base = results.get((row.versus or REFERENCE).name, {}).get(row.key)
+        theirs_text, ratio_text, ratio = "", "", None
+        if base:
+            theirs, theirs_text = summary(base, row.fmt)
+            if row.versus is not None:
+                theirs_text += " ({})".format(row.versus.name)
+            ratio = mine / theirs if theirs else None
+            ratio_text = "{:.2f}x".format(ratio) if theirs else (
+                "=" if mine == theirs else "n/a")
+        meets = row.meets(ratio)
+        if meets is False:
+            misses.append(row.label)
+        lines.append("| {} | {} | {} | {} | {} | {} |".format(
+            row.label, mine_text, theirs_text, ratio_text,
+            row.goal.replace("<=", "≤ ").replace(">=", "≥ ") + "x" if row.goal else "",
+            "" if meets is None else ("yes" if meets else "**NO**")))
+    return lines, misses
 
-    tmp = tempfile.mkdtemp(prefix="s3ls-bench-")
-    moto = MotoServer(os.path.join(tmp, "moto.log"))
-    proxy = RecordingProxy(moto.url)
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp, "LANG": "C.UTF-8",
-           "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_CONFIG_FILE": os.path.join(tmp, "none"),
-           "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "none")}
-    moto.client("s3").create_bucket(Bucket=BUCKET)
-    moto.client("iam").create_role(RoleName="bench-uploader", AssumeRolePolicyDocument=(
-        '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": '
-        '"arn:aws:iam::123456789012:root"}, "Action": "sts:AssumeRole"}]}'))
-    relay = LatencyRelay(moto.port)
-    results = {target.name: {} for target in (OURS, OURS_MODULE, OURS_ROLE_ARN, REFERENCE)}
+
+def rows_for(options):
+    """Every figure `make bench` reports.  Adding one: a line here, and the section
+    that records its key (``record(target, key, value)``)."""
+    rows = [
+        Row("cold start: process start to first 200 on GET /, s", OURS, "cold", "{:.3f}",
+            "<=0.30"),
+        Row("resident memory after 1,000 requests, MiB", OURS, "rss", "{:.1f}", "<=0.50"),
+        Row("cold start, as `python3 -m s3_localserver` (bytecode cached), s", OURS_MODULE,
+            "cold", "{:.3f}"),
+        Row("resident memory, as `python3 -m s3_localserver`, MiB", OURS_MODULE, "rss",
+            "{:.1f}"),
+        Row("new connection per request, 8 clients, req/s", OURS, "newconn", "{:.0f}",
+            ">=3.0"),
+        Row("the same, with --no-client-lookup, req/s", OURS_NO_LOOKUP, "newconn", "{:.0f}",
+            ">=3.0"),
+        # The access log's client lookup under a flood: sheds lookups past its share.
+        Row("the same, client lookup on / off (--no-client-lookup), req/s", OURS, "newconn",
+            "{:.0f}", ">=0.85", versus=OURS_NO_LOOKUP),
+        Row("keep-alive, 8 clients, req/s", OURS, "ka_rate", "{:.0f}"),
+        Row("keep-alive latency p50, 8 clients, ms", OURS, "ka_p50", "{:.3f}"),
+        Row("keep-alive latency p99, 8 clients, ms", OURS, "ka_p99", "{:.3f}"),
+        Row("keep-alive latency p50, 1 client, ms", OURS, "ka1_p50", "{:.3f}", "<=0.70"),
+        Row("keep-alive latency p99, 1 client, ms", OURS, "ka1_p99", "{:.3f}"),
+        Row("answered within 1 s with 50 idle connections held, %", OURS, "avail", "{:.0f}"),
+        Row("STS calls during a 200-client burst", OURS, "sts", "{:.0f}"),
+        Row("import time of the module, ms", OURS, "import", "{:.1f}"),
+        Row("far AWS (latency relay): start to first credentials, default mode, s", OURS,
+            "far", "{:.3f}", "<=0.40"),
+        Row("far AWS: start to first credentials, --role-arn, s", OURS_ROLE_ARN, "far",
+            "{:.3f}", "<=0.30"),
+        Row("far AWS: AWS connections opened, default mode", OURS, "far_connections",
+            "{:.0f}"),
+        Row("far AWS: AWS connections opened, --role-arn", OURS_ROLE_ARN, "far_connections",
+            "{:.0f}"),
+        Row("far AWS: exec mode `-- true`, start to exit, s", OURS, "far_exec", "{:.3f}"),
+    ]
+    if options.compare:
+        rows += [
+            Row("compared script: cold start, s", COMPARED, "cold", "{:.3f}"),
+            Row("compared script: far AWS, default mode, s", COMPARED, "far", "{:.3f}"),
+            Row("compared script: far AWS, --role-arn, s", COMPARED_ROLE_ARN, "far",
+                "{:.3f}"),
+            Row("compared script: far AWS connections, default mode", COMPARED,
+                "far_connections", "{:.0f}"),
+            Row("compared script: far AWS connections, --role-arn", COMPARED_ROLE_ARN,
+                "far_connections", "{:.0f}"),
+        ]
+    return rows
+
+
+# --- the run ----------------------------------------------------------------------------
+
+SECTIONS = ("cold", "startup", "serve", "import", "nginx", "imds", "lookup")
+
+
+class Run(object):
+    """What every section shares: the moto server behind its recording proxy, the
+    environment of the servers, the options and the results."""
+
+    def __init__(self, options):
+        self.options = options
+        self.tmp = tempfile.mkdtemp(prefix="s3ls-bench-")
+        self.moto = MotoServer(os.path.join(self.tmp, "moto.log"))
+        self.proxy = RecordingProxy(self.moto.url)
+        self.env = {"PATH": os.environ.get("PATH", ""), "HOME": self.tmp, "LANG": "C.UTF-8",
+                    "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+                    "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_EC2_METADATA_DISABLED": "true",
+                    "AWS_CONFIG_FILE": os.path.join(self.tmp, "none"),
+                    "AWS_SHARED_CREDENTIALS_FILE": os.path.join(self.tmp, "none")}
+        self.moto.client("s3").create_bucket(Bucket=BUCKET)
+        self.moto.client("iam").create_role(RoleName="bench-uploader", AssumeRolePolicyDocument=(
+            '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": '
+            '"arn:aws:iam::123456789012:root"}, "Action": "sts:AssumeRole"}]}'))
+        self.results = {}
+        self.lines = []  # rows of their own (nginx, IMDS tokens, the client lookup)
+        self.notes = []
+
+    def record(self, target, key, value):
+        self.results.setdefault(target.name, {}).setdefault(key, []).append(value)
+
+    def stop(self):
+        self.proxy.stop()
+        self.moto.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def pair(index):
+    return (OURS, REFERENCE) if index % 2 == 0 else (REFERENCE, OURS)
+
+
+def section_cold(run):
+    print("cold starts...", file=sys.stderr)
+    stop(OURS_MODULE.start(run.proxy.url, run.env)[0])  # writes the cached bytecode
+    extra = (OURS_MODULE,) + ((COMPARED,) if run.options.compare else ())
+    for index in range(run.options.starts):
+        for target in pair(index) + extra:
+            process, port, seconds = target.start(run.proxy.url, run.env)
+            run.record(target, "cold", seconds)
+            stop(process)
+
+
+def section_startup(run):
+    print("starts through the latency relay...", file=sys.stderr)
+    relay = LatencyRelay(run.moto.port)
+    far = (OURS, OURS_ROLE_ARN, REFERENCE)
+    if run.options.compare:
+        far += (COMPARED, COMPARED_ROLE_ARN)
+    try:
+        for index in range(run.options.starts):
+            shift = index % len(far)
+            for target in far[shift:] + far[:shift]:  # each goes first in turn
+                relay.connections = 0
+                process, port, seconds = target.start(relay.url, run.env)
+                run.record(target, "far", seconds)
+                run.record(target, "far_connections", relay.connections)
+                stop(process)
+            run.record(OURS, "far_exec", exec_mode(relay.url, run.env))
+    finally:
+        relay.stop()
+    run.notes.append(
+        "Far AWS: an HTTP relay in front of moto (not the recording proxy) that keeps "
+        "connections alive as AWS does adds {:.0f} ms to each new connection and {:.0f} ms "
+        "to each request and each answer; the reference runs in its default mode in both of "
+        "its rows, against ours in default mode and with --role-arn. Connections: those the "
+        "relay accepted from start to the first credentials served.".format(
+            CONNECT_DELAY * 1000, ONE_WAY_DELAY * 1000))
+
+
+def section_serve(run):
     generator = "wrk -t2 -c8 (Connection: close)" if shutil.which("wrk") else \
         "built-in, 8 processes"
-
-    def record(target, key, value):
-        results[target.name].setdefault(key, []).append(value)
-
-    def pair(index):
-        return (OURS, REFERENCE) if index % 2 == 0 else (REFERENCE, OURS)
-
-    print("cold starts...", file=sys.stderr)
-    stop(OURS_MODULE.start(proxy.url, env)[0])  # writes the cached bytecode
-    for index in range(options.starts):
-        for target in pair(index) + (OURS_MODULE,):
-            process, port, seconds = target.start(proxy.url, env)
-            record(target, "cold", seconds)
-            stop(process)
-
-    print("starts through the latency relay...", file=sys.stderr)
-    far = (OURS, OURS_ROLE_ARN, REFERENCE)
-    for index in range(options.starts):
-        for target in far[index % 3:] + far[:index % 3]:  # each goes first in turn
-            relay.connections = 0
-            process, port, seconds = target.start(relay.url, env)
-            record(target, "far", seconds)
-            record(target, "far_connections", relay.connections)
-            stop(process)
-        record(OURS, "far_exec", exec_mode(relay.url, env))
-    relay.stop()
-
     with ProcessPoolExecutor(8) as pool:
-        for index in range(options.rounds):
+        for index in range(run.options.rounds):
             for target in pair(index):
                 print("round {} {}...".format(index + 1, target.name), file=sys.stderr)
-                process, port, _ = target.start(proxy.url, env)
+                process, port, _ = target.start(run.proxy.url, run.env)
                 try:
-                    record(target, "rss", rss_after(process, port))
+                    run.record(target, "rss", rss_after(process, port))
                     rate, failures = new_connection_throughput(port, pool)
-                    record(target, "newconn", rate)
-                    record(target, "newconn_fail", failures)
+                    run.record(target, "newconn", rate)
+                    run.record(target, "newconn_fail", failures)
                     rate, p50, p99 = keep_alive(port, pool)
-                    record(target, "ka_rate", rate)
-                    record(target, "ka_p50", p50 * 1000)
-                    record(target, "ka_p99", p99 * 1000)
+                    run.record(target, "ka_rate", rate)
+                    run.record(target, "ka_p50", p50 * 1000)
+                    run.record(target, "ka_p99", p99 * 1000)
                     _, p50, p99 = keep_alive(port, pool, per_client=2000, clients=1)
-                    record(target, "ka1_p50", p50 * 1000)
-                    record(target, "ka1_p99", p99 * 1000)
-                    record(target, "avail", availability(port) * 100)
-                    calls, ok = sts_calls_during_burst(port, proxy)
-                    record(target, "sts", calls)
-                    record(target, "burst_ok", ok)
+                    run.record(target, "ka1_p50", p50 * 1000)
+                    run.record(target, "ka1_p99", p99 * 1000)
+                    run.record(target, "avail", availability(port) * 100)
+                    calls, ok = sts_calls_during_burst(port, run.proxy)
+                    run.record(target, "sts", calls)
+                    run.record(target, "burst_ok", ok)
                 finally:
                     stop(process)
-            process, port, _ = OURS_MODULE.start(proxy.url, env)
-            record(OURS_MODULE, "rss", rss_after(process, port))
+            process, port, _ = OURS_NO_LOOKUP.start(run.proxy.url, run.env)
+            try:
+                rate, failures = new_connection_throughput(port, pool)
+                run.record(OURS_NO_LOOKUP, "newconn", rate)
+            finally:
+                stop(process)
+            process, port, _ = OURS_MODULE.start(run.proxy.url, run.env)
+            run.record(OURS_MODULE, "rss", rss_after(process, port))
             stop(process)
-        for target, module in ((OURS, "s3_localserver"), (REFERENCE, "s3_credentials.cli")):
-            for seconds in import_time(module, options.starts):
-                record(target, "import", seconds * 1000)
-
-        nginx = None
-        if shutil.which("nginx"):
-            process, port, _ = OURS.start(proxy.url, env)
-            with urllib.request.urlopen("http://127.0.0.1:{}/".format(port)) as response:
-                body = response.read()
-            stop(process)
-            workdir = tempfile.mkdtemp(prefix="nginx-", dir=tmp)
-            process, port = start_nginx(body, workdir)
-            if process is not None:
-                try:
-                    nginx = {"newconn": new_connection_throughput(port, pool)[0],
-                             "ka": keep_alive(port, pool)}
-                finally:
-                    stop(process)
-
-    lookup_row = client_lookup_cost(proxy.url, env)
-    with ProcessPoolExecutor(8) as pool:
-        lookup_row += "\n" + client_lookup_flood(proxy.url, env, pool, options.rounds)
-    proxy.stop()
-    moto.stop()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    rows = [
-        ("cold start: process start to first 200 on GET /, s", "cold", "{:.3f}", OURS.name),
-        ("resident memory after 1,000 requests, MiB", "rss", "{:.1f}", OURS.name),
-        ("new connection per request, 8 clients, req/s", "newconn", "{:.0f}", OURS.name),
-        ("keep-alive, 8 clients, req/s", "ka_rate", "{:.0f}", OURS.name),
-        ("keep-alive latency p50, 8 clients, ms", "ka_p50", "{:.3f}", OURS.name),
-        ("keep-alive latency p99, 8 clients, ms", "ka_p99", "{:.3f}", OURS.name),
-        ("keep-alive latency p50, 1 client, ms", "ka1_p50", "{:.3f}", OURS.name),
-        ("keep-alive latency p99, 1 client, ms", "ka1_p99", "{:.3f}", OURS.name),
-        ("answered within 1 s with 50 idle connections held, %", "avail", "{:.0f}", OURS.name),
-        ("STS calls during a 200-client burst", "sts", "{:.0f}", OURS.name),
-        ("import time of the module, ms", "import", "{:.1f}", OURS.name),
-        ("through the latency relay: start to first credentials, default mode, s", "far",
-         "{:.3f}", OURS.name),
-        ("through the latency relay: start to first credentials, --role-arn, s", "far",
-         "{:.3f}", OURS_ROLE_ARN.name),
-        ("through the latency relay: AWS connections opened, default mode", "far_connections",
-         "{:.0f}", OURS.name),
-        ("through the latency relay: AWS connections opened, --role-arn", "far_connections",
-         "{:.0f}", OURS_ROLE_ARN.name),
-        ("through the latency relay: exec mode `-- true`, start to exit, s", "far_exec",
-         "{:.3f}", OURS.name),
-    ]
-    rows[2:2] = [
-        ("cold start, as `python3 -m s3_localserver` (bytecode cached), s", "cold", "{:.3f}",
-         OURS_MODULE.name),
-        ("resident memory, as `python3 -m s3_localserver`, MiB", "rss", "{:.1f}",
-         OURS_MODULE.name)]
-    ours, ref = results[OURS.name], results[REFERENCE.name]
-    lines = [
-        "| figure | s3_localserver | s3-credentials 0.17 | ours/reference |",
-        "|---|---|---|---|",
-    ]
-    for label, key, fmt, which in rows:
-        mine, mine_text = summary(results.get(which, ours)[key], fmt)
-        if key not in ref:  # exec mode: the reference has none
-            lines.append("| {} | {} | | |".format(label, mine_text))
-            continue
-        theirs, theirs_text = summary(ref[key], fmt)
-        ratio = "{:.2f}x".format(mine / theirs) if theirs else ("=" if mine == theirs else "n/a")
-        lines.append("| {} | {} | {} | {} |".format(label, mine_text, theirs_text, ratio))
-    if nginx:
-        lines.append("| limit: nginx static file, new connection req/s; keep-alive req/s, p50 "
-                     "ms | {:.0f}; {:.0f}, {:.3f} | | |".format(
-                         nginx["newconn"], nginx["ka"][0], nginx["ka"][1] * 1000))
-    else:
-        lines.append("| limit: nginx static file | not installed: skipped | | |")
-    lines.append(imds_token_put_cost())
-    lines.append(lookup_row)
-    notes = [
-        "",
-        "Medians, with (min–max) over {} cold starts and {} rounds, each round alternating "
-        "which server goes first. Load generator for new connections: {}; keep-alive: 8 "
-        "processes with http.client, 500 requests each.".format(
-            options.starts, options.rounds, generator),
-        "The latency relay, an HTTP relay in front of moto (not the recording proxy) that "
-        "keeps connections alive as AWS does, adds {:.0f} ms to each new connection and "
-        "{:.0f} ms to each request and each answer; the reference runs in its default "
-        "mode in both of its rows, against ours in default mode and with --role-arn. "
-        "Connections: those the relay accepted from start to the first credentials "
-        "served.".format(
-            CONNECT_DELAY * 1000, ONE_WAY_DELAY * 1000),
+    ours, ref = run.results[OURS.name], run.results[REFERENCE.name]
+    run.notes += [
+        "Load generator for new connections: {}; keep-alive: 8 processes with http.client, "
+        "500 requests each.".format(generator),
         "The reference speaks HTTP/1.0 and closes every connection, so its keep-alive rows "
         "measure a client reconnecting each time; it serves one connection at a time, so "
         "an idle connection blocks it.",
         "Failed requests during throughput runs: ours {}, reference {}. Burst answers "
         "with 200: ours {}, reference {} (of 200 each round).".format(
             sum(ours["newconn_fail"]), sum(ref["newconn_fail"]), ours["burst_ok"],
-            ref["burst_ok"]),
-    ]
-    table = "\n".join(lines + notes)
-    print(table)
+            ref["burst_ok"])]
+
+
+def section_import(run):
+    print("import times...", file=sys.stderr)
+    for target, module in ((OURS, "s3_localserver"), (REFERENCE, "s3_credentials.cli")):
+        for seconds in import_time(module, run.options.starts):
+            run.record(target, "import", seconds * 1000)
+
+
+def section_nginx(run):
+    if not shutil.which("nginx"):
+        run.lines.append("| limit: nginx static file | not installed: skipped | | | | |")
+        return
+    process, port, _ = OURS.start(run.proxy.url, run.env)
+    with urllib.request.urlopen("http://127.0.0.1:{}/".format(port)) as response:
+        body = response.read()
+    stop(process)
+    workdir = tempfile.mkdtemp(prefix="nginx-", dir=run.tmp)
+    process, port = start_nginx(body, workdir)
+    if process is None:
+        return
+    try:
+        with ProcessPoolExecutor(8) as pool:
+            newconn = new_connection_throughput(port, pool)[0]
+            ka = keep_alive(port, pool)
+    finally:
+        stop(process)
+    run.lines.append("| limit: nginx static file, new connection req/s; keep-alive req/s, "
+                     "p50 ms | {:.0f}; {:.0f}, {:.3f} | | | | |".format(newconn, ka[0],
+                                                                     ka[1] * 1000))
+
+
+def section_imds(run):
+    run.lines.append(imds_token_put_cost())
+
+
+def section_lookup(run):
+    run.lines.append(client_lookup_cost(run.proxy.url, run.env))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--starts", type=int, default=11, help="cold starts of each")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the other figures")
+    parser.add_argument("--only", metavar="SECTIONS",
+                        help="comma-separated, from: {} (default: all; then bench/RESULTS.md "
+                             "is not rewritten)".format(", ".join(SECTIONS)))
+    parser.add_argument("--compare", metavar="SCRIPT",
+                        help="another s3_localserver.py (say, main's) measured beside ours in "
+                             "the cold and startup sections")
+    options = parser.parse_args()
+    only = SECTIONS if not options.only else [name.strip() for name in options.only.split(",")]
+    unknown = [name for name in only if name not in SECTIONS]
+    if unknown:
+        parser.error("unknown section(s) {}; choose from {}".format(
+            ", ".join(unknown), ", ".join(SECTIONS)))
+    if options.compare:
+        COMPARED.argv[1] = COMPARED_ROLE_ARN.argv[1] = os.path.abspath(options.compare)
+
+    run = Run(options)
+    try:
+        for name in SECTIONS:
+            if name in only:
+                globals()["section_" + name](run)
+    finally:
+        run.stop()
+
+    lines, misses = table(rows_for(options), run.results)
+    notes = ["", "Medians, with (min–max) over {} cold starts and {} rounds, each round "
+                 "alternating which server goes first; the reference is s3-credentials {}'s "
+                 "localserver.".format(options.starts, options.rounds,
+                                       _version("s3-credentials"))] + run.notes
+    verdict = ("Every figure with a goal meets it." if not misses else
+               "MISSES ITS GOAL: " + "; ".join(misses) + ".")
+    text = "\n".join(lines + run.lines + ["", verdict] + notes)
+    print(text)
+    if options.only:
+        return
     header = ("# Benchmark results\n\n`make bench`, {} UTC, on {} ({} cores, {}), "
               "CPython {}, moto {} behind a recording proxy, all on 127.0.0.1.\n\n".format(
                   datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M"), platform.node() or
                   "this machine", os.cpu_count(), platform.platform(),
                   platform.python_version(), _version("moto")))
     with open(os.path.join(HERE, "RESULTS.md"), "w") as handle:
-        handle.write(header + table + "\n")
+        handle.write(header + text + "\n")
 
 
 # --- the access log's client lookup: off the request path --------------------------------
@@ -563,9 +693,9 @@ def client_lookup_cost(endpoint, env, rounds=6, per_round=300, gap=0.005):
     """Table rows: median time to a credential answer on a new connection (one lookup
     per connection: the worst case) with the client lookup on and off (--no-client-lookup),
     two servers side by side, alternating which is measured first in each round; once
-    back to back, once with ``gap`` seconds between requests.  The lookup starts once
-    the answer is sent, so a client never waits for its own: back to back, a request
-    can meet the previous one's lookup, which shares the server's CPU and interpreter."""
+    back to back, once with ``gap`` seconds between requests.  The lookup runs before a
+    connection's first answer, for 2 ms at most (then the answer goes out and the
+    lookup goes on), so this is what a client waits for it."""
     print("client lookup on/off...", file=sys.stderr)
     on = Target("lookup on", OURS.argv)
     off = Target("lookup off", OURS.argv + ["--no-client-lookup"])
@@ -583,55 +713,13 @@ def client_lookup_cost(endpoint, env, rounds=6, per_round=300, gap=0.005):
             without = statistics.median(times[off.name]) * 1000
             rows.append(
                 "| credential answer on a new connection, {}, median ms: client lookup on / "
-                "off (ratio), {:,} each | {:.3f} / {:.3f} ({:.2f}x) | | |".format(
+                "off (ratio), {:,} each | {:.3f} / {:.3f} ({:.2f}x) | | | | |".format(
                     "{:.0f} ms apart".format(pause * 1000) if pause else "back to back",
                     rounds * count, with_lookup, without, with_lookup / without))
     finally:
         for _, process, _ in servers:
             stop(process)
     return "\n".join(rows)
-
-
-def client_lookup_flood(endpoint, env, pool, rounds=3):
-    """A table row: new-connection throughput (the flood of new_connection_throughput)
-    with the client lookup on and off (--no-client-lookup), two servers side by side,
-    alternating which goes first in each round; goal: on >= 0.85x off, the share of
-    its time the lookup may take before it sheds lookups."""
-    print("client lookup under a flood...", file=sys.stderr)
-    on = Target("lookup on", OURS.argv)
-    off = Target("lookup off", OURS.argv + ["--no-client-lookup"])
-    servers = [(target,) + target.start(endpoint, env)[:2] for target in (on, off)]
-    rates = {on.name: [], off.name: []}
-    try:
-        for index in range(rounds):
-            for target, _, port in servers[index % 2:] + servers[:index % 2]:
-                rates[target.name].append(new_connection_throughput(port, pool)[0])
-    finally:
-        for _, process, _ in servers:
-            stop(process)
-    with_lookup, without = (statistics.median(rates[name]) for name in (on.name, off.name))
-    ratio = with_lookup / without
-    return ("| flood of new connections, req/s: client lookup on / off (ratio; goal >= 0.85x"
-            "{}), {} rounds | {:.0f} / {:.0f} ({:.2f}x) | | |".format(
-                "" if ratio >= 0.85 else ", MISSED", rounds, with_lookup, without, ratio))
-
-
-def flood_only(rounds):
-    """`bench/run.py --only flood`: that one row, against its own moto."""
-    tmp = tempfile.mkdtemp(prefix="s3ls-bench-")
-    moto = MotoServer(os.path.join(tmp, "moto.log"))
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp, "LANG": "C.UTF-8",
-           "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_CONFIG_FILE": os.path.join(tmp, "none"),
-           "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "none")}
-    try:
-        moto.client("s3").create_bucket(Bucket=BUCKET)
-        with ProcessPoolExecutor(8) as pool:
-            return client_lookup_flood(moto.url, env, pool, rounds)
-    finally:
-        moto.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- IMDS session tokens: no per-token state -------------------------------------------
@@ -673,7 +761,7 @@ def imds_token_put_cost(flood=20000, samples=2000):
         server.shutdown()
         server.server_close()
     return ("| IMDS token PUT, one keep-alive connection, median ms: first {:,} / after {:,} "
-            "more (ratio) | {:.3f} / {:.3f} ({:.2f}x) | | |".format(
+            "more (ratio) | {:.3f} / {:.3f} ({:.2f}x) | | | | |".format(
                 samples, flood, fresh, flooded, flooded / fresh))
 
 

@@ -96,7 +96,9 @@ class Fault(object):
 
     kind: 'status' (answer status/body), 'hang' (say nothing for `seconds`),
     'reset' (close the connection), 'truncate' (forward, cut the body short),
-    'skew' (forward, but stamp a Date `seconds` off the real time).
+    'skew' (forward, but stamp a Date `seconds` off the real time), 'hold' (forward
+    once ``release`` is set, or after `seconds`, 60 by default: a test decides when
+    the answer comes; ``held`` is set as the request arrives).
     """
 
     def __init__(self, kind, status=200, body=b"", seconds=0, headers=None):
@@ -105,6 +107,8 @@ class Fault(object):
         self.body = body
         self.seconds = seconds
         self.headers = headers or {}
+        self.held = threading.Event()
+        self.release = threading.Event()
 
 
 def skew_refusal(method, headers, body):
@@ -189,6 +193,9 @@ class RecordingProxy(object):
                     time.sleep(fault.seconds)
                     self.close_connection = True
                     return
+                if fault is not None and fault.kind == "hold":
+                    fault.held.set()
+                    fault.release.wait(fault.seconds or 60)
                 if fault is not None and fault.kind == "status":
                     status, headers, data = fault.status, fault.headers, fault.body
                 else:
@@ -495,6 +502,19 @@ def add_trusted(moto, role_name, principal_arn):
         iam.update_assume_role_policy(RoleName=role_name, PolicyDocument=json.dumps(trust))
 
 
+def wait_answered(proxy, action, timeout=30):
+    """Wait until the proxy has answered a request with this Action (calls made in the
+    background, after the server is up); return its record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for action_seen, record in zip(proxy.actions(), list(proxy.requests)):
+            if action_seen == action and "status" in record:
+                return record
+        if time.monotonic() > deadline:
+            raise AssertionError("no {} was answered: {}".format(action, proxy.actions()))
+        time.sleep(0.02)
+
+
 def aws_calls(proxy):
     """proxy.actions() with the bucket checks first: they run alongside the other
     start-up calls, so their place among them is not fixed."""
@@ -658,10 +678,19 @@ class Namespace(object):
 
 class HostAddresses(object):
     """Addresses put on the host's lo for the length of a test module (169.254.170.2 and
-    the like), each removed afterwards unless it was there before."""
+    the like), each removed afterwards unless it was there before.
+
+    Held under a file lock from here to remove(): the addresses, and the fixed ports
+    tests bind on them (80), are this machine's, shared by every pytest-xdist worker
+    and any other run, so one holder at a time; others wait for it."""
+
+    LOCK = "/tmp/s3_localserver-host-addresses.lock"
 
     def __init__(self, addresses):
+        import fcntl
         self.added = []
+        self._lock = open(self.LOCK, "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
             for address in addresses:
                 prefix = 128 if ":" in address else 32
@@ -678,6 +707,8 @@ class HostAddresses(object):
     def remove(self):
         while self.added:
             ip("addr", "del", self.added.pop(), "dev", "lo", check=False)
+        if not self._lock.closed:
+            self._lock.close()  # and with it the lock
 
 
 # --- real containers: rootful Podman on its bridge (10.88.0.0/16) -----------------------

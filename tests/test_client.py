@@ -215,7 +215,9 @@ def test_existing_role_policy_found_on_a_later_page():
         GET_ROLE, attached_page("arn:aws:iam::aws:policy/Other", marker="m1"),
         attached_page("arn:aws:iam::aws:policy/AmazonS3FullAccess"))
     maker.prepare()
-    assert maker.role_arn == ROLE_ARN and logged == []
+    assert maker.role_arn == ROLE_ARN and len(opener.requests) == 1  # GetRole only
+    maker.check_role()  # once the first credentials are served
+    assert logged == []
     assert b"Marker=m1" in opener.requests[2].data and len(opener.requests) == 3
 
 
@@ -223,22 +225,52 @@ def test_existing_role_whose_policy_cannot_be_listed_warns():
     maker, opener, logged = default_role_maker(
         GET_ROLE, Answer(403, ERROR.format("AccessDenied", "no").encode()))
     maker.prepare()
+    maker.check_role()
     assert maker.role_arn == ROLE_ARN and len(opener.requests) == 2
     assert logged[0].startswith("Warning: cannot check that IAM role "
                                 "s3-credentials.AmazonS3FullAccess has")
 
 
-def test_existing_role_without_policy_that_may_not_be_attached_stops():
+def test_existing_role_without_policy_that_may_not_be_attached_warns():
+    """Issue 27: found after the first credentials are served, so a warning that says
+    what to run, not a stop (IAM evaluates the role's policies at each request)."""
     maker, opener, logged = default_role_maker(
         GET_ROLE, attached_page(), Answer(403, ERROR.format("AccessDenied", "no").encode()))
-    with pytest.raises(s.LocalServerError) as caught:
-        maker.prepare()
-    assert not isinstance(caught.value, s.AWSError)
-    assert "(AccessDenied: no)" in str(caught.value)
-    assert str(caught.value).endswith(
+    maker.prepare()
+    maker.check_role()  # never raises
+    assert "attaching it..." in logged[0]
+    assert logged[1].startswith("Warning: could not attach arn:aws:iam::aws:policy/"
+                                "AmazonS3FullAccess to IAM role ")
+    assert "(AccessDenied: no)" in logged[1]
+    assert logged[1].endswith(
         "aws iam attach-role-policy --role-name s3-credentials.AmazonS3FullAccess "
         "--policy-arn arn:aws:iam::aws:policy/AmazonS3FullAccess")
-    assert "attaching it..." in logged[0]
+    assert len(opener.requests) == 3
+
+
+def test_refused_default_role_explained_by_its_trust():
+    """Issue 27: AssumeRole goes first; only a refusal costs GetCallerIdentity, whose
+    answer the trust policy is judged against."""
+    trust = {"Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                            "Principal": {"AWS": "arn:aws:iam::111122223333:user/other"}}]}
+    get_role = iam_answer("GetRole", "<Role><Arn>{}</Arn><AssumeRolePolicyDocument>{}"
+                          "</AssumeRolePolicyDocument></Role>".format(
+                              ROLE_ARN, urllib.parse.quote(json.dumps(trust))))
+    identity = Answer(200, (
+        "<GetCallerIdentityResponse><GetCallerIdentityResult><Arn>arn:aws:iam::111122223333:"
+        "user/me</Arn><Account>111122223333</Account><UserId>AID</UserId>"
+        "</GetCallerIdentityResult></GetCallerIdentityResponse>").encode())
+    maker, opener, _ = default_role_maker(
+        get_role, Answer(403, ERROR.format("AccessDenied", "no").encode()), identity)
+    maker.prepare()
+    with pytest.raises(s.LocalServerError) as caught:
+        maker()
+    assert str(caught.value).startswith(
+        "the trust policy of IAM role s3-credentials.AmazonS3FullAccess does not let "
+        "arn:aws:iam::111122223333:user/me assume it")
+    assert [b"Action=GetRole&" in r.data for r in opener.requests] == [True, False, False]
+    assert b"Action=AssumeRole&" in opener.requests[1].data
+    assert b"Action=GetCallerIdentity&" in opener.requests[2].data
 
 
 @pytest.mark.parametrize("message, hint", [

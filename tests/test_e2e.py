@@ -23,6 +23,7 @@ from helpers import (
     aws_error,
     clean_env,
     run_script,
+    wait_answered,
 )
 
 # The default STS session name: this user at this host (what CloudTrail shows).
@@ -64,7 +65,9 @@ def test_default_role_lookup_with_auth_file(moto, start, home, proxy):
     assert int(headers["Content-Length"]) == len(body)
     doc = json.loads(body.decode())
     check_document(doc, 3600)
-    assert aws_calls(proxy) == ["S3 HEAD", "GetRole", "ListAttachedRolePolicies", "AssumeRole"]
+    # The role's policy check runs once the first credentials are served (issue 27).
+    wait_answered(proxy, "ListAttachedRolePolicies")
+    assert aws_calls(proxy) == ["S3 HEAD", "GetRole", "AssumeRole", "ListAttachedRolePolicies"]
     params = proxy.params("AssumeRole")
     assert params["RoleArn"] == "arn:aws:iam::{}:role/s3-credentials.AmazonS3FullAccess".format(
         ACCOUNT)
@@ -260,11 +263,71 @@ def test_role_left_without_its_policy_is_repaired(own_moto, start):
     del own_moto.proxy.requests[:]
     server = start(own_moto.args, own_moto.env)
     server.fetch_json()
-    assert aws_calls(own_moto.proxy) == ["S3 HEAD", "GetRole", "ListAttachedRolePolicies",
-                                         "AttachRolePolicy", "AssumeRole"]
+    # Issue 27: the check and its repair run once the first credentials are served.
+    server.wait_for_line("Attached {} to IAM role {}".format(S3_FULL_ACCESS, DEFAULT_ROLE))
+    assert aws_calls(own_moto.proxy) == ["S3 HEAD", "GetRole", "AssumeRole",
+                                         "ListAttachedRolePolicies", "AttachRolePolicy"]
     assert "IAM role {} exists without {} (an earlier start-up stopped half-way?); " \
         "attaching it...".format(DEFAULT_ROLE, S3_FULL_ACCESS) in server.lines
     assert attached(own_moto) == [S3_FULL_ACCESS]
+
+
+def test_role_whose_policy_cannot_be_attached_serves_and_warns(own_moto, start):
+    """Issue 27: the repair of an existing role fails (AccessDenied): the credentials are
+    served all the same (they work once someone attaches the policy, as IAM evaluates it
+    at each request), and one warning says what to run."""
+    own_moto.client("iam").create_role(RoleName=DEFAULT_ROLE, AssumeRolePolicyDocument=(
+        json.dumps({"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": "sts:AssumeRole",
+            "Principal": {"AWS": "arn:aws:iam::{}:root".format(ACCOUNT)}}]})))
+    own_moto.fault_on = b"AttachRolePolicy"
+    own_moto.proxy.faults.put(aws_error("AccessDenied", "not allowed", 403))
+    server = start(own_moto.args, own_moto.env)
+    assert server.fetch_json()["Version"] == 1
+    line = server.wait_for_line("Warning: could not attach")
+    assert "aws iam attach-role-policy --role-name {} --policy-arn {}".format(
+        DEFAULT_ROLE, S3_FULL_ACCESS) in line and "(AccessDenied: not allowed)" in line
+    assert attached(own_moto) == []
+
+
+def test_default_mode_serves_before_the_role_checks_answer(moto, start, tester_env):
+    """Issue 27, 1: default mode's critical path is GetRole then AssumeRole.  The
+    attachment check's answer is held until the test has fetched credentials: served
+    all the same, and the check completes afterwards."""
+    hold = Fault("hold")
+    proxy = RecordingProxy(moto.url, match=lambda method, body: (
+        b"Action=ListAttachedRolePolicies&" in body))
+    proxy.faults.put(hold)
+    try:
+        server = start([BUCKET, "-d", "1h", "--endpoint-url", proxy.url], tester_env(),
+                       wait=False)
+        server.ready.wait(30)  # ready only when serving does not wait for the check
+        assert server.url is not None, server.lines
+        assert not hold.release.is_set()
+        assert server.fetch_json()["Version"] == 1
+        hold.release.set()
+        wait_answered(proxy, "ListAttachedRolePolicies")
+        assert aws_calls(proxy) == ["S3 HEAD", "GetRole", "AssumeRole",
+                                    "ListAttachedRolePolicies"]
+    finally:
+        hold.release.set()
+        proxy.stop()
+
+
+def test_trust_naming_the_caller_costs_no_call(own_moto, start):
+    """Issue 27, 1: a trust policy that names the caller (not the account root) no
+    longer costs GetCallerIdentity at start-up: AssumeRole's success says enough."""
+    caller = own_moto.client("sts").get_caller_identity()["Arn"]
+    iam = own_moto.client("iam")
+    iam.create_role(RoleName=DEFAULT_ROLE, AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": "sts:AssumeRole", "Principal": {"AWS": caller}}]}))
+    iam.attach_role_policy(RoleName=DEFAULT_ROLE, PolicyArn=S3_FULL_ACCESS)
+    server = start(own_moto.args, own_moto.env)
+    assert server.fetch_json()["Version"] == 1
+    wait_answered(own_moto.proxy, "ListAttachedRolePolicies")
+    assert aws_calls(own_moto.proxy) == ["S3 HEAD", "GetRole", "AssumeRole",
+                                         "ListAttachedRolePolicies"]
 
 
 def test_create_role_sent_again_after_iam_acted(own_moto, start):
@@ -295,8 +358,9 @@ def test_attach_sent_again_after_iam_acted(own_moto, start):
 
 
 def test_role_whose_trust_policy_shuts_the_caller_out(own_moto):
-    """An existing default role that trusts someone else: one line that says so, before
-    any AssumeRole (moto, authentication off, would let anyone assume it)."""
+    """An existing default role that trusts someone else: AWS refuses the AssumeRole
+    (injected: moto, authentication off, would let anyone assume it), and the one line
+    says why.  Issue 27: AssumeRole now goes first; the trust is looked at on refusal."""
     iam = own_moto.client("iam")
     iam.create_role(RoleName=DEFAULT_ROLE, AssumeRolePolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [{
@@ -304,6 +368,9 @@ def test_role_whose_trust_policy_shuts_the_caller_out(own_moto):
             "Principal": {"AWS": "arn:aws:iam::{}:user/someone-else".format(ACCOUNT)}}]}))
     iam.attach_role_policy(RoleName=DEFAULT_ROLE, PolicyArn=S3_FULL_ACCESS)
     caller = own_moto.client("sts").get_caller_identity()["Arn"]
+    own_moto.fault_on = b"AssumeRole"
+    own_moto.proxy.faults.put(aws_error("AccessDenied", "User: {} is not authorized to "
+                                        "perform: sts:AssumeRole".format(caller), 403))
     code, _, err = run_script(own_moto.args + ["-p", "0"], own_moto.env, timeout=30)
     assert code == 1
     assert err.splitlines()[-1] == (
@@ -311,7 +378,8 @@ def test_role_whose_trust_policy_shuts_the_caller_out(own_moto):
         "sts:AssumeRole for the account's root, arn:aws:iam::{2}:root); fix it with 'aws iam "
         "update-assume-role-policy --role-name {0} --policy-document ...' or use "
         "--role-arn".format(DEFAULT_ROLE, caller, ACCOUNT))
-    assert "AssumeRole" not in own_moto.proxy.actions()
+    assert aws_calls(own_moto.proxy) == ["S3 HEAD", "GetRole", "AssumeRole",
+                                         "GetCallerIdentity"]
 
 
 def write_profiles(tmp_path, moto, credentials_profile="tester", config_extra=""):
@@ -333,7 +401,7 @@ def test_profile_from_config_dir(moto, start, home, tmp_path, proxy):
                    env)
     check_document(server.fetch_json(), 3600)
     # The region came from the profile: the calls are signed for us-east-1.
-    signed = [r for r in proxy.requests if r["method"] == "POST"][-1]["headers"]
+    signed = [r for r in proxy.requests if b"Action=AssumeRole&" in r["body"]][-1]["headers"]
     assert "/us-east-1/sts/aws4_request" in signed["Authorization"]
     assert moto.tester["AccessKeyId"] in signed["Authorization"]
 
@@ -369,7 +437,8 @@ def test_endpoint_url_option_beats_variables(moto, start, tester_env, proxy):
                      "http://127.0.0.1:9")
     server = start([BUCKET, "-d", "1h", "--endpoint-url", proxy.url], env)
     server.fetch_json()
-    assert aws_calls(proxy) == ["S3 HEAD", "GetRole", "ListAttachedRolePolicies", "AssumeRole"]
+    wait_answered(proxy, "ListAttachedRolePolicies")
+    assert aws_calls(proxy) == ["S3 HEAD", "GetRole", "AssumeRole", "ListAttachedRolePolicies"]
 
 
 def test_keep_alive_and_malformed_requests(moto, start, tester_env):
