@@ -5307,7 +5307,8 @@ class ClientAttribution(object):
     a deadline checked inside each process's descriptors too; the answer then
     goes out, and the lookup thread carries on for up to ``time_limit`` (a
     one-shot client such as curl is gone by then, which is why the search comes
-    first).  Processes with more than ``many_fds`` descriptors are searched last.
+    first), unless other clients wait (then it ends there, timed out).  Processes
+    with more than ``many_fds`` descriptors are searched last.
     Lookups are shed, and their lines say so, while they have taken more than
     ``share`` of the current ``window`` seconds and other connections are open (see
     ``busy``): a flood of new connections costs the server that much at most.  As
@@ -5385,7 +5386,10 @@ class ClientAttribution(object):
         lookup.deadline = started + self.budget
         self._step(lookup)
         self._charge(self.clock() - started)
-        if lookup.found is None:
+        if lookup.found is None and self.busy():
+            # Other clients wait: going on would take from them what the share allows.
+            self._close(lookup, lookup.timed_out, {"lookup": "timed out"})
+        elif lookup.found is None:
             self.start_thread()
             try:
                 self._queue.put_nowait(lookup)
