@@ -5320,7 +5320,7 @@ class ClientAttribution(object):
 
     budget = 0.002
     time_limit = 1.0
-    share = 0.05
+    share = 0.02
     window = 1.0
     many_fds = 1024
     max_pending = 64

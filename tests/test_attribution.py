@@ -452,9 +452,10 @@ def test_lookups_are_shed_beyond_their_share():
     lines say so at once.  A clock is injected: no timing is asserted."""
     now = [100.0]
     attribution = s.ClientAttribution(log=None, clock=lambda: now[0])
-    assert attribution._charge(0.05)  # 5% of the window: fine
+    share = attribution.share * attribution.window
+    assert attribution._charge(share * 0.9)  # within the share: fine
     assert not attribution._shedding()
-    assert not attribution._charge(0.06)  # 11%: over the 10% share
+    assert not attribution._charge(share * 0.2)  # past it
     assert attribution._shedding()
     lookup = s.ClientLookup(("127.0.0.1", 1), ("127.0.0.1", 2))
     attribution.begin(lookup)
