@@ -5279,6 +5279,11 @@ def describe_holders(holders, container=None):
     return text, fields
 
 
+# What a search yields once it has found one process holding the socket: the answer
+# need not wait for the rest (its parent and children, which may share it).
+FIRST_FOUND = object()
+
+
 class ClientLookup(object):
     """One connection's lookup: its answer (a log suffix and fields), the lines
     waiting for it, and its search while it runs (a generator, resumed by the
@@ -5293,6 +5298,9 @@ class ClientLookup(object):
         self.search = None
         self.deadline = 0.0
         self.timed_out = "client not found (lookup timed out)"
+        self.first = None  # (pid, program) of the first process found holding it
+        self.in_container = False  # found in another network namespace
+        self.container = None  # (id, name or None) of the first holder's container
         self.started = False  # begun (before the first answer)
 
 
@@ -5318,7 +5326,7 @@ class ClientAttribution(object):
     with its container.
     """
 
-    budget = 0.002
+    budget = 0.002  # seconds the first answer may wait for the first holder found
     time_limit = 1.0
     share = 0.02
     window = 1.0
@@ -5327,7 +5335,7 @@ class ClientAttribution(object):
 
     def __init__(self, log, proc="/proc", clock=time.monotonic):
         self.log = log  # log(line, priority, fields)
-        self.busy = lambda: True  # whether other connections are open (set by the server)
+        self.busy = lambda: False  # whether other clients wait (the server's busy())
         self.proc = proc
         self.clock = clock
         self.user = os.geteuid() if hasattr(os, "geteuid") else None
@@ -5384,11 +5392,11 @@ class ClientAttribution(object):
         started = self.clock()
         lookup.search = self._search(lookup)
         lookup.deadline = started + self.budget
-        self._step(lookup)
+        self._step(lookup, until_found=True)
         self._charge(self.clock() - started)
         if lookup.found is None and self.busy():
             # Other clients wait: going on would take from them what the share allows.
-            self._close(lookup, lookup.timed_out, {"lookup": "timed out"})
+            self._close_late(lookup, "the server is busy")
         elif lookup.found is None:
             self.start_thread()
             try:
@@ -5397,11 +5405,13 @@ class ClientAttribution(object):
                 self._close(lookup, "client not looked up (too many lookups waiting)",
                             {"lookup": "shed"})
 
-    def _step(self, lookup):
-        """Run the search until it ends or its deadline; True if it ended."""
+    def _step(self, lookup, until_found=False):
+        """Run the search until it ends or its deadline (or, ``until_found``, until
+        one holder is found); True if it ended."""
         try:
             while True:
-                next(lookup.search)
+                if next(lookup.search) is FIRST_FOUND and until_found:
+                    return False
                 if self.clock() > lookup.deadline:
                     return False
         except StopIteration as end:
@@ -5460,8 +5470,18 @@ class ClientAttribution(object):
             started = self.clock()
             lookup.deadline = started + self.time_limit
             if not self._step(lookup):
-                self._close(lookup, lookup.timed_out, {"lookup": "timed out"})
+                self._close_late(lookup, "lookup timed out")
             self._charge(self.clock() - started)
+
+    def _close_late(self, lookup, why):
+        """End a search that ran out of time: named by the first holder if one was
+        found (saying the others were not all looked for), else timed out."""
+        if lookup.first is None:
+            self._close(lookup, lookup.timed_out, {"lookup": "timed out"})
+            return
+        text, fields = describe_holders([lookup.first], lookup.container)
+        self._close(lookup, "{} (not looked at for other holders: {})".format(text, why),
+                    dict(fields, lookup="first only"))
 
     def find(self, client, server, time_limit=None):
         """The log suffix naming who holds the client's end of the connection,
@@ -5471,7 +5491,7 @@ class ClientAttribution(object):
         lookup.deadline = self.clock() + (self.time_limit if time_limit is None
                                           else time_limit)
         if not self._step(lookup):
-            self._close(lookup, lookup.timed_out, {})
+            self._close_late(lookup, "lookup timed out")
         return lookup.found
 
     # -- the search ----------------------------------------------------------------
@@ -5505,7 +5525,7 @@ class ClientAttribution(object):
                     {"uid": uid, "lookup": "another user"})
         lookup.timed_out = "client uid {} (process not found: lookup timed out)".format(uid)
         denied = []
-        found = yield from self._holders(inode, uid, self._pids(), denied)
+        found = yield from self._holders(inode, uid, self._pids(), denied, lookup)
         if found:
             return describe_holders(found)
         if denied:
@@ -5549,7 +5569,7 @@ class ClientAttribution(object):
         recent = [pid for pid in self._recent]
         return recent + [pid for pid in pids if pid not in recent]
 
-    def _holders(self, inode, uid, pids, denied=None):
+    def _holders(self, inode, uid, pids, denied=None, lookup=None):
         """[(pid, program)] of the processes holding socket ``inode``: the first one
         found among ``pids`` (newest first), then its parent and children, which
         share it when it was inherited across fork."""
@@ -5571,24 +5591,40 @@ class ClientAttribution(object):
                 if held is True:
                     first = pid
                     break
-        if first is None:
-            return []
+        named = [(first, self._program(first))] if first is not None else []
+        if not named or named[0][1] is None:
+            return []  # none, or gone meanwhile
         self._recent = [first] + [pid for pid in self._recent if pid != first][:7]
-        holders = [first]
+        if lookup is not None:
+            lookup.first = named[0]
+            if lookup.in_container:  # read now: a one-shot client is soon gone
+                lookup.container = self._container(first)
+        yield FIRST_FOUND  # the answer may go out now: the rest can wait for it
         parent = self._parent(first)
         for pid in self._children(first) + [parent]:
-            if pid and pid not in holders and len(holders) < 16:
+            if pid and pid not in [held for held, _ in named] and len(named) < 16:
                 held = yield from self._holds(pid, target, uid, None)
-                if held is True:
-                    holders.append(pid)
-        named = []
-        for pid in sorted(holders):
-            try:
-                with open(os.path.join(self.proc, str(pid), "comm"), "rb") as handle:
-                    named.append((pid, handle.read(64).decode("utf-8", "replace").strip()))
-            except OSError:  # gone meanwhile
-                continue
-        return named
+                program = self._program(pid) if held is True else None
+                if program is not None:
+                    named.append((pid, program))
+        return sorted(named)
+
+    def _container(self, pid):
+        """(id, name or None) of the container process ``pid`` runs in, else None."""
+        try:
+            with open(os.path.join(self.proc, str(pid), "cgroup")) as handle:
+                identifier = container_id(handle.read())
+        except OSError:
+            return None
+        return (identifier, container_name(identifier)) if identifier else None
+
+    def _program(self, pid):
+        """The name a process gives itself (/proc/PID/comm), or None if it is gone."""
+        try:
+            with open(os.path.join(self.proc, str(pid), "comm"), "rb") as handle:
+                return handle.read(64).decode("utf-8", "replace").strip()
+        except OSError:
+            return None
 
     def _holds(self, pid, target, uid, most):
         """True if process ``pid`` has ``target`` open; "crowded" if it has more than
@@ -5727,19 +5763,13 @@ class ClientAttribution(object):
                 lookup.timed_out = "client in another network namespace (process not found: " \
                                    "lookup timed out)"
                 # Among all processes, newest first: the client may be newer than the map.
-                found = yield from self._holders(owner[1], owner[0], self._pids())
+                lookup.in_container = True
+                found = yield from self._holders(owner[1], owner[0], self._pids(),
+                                                 lookup=lookup)
                 if not found:
                     return ("client in another network namespace (process not found)",
                             {"lookup": "not found"})
-                container = None
-                try:
-                    with open(os.path.join(self.proc, str(found[0][0]), "cgroup")) as handle:
-                        identifier = container_id(handle.read())
-                except OSError:
-                    identifier = None
-                if identifier:
-                    container = (identifier, container_name(identifier))
-                return describe_holders(found, container)
+                return describe_holders(found, lookup.container)
         return "client remote", {"lookup": "remote"}
 
 

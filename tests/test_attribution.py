@@ -452,6 +452,7 @@ def test_lookups_are_shed_beyond_their_share():
     lines say so at once.  A clock is injected: no timing is asserted."""
     now = [100.0]
     attribution = s.ClientAttribution(log=None, clock=lambda: now[0])
+    attribution.busy = lambda: True  # other clients wait
     share = attribution.share * attribution.window
     assert attribution._charge(share * 0.9)  # within the share: fine
     assert not attribution._shedding()
