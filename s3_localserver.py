@@ -40,6 +40,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import selectors
 import signal
 import socket
@@ -252,7 +253,7 @@ def _as_list(buckets):
 
 
 def session_name(permission, buckets, limit):
-    """An STS session name for these credentials, valid whatever the buckets.
+    """An STS session name naming the buckets, valid whatever they are.
 
     s3-credentials' form, 's3.PERMISSION.BUCKET[,BUCKET...]', cut to the limit:
     AssumeRole allows 64 characters and GetFederationToken 32, each from
@@ -260,6 +261,31 @@ def session_name(permission, buckets, limit):
     """
     text = "s3.{}.{}".format(permission, ",".join(_as_list(buckets)))
     return re.sub(r"[^\w+=,.@-]", "-", text)[:limit]
+
+
+_SESSION_NAME_RE = re.compile(r"[\w+=,.@-]+\Z", re.ASCII)
+
+
+def check_session_name(name, origin, limit=64):
+    """A RoleSessionName, SourceIdentity or federated Name as STS accepts it: 2 to
+    ``limit`` characters from [\\w+=,.@-]."""
+    if not 2 <= len(name) <= limit or not _SESSION_NAME_RE.match(name):
+        raise ValueError("{} must be 2 to {} characters from letters, digits and "
+                         "_+=,.@- (STS's rule), not {!r}".format(origin, limit, name))
+    return name
+
+
+def sts_session_name(user, host, limit, chosen=None, suffix=None):
+    """The session name CloudTrail shows for the served credentials: ``chosen``
+    (--session-name) or USER@HOST, then '.SUFFIX' if given (one per grant, say),
+    made valid for STS and cut to ``limit`` (64 for AssumeRole, 32 for
+    GetFederationToken) keeping the suffix whole where it fits."""
+    base = chosen or "{}@{}".format(user or "user", (host or "host").split(".")[0])
+    tail = "." + suffix if suffix else ""
+    tail = re.sub(r"[^\w+=,.@-]", "-", tail, flags=re.ASCII)[:limit - 2]
+    base = re.sub(r"[^\w+=,.@-]", "-", base, flags=re.ASCII)[:limit - len(tail)]
+    name = base + tail
+    return name if len(name) >= 2 else (name + "--")[:2]
 
 
 # botocore's validate_region_name: a region goes into host names and signatures.  One
@@ -483,6 +509,28 @@ def trust_admits(trust, role_arn, caller_arn=None):
                     prefix, path.split("/")[-1]) in admitted):
                 return True
     return False
+
+
+def trust_with_source_identity(trust):
+    """``trust`` with sts:SetSourceIdentity added to each Allow statement that grants
+    sts:AssumeRole, or None if every such statement grants it already (or the
+    policy cannot be read): AssumeRole with SourceIdentity needs both actions."""
+    if not isinstance(trust, dict):
+        return None
+    trust = json.loads(json.dumps(trust))
+    statements = trust.get("Statement", [])
+    changed = False
+    for statement in ([statements] if isinstance(statements, dict) else statements):
+        if not isinstance(statement, dict) or statement.get("Effect") != "Allow":
+            continue
+        actions = _listed(statement.get("Action"))
+        lowered = [action.lower() for action in actions if isinstance(action, str)]
+        if not any(fnmatch.fnmatchcase("sts:assumerole", action) for action in lowered):
+            continue
+        if not any(fnmatch.fnmatchcase("sts:setsourceidentity", action) for action in lowered):
+            statement["Action"] = actions + ["sts:SetSourceIdentity"]
+            changed = True
+    return trust if changed else None
 
 
 def revoke_policy(session, before):
@@ -1905,10 +1953,11 @@ class AWSClient(object):
         """Create the role s3-credentials uses, trusted by the account; return get_role()'s
         answer.  A role that already exists is no failure: a CreateRole resent after IAM
         acted on it, or another start-up that was quicker, made it."""
+        # SetSourceIdentity: so --source-identity works with this role from the start.
         trust = {"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow",
             "Principal": {"AWS": "arn:{}:iam::{}:root".format(self.partition, account_id)},
-            "Action": "sts:AssumeRole"}]}
+            "Action": ["sts:AssumeRole", "sts:SetSourceIdentity"]}]}
         try:
             root = self.query("iam", "CreateRole", [
                 ("RoleName", role_name),
@@ -1922,6 +1971,10 @@ class AWSClient(object):
                 raise
             return self.get_role(role_name)
         return {"Arn": xml_find(root, "CreateRoleResult", "Role", "Arn"), "Trust": trust}
+
+    def update_assume_role_policy(self, role_name, trust):
+        self.query("iam", "UpdateAssumeRolePolicy", [
+            ("RoleName", role_name), ("PolicyDocument", json.dumps(trust))], IAM_VERSION)
 
     def attached_policy_arns(self, role_name):
         """The ARNs of the managed policies attached to a role (every page)."""
@@ -2021,10 +2074,15 @@ def _check_status(status, headers, data):
 def explain(error, source=None):
     """AWS's error, plus what to do about it when we know; ``source`` says where the
     script's own credentials came from ('profile work', 'command line'...)."""
+    renew = "renew them (for example 'aws sso login')"
+    if source == "command line":
+        # Keys typed on the command line renew nothing by themselves.
+        source, renew = ("the command line: --access-key, --secret-key and --session-token",
+                         "give fresh ones")
     hints = {
-        "ExpiredToken": "the script's own credentials{} have expired; renew them (for "
-                        "example 'aws sso login') and start the server again".format(
-                            " (from {})".format(source) if source else ""),
+        "ExpiredToken": "the script's own credentials{} have expired; {} and start the "
+                        "server again".format(" (from {})".format(source) if source else "",
+                                              renew),
         "InvalidClientTokenId": "the base access key is not valid for this account or "
                                 "region",
         "InvalidIdentityToken": "STS refused the web identity token: check the token file "
@@ -3059,9 +3117,12 @@ class CredentialMaker(object):
     propagation_wait = 60.0  # how long a newly created role may stay unassumable
 
     def __init__(self, client, mode, policy, duration, permission, buckets,
-                 role_arn=None, log=None, session=None):
+                 role_arn=None, log=None, session=None, source_identity=None):
         self.client = client
-        self.session = session  # a grant's session name; None: s3-credentials' form
+        # What CloudTrail shows for the served credentials (sts_session_name()).
+        self.session = session or session_name(permission, buckets,
+                                               32 if mode == "federation" else 64)
+        self.source_identity = source_identity
         self.mode = mode
         self.policy = policy
         # A role's credentials may assume another role for 1 hour at most (role chaining).
@@ -3093,8 +3154,23 @@ class CredentialMaker(object):
             self.role_created_at = self.client.clock.elapsed()
             self._attach_policy()
         else:
+            if self.source_identity:
+                # AssumeRole with SourceIdentity needs it: on the critical path, but
+                # costs a call only for a role made before it was in the trust policy.
+                role = self._allow_source_identity(role)
             self.existing_role = role  # for check_role(), and to explain a refusal
         self.role_arn = role["Arn"]
+
+    def _allow_source_identity(self, role):
+        """The default role made before it allowed sts:SetSourceIdentity: add it, as
+        the role is the script's own (only when --source-identity asks for it)."""
+        trust = trust_with_source_identity(role["Trust"])
+        if trust is None:
+            return role
+        self.log("Adding sts:SetSourceIdentity to the trust policy of IAM role {} "
+                 "(--source-identity needs it)...".format(DEFAULT_ROLE_NAME))
+        self.client.update_assume_role_policy(DEFAULT_ROLE_NAME, trust)
+        return dict(role, Trust=trust)
 
     def check_role(self):
         """The default role's checks that need not delay serving (run once the first
@@ -3166,15 +3242,13 @@ class CredentialMaker(object):
 
     def __call__(self):
         if self.mode == "federation":
-            return self.client.get_federation_token(
-                self.session or session_name(self.permission, self.buckets, 32), self.policy,
-                self.duration)
+            return self.client.get_federation_token(self.session[:32], self.policy,
+                                                    self.duration)
+        extra = [("SourceIdentity", self.source_identity)] if self.source_identity else []
         while True:
             try:
-                return self.client.assume_role(
-                    self.role_arn, self.session or session_name(self.permission, self.buckets,
-                                                                64),
-                    self.policy, self.duration)
+                return self.client.assume_role(self.role_arn, self.session, self.policy,
+                                               self.duration, extra)
             except AWSError as error:
                 if (error.code == "ValidationError" and "role chaining" in error.message
                         and self.duration > ROLE_CHAINING_LIMIT):
@@ -4251,6 +4325,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     reason = None  # why the current request was refused, for the log line
     grant = None  # the grant the current request proved, for the log line
     lookup = None  # ClientLookup naming this connection's client, once it is started
+    key_id = None  # the AccessKeyId of the credentials the current request was given
     # True on the accepting thread's handler: it answers the one request already in,
     # then closes whatever the headers ask, and never waits for a refresh, so that
     # thread never waits on a client or on STS.
@@ -4318,7 +4393,6 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         except RequestHeadTooLarge as error:
             self.refuse_head(str(error))
             return
-        self.start_lookup()  # the answer is out (flushed): now look for who took it
         # A keep-alive client must send its next request within the idle timeout.
         self.server.touch(self.connection, self.server.idle_timeout)
 
@@ -4420,6 +4494,7 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
         except Unavailable as error:
             self.send_unavailable(error)
             return
+        self.key_id = credentials.access_key_id  # for the log line: not a secret
         self.send_body(200, shape(credentials, body, session))
 
     def answer_metadata(self, path, table):
@@ -4468,24 +4543,14 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
 
     def look_up_client(self):
         # Credentials are asked for: the log line of their answer names who took them.
-        # Once per connection, on the lookup's thread, and only once the answer is
-        # out (start_lookup): never on the request's path.
+        # Once per connection, before its first answer (a one-shot client is gone soon
+        # after it), within the attribution's small budget (see ClientAttribution).
         if self.server.attribution is not None and self.lookup is None:
             try:
                 self.lookup = ClientLookup(self.client_address, self.connection.getsockname())
             except OSError:
-                pass
-
-    def start_lookup(self):
-        if self.lookup is not None and not self.lookup.started:
-            self.lookup.started = True
-            self.server.attribution.start(self.lookup)
-
-    def finish(self):
-        try:
-            http.server.BaseHTTPRequestHandler.finish(self)
-        finally:
-            self.start_lookup()  # an answer cut short still gets its line
+                return
+            self.server.attribution.begin(self.lookup)
 
     def send_unavailable(self, error):
         # The container-credentials error shape; Retry-After: when the next refresh is tried.
@@ -4530,9 +4595,9 @@ class CredentialHandler(http.server.BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         self.server.log_access(self.client_address[0], getattr(self, "command", None) or "-",
                                (getattr(self, "path", None) or "-").partition("?")[0], code,
-                               self.reason, self.lookup if code == 200 else None, self.grant)
-        self.reason = None
-        self.grant = None
+                               self.reason, self.lookup if code == 200 else None,
+                               self.key_id if code == 200 else None, self.grant)
+        self.reason = self.key_id = self.grant = None
 
     def log_message(self, format, *args):
         # http.server reports protocol errors here; the request is logged by log_request.
@@ -4611,11 +4676,14 @@ class CredentialServer(http.server.HTTPServer):
         self.attribution = None  # a ClientAttribution naming who took credentials
         self.heartbeat = None  # called from the serving loop: the watchdog's proof of life
         self.journal = False  # stderr is the journal: '<N>' prefixes, no timestamps
+        self.log_format = "text"  # or "json": one object per line (--log-format)
+        self.journal_socket = None  # a JournalSocket: json entries as journal fields
         self.passed = bool(sockets)
         self.extra_sockets = list(sockets[1:]) if sockets else []
         self._closing = threading.Event()  # tells the extra sockets' threads to end
         self.monotonic = time.monotonic  # for the refusal lines; injectable
         self._refusal_lines = {}  # client address -> (time of its last line, lines held back)
+        self._refusal_lock = threading.Lock()  # the accepting threads share _refusal_lines
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         http.server.HTTPServer.__init__(self, address, CredentialHandler, bind_and_activate=False)
@@ -4717,16 +4785,21 @@ class CredentialServer(http.server.HTTPServer):
     def log_refusal(self, client, reason=None, status=403):
         """One line per client per refusal_log_interval at most, with the number of
         refusals not logged since: an excluded client cannot flood the log."""
+        self._log_seldom(client, client, status, reason or
+                         "client {} is not in --allow-client".format(client))
+
+    def _log_seldom(self, key, client, status, reason):
+        """log_access, once per refusal_log_interval per ``key`` at most."""
         now = self.monotonic()
-        last, held_back = self._refusal_lines.get(client, (None, 0))
-        if last is not None and now - last < self.refusal_log_interval:
-            self._refusal_lines[client] = (last, held_back + 1)
-            return
-        if len(self._refusal_lines) >= 1024:  # bounded: forget old clients at once
-            self._refusal_lines.clear()
-        self._refusal_lines[client] = (now, 0)
-        self.log_access(client, "-", "-", status, "{}{}".format(
-            reason or "client {} is not in --allow-client".format(client),
+        with self._refusal_lock:
+            last, held_back = self._refusal_lines.get(key, (None, 0))
+            if last is not None and now - last < self.refusal_log_interval:
+                self._refusal_lines[key] = (last, held_back + 1)
+                return
+            if len(self._refusal_lines) >= 1024:  # bounded: forget old clients at once
+                self._refusal_lines.clear()
+            self._refusal_lines[key] = (now, 0)
+        self.log_access(client, "-", "-", status, reason + (
             " ({} more refused)".format(held_back) if held_back else ""))
 
     def _limited_client(self, request, client, local):
@@ -4760,7 +4833,9 @@ class CredentialServer(http.server.HTTPServer):
                              "(at most {})".format(self.max_per_client), 503)
             self._refuse(request)
         elif busy:
-            self.log_access(client_address[0], "-", "-", 503, "too many connections")
+            # One line a second for every client together: a flood's lines would be
+            # a flood of their own.
+            self._log_seldom(None, client_address[0], 503, "too many connections")
             self._refuse(request)
         elif self._answer_now(request) and self.rules.grants.answers_at_once():
             # A whole one-shot request is already here: answering it on this thread
@@ -4927,6 +5002,17 @@ class CredentialServer(http.server.HTTPServer):
             except OSError:
                 pass
 
+    def busy(self):
+        """True if another client waits: a connection open besides the current one, or
+        one queued on a listening socket (looked at without waiting)."""
+        if self.open_connections > 1:
+            return True
+        try:
+            ready, _, _ = select.select([self.socket] + self.extra_sockets, [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(ready)
+
     @property
     def cache(self):
         """The default grant's session (the command line's one grant)."""
@@ -4941,6 +5027,13 @@ class CredentialServer(http.server.HTTPServer):
     # -- logging ---------------------------------------------------------------
 
     def log(self, message, priority=None):
+        if self.log_format == "json":
+            self.write_access(message, journal_priority(message) if priority is None
+                              else priority, {"message": message}, stamped=False)
+            return
+        self._write(message, priority)
+
+    def _write(self, message, priority):
         if self.journal:
             message = journal_line(message, priority)
         try:
@@ -4953,23 +5046,47 @@ class CredentialServer(http.server.HTTPServer):
         # journald stamps each line itself.
         return "" if self.journal else format_timestamp(time.time()) + " "
 
-    def log_access(self, client, method, path, status, reason=None, lookup=None, grant=None):
+    def log_access(self, client, method, path, status, reason=None, lookup=None,
+                   key_id=None, grant=None):
         """One access-log line; with a ClientLookup, written once it names the client;
         with a grants file, it names the request's grant."""
         # Rejections are always logged; -q silences only the ordinary lines.
         if reason or not self.quiet:
             redact = SECRETS.redact  # before cutting: no part of the secret path either
-            line = "{}{} {} {} {}".format(self.stamp(), client, method[:16], redact(path)[:200],
-                                          status)
+            path = redact(path)[:200]
+            record = {"client": client, "method": method[:16], "path": path, "status": status}
+            line = "{} {} {} {}".format(client, method[:16], path, status)
             if grant is not None and self.rules.grants.named:
+                record["grant"] = grant.name
                 line += " grant " + grant.name
             if reason:
-                line += " " + redact(reason)[:300]
+                record["reason"] = redact(reason)[:300]
+                line += " " + record["reason"]
+            if key_id:
+                # Not secret: CloudTrail's userIdentity.accessKeyId ties each AWS call
+                # made with these credentials to this line.
+                record["key_id"] = key_id
+                line += " key " + key_id
             priority = LOG_WARNING if reason else LOG_INFO
+            record["time"] = format_timestamp(time.time())
+            line = printable(line)
             if lookup is not None and self.attribution is not None:
-                self.attribution.log_after(lookup, printable(line), priority)
+                self.attribution.log_after(lookup, line, priority, record)
             else:
-                self.log(printable(line), priority)
+                self.write_access(line, priority, record)
+
+    def write_access(self, line, priority, record, stamped=True):
+        """One log entry: a text line, a JSON object, or journal fields (--log-format)."""
+        if self.log_format != "json":
+            self._write((self.stamp() if stamped else "") + line, priority)
+            return
+        record = dict(record)
+        record.setdefault("time", format_timestamp(time.time()))
+        if stamped:
+            record.setdefault("message", line)
+        if self.journal_socket is not None and self.journal_socket.send(record, priority):
+            return
+        self._write(json.dumps(record), priority)
 
     def handle_error(self, request, client_address):
         # A client that hangs up mid-request is normal; anything else gets one
@@ -5069,32 +5186,69 @@ def socket_activation(service, pid):
     return [passed_socket(fd, name) for fd, name in zip(fds, names)], names, warning
 
 
+_VSOCK_RE = re.compile(r"vsock(?:-(stream|seqpacket|dgram))?:([0-9]{1,10}):([0-9]{1,10})\Z")
+
+
+def notify_address(text):
+    """NOTIFY_SOCKET's address as (family name, socket types to try, address), or
+    None if it is empty: '/path' or '@abstract' (AF_UNIX datagrams), or
+    'vsock[-TYPE]:CID:PORT' (AF_VSOCK, for a service in a VM: SOCK_SEQPACKET, else
+    SOCK_STREAM, as sd_notify tries them, unless TYPE says which)."""
+    if not text:
+        return None
+    match = _VSOCK_RE.match(text)
+    if match:
+        kinds = {"stream": ("SOCK_STREAM",), "seqpacket": ("SOCK_SEQPACKET",),
+                 "dgram": ("SOCK_DGRAM",)}.get(match.group(1),
+                                               ("SOCK_SEQPACKET", "SOCK_STREAM"))
+        return "AF_VSOCK", kinds, (int(match.group(2)), int(match.group(3)))
+    return "AF_UNIX", ("SOCK_DGRAM",), "\0" + text[1:] if text.startswith("@") else text
+
+
+def status_text(text):
+    """``text`` fit for one STATUS= line: each run of control characters (a newline
+    in an AWS error would start another assignment) becomes one space."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", text)
+
+
 class ServiceNotifier(object):
     """sd_notify(3): tells systemd we are ready, what we serve, that we live, that we stop.
 
     Each message is one datagram to the AF_UNIX socket NOTIFY_SOCKET names ('@'
-    at the start: the abstract namespace).  Without NOTIFY_SOCKET (or AF_UNIX, as
-    on Windows) every method does nothing.  The socket is non-blocking: a full
+    at the start: the abstract namespace), or one connection's message to the
+    AF_VSOCK address of 'vsock:CID:PORT'.  Without NOTIFY_SOCKET (or the family,
+    as on Windows) every method does nothing.  The socket is non-blocking: a full
     queue at systemd's end drops a message rather than stall the serving thread.
     """
+
+    vsock_timeout = 1.0  # seconds for one message's connection
 
     def __init__(self, service, pid, log, clock=time.monotonic):
         self.log = log
         self.clock = clock
         self.shown = service.get("NOTIFY_SOCKET")  # as given, '@' and all, for messages
-        self.address = self.shown or None
-        if self.address and self.address.startswith("@"):
-            self.address = "\0" + self.address[1:]
-        if self.address and getattr(socket, "AF_UNIX", None) is None:
-            self.address = None
+        parsed = notify_address(self.shown)
+        self.family = self.kinds = self.address = None
+        if parsed is not None:
+            family = getattr(socket, parsed[0], None)
+            if family is None and parsed[0] == "AF_VSOCK":
+                log("Warning: NOTIFY_SOCKET={} is a vsock address, and this Python has no "
+                    "AF_VSOCK (Linux, Python 3.7 or later); the service manager will not "
+                    "hear that the server is ready".format(printable(self.shown)))
+            if family is not None:
+                self.family, self.address = family, parsed[2]
+                self.kinds = [getattr(socket, kind) for kind in parsed[1]
+                              if hasattr(socket, kind)]
         # The watchdog is ours when WATCHDOG_PID is unset or names us (systemd.service(5)).
         usec, owner = _decimal(service.get("WATCHDOG_USEC")), service.get("WATCHDOG_PID")
         ours = owner is None or _decimal(owner) == pid
-        self.watchdog_interval = usec / 2e6 if usec and ours and self.address else None
+        self.watchdog_interval = (usec / 2e6 if usec and ours and self.address is not None
+                                  else None)
         self._last_beat = None
         self._warned = False
         self._sock = None
-        if self.address:
+        self._vsock_lock = threading.Lock()
+        if self.address is not None and self.family == getattr(socket, "AF_UNIX", None):
             # Made once, here: the serving, refreshing and main threads all send.
             try:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -5110,21 +5264,41 @@ class ServiceNotifier(object):
 
     def send(self, *lines):
         """Send one message; False if it could not be delivered (warned about once)."""
+        message = "\n".join(lines).encode("utf-8", "replace")
+        if self.family is not None and self.family == getattr(socket, "AF_VSOCK", None):
+            return self._send_vsock(message)
         sock = self._sock  # close() may run on another thread
         if sock is None:
             return False
         try:
-            sock.sendto("\n".join(lines).encode("utf-8", "replace"), self.address)
+            sock.sendto(message, self.address)
             return True
         except OSError as error:
             self._warn(error)
             return False
 
+    def _send_vsock(self, message):
+        """One connection per message, as sd_notify does over vsock (the end of a
+        stream ends the message).  One sender at a time: messages keep their order."""
+        with self._vsock_lock:
+            error = OSError("no socket type to try")
+            for kind in self.kinds:
+                try:
+                    with socket.socket(self.family, kind) as sock:
+                        sock.settimeout(self.vsock_timeout)
+                        sock.connect(self.address)
+                        sock.sendall(message)
+                    return True
+                except OSError as failure:
+                    error = failure
+            self._warn(error)
+            return False
+
     def ready(self, status):
-        self.send("READY=1", "STATUS=" + status)
+        self.send("READY=1", "STATUS=" + status_text(status))
 
     def status(self, status):
-        self.send("STATUS=" + status)
+        self.send("STATUS=" + status_text(status))
 
     def stopping(self):
         self.send("STOPPING=1", "STATUS=Stopping")
@@ -5195,13 +5369,84 @@ _PRIORITY_PREFIXES = (("Error", LOG_ERR), ("Warning", LOG_WARNING),
                       ("Refreshing credentials failed", LOG_WARNING))
 
 
+def journal_priority(message):
+    """The priority of a line: those that start 'Error'/'Warning' say theirs; the
+    rest are info."""
+    return next((level for prefix, level in _PRIORITY_PREFIXES
+                 if message.startswith(prefix)), LOG_INFO)
+
+
 def journal_line(message, priority=None):
-    """``message`` as journald wants it: each line starting '<N>'.  Without a
-    priority, lines that start 'Error'/'Warning' say theirs; the rest are info."""
+    """``message`` as journald wants it: each line starting '<N>' (journal_priority()
+    without a priority)."""
     if priority is None:
-        priority = next((level for prefix, level in _PRIORITY_PREFIXES
-                         if message.startswith(prefix)), LOG_INFO)
+        priority = journal_priority(message)
     return "\n".join("<{}>{}".format(priority, line) for line in message.split("\n"))
+
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# --log-format json's keys as journal fields (journald wants A-Z, 0-9 and _).
+JOURNAL_FIELDS = {"message": "MESSAGE", "client": "CLIENT_ADDRESS", "method": "HTTP_METHOD",
+                  "path": "HTTP_PATH", "status": "HTTP_STATUS", "reason": "REASON",
+                  "key_id": "ACCESS_KEY_ID", "pid": "CLIENT_PID", "program": "CLIENT_PROGRAM",
+                  "pids": "CLIENT_PIDS", "programs": "CLIENT_PROGRAMS",
+                  "container": "CLIENT_CONTAINER", "container_name": "CLIENT_CONTAINER_NAME",
+                  "uid": "CLIENT_UID", "lookup": "CLIENT_LOOKUP",
+                  "client_lookup": "CLIENT_LOOKUP_TEXT", "grant": "GRANT"}
+
+
+def journal_message(record, priority, identifier="s3_localserver"):
+    """``record`` as one datagram of journald's native protocol: a KEY=value line per
+    field; a value holding a newline as KEY, newline, its length (64-bit little
+    endian), the value, newline.  Lists are written space-separated."""
+    fields = [("PRIORITY", str(LOG_INFO if priority is None else priority)),
+              ("SYSLOG_IDENTIFIER", identifier)]
+    for key, value in record.items():
+        name = JOURNAL_FIELDS.get(key)
+        if name is None or value is None:
+            continue  # the journal stamps each entry itself: no "time"
+        if isinstance(value, (list, tuple)):
+            value = " ".join(str(item) for item in value)
+        fields.append((name, SECRETS.redact(str(value))))
+    message = b""
+    for name, value in fields:
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            message += name.encode("ascii") + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            message += name.encode("ascii") + b"=" + data + b"\n"
+    return message
+
+
+class JournalSocket(object):
+    """journald's native socket, for --log-format json under the journal: each entry's
+    fields become journal fields (journalctl -o json, or -u ... CLIENT_PID=4242)."""
+
+    def __init__(self, path=JOURNAL_SOCKET):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)  # never stall a request on a busy journal
+
+    @classmethod
+    def open(cls, path=JOURNAL_SOCKET):
+        """A JournalSocket if ``path`` is there to be written to, else None."""
+        if getattr(socket, "AF_UNIX", None) is None or not os.path.exists(path):
+            return None
+        try:
+            return cls(path)
+        except OSError:
+            return None
+
+    def send(self, record, priority):
+        """True if sent; False (the caller writes the line to stderr) if not."""
+        try:
+            self.sock.sendto(journal_message(record, priority), self.path)
+            return True
+        except OSError:
+            return False
+
+    def close(self):
+        self.sock.close()
 
 
 ######################################################################
@@ -5227,15 +5472,21 @@ def _plain(address):
     return mapped or address
 
 
+def _address(host):
+    return _plain(ipaddress.ip_address(host.partition("%")[0]))
+
+
 def socket_owner(tables, client, server):
     """(uid, inode) of the client's end of a TCP connection, from the text of
     /proc/net/tcp and /proc/net/tcp6; None if no table has it (a remote client).
 
     ``client`` and ``server`` are (host, port) as our side sees them: the client's
-    socket has them the other way round.
+    socket has them the other way round.  With ``server`` None, the client's socket
+    is the one whose own address is ``client``, whatever it says it is connected to
+    (a kernel redirect shows it the address it asked for, not ours).
     """
-    want = ((_plain(ipaddress.ip_address(client[0].partition("%")[0])), client[1]),
-            (_plain(ipaddress.ip_address(server[0].partition("%")[0])), server[1]))
+    want_local = (_address(client[0]), client[1])
+    want_remote = None if server is None else (_address(server[0]), server[1])
     for text in tables:
         for row in text.splitlines()[1:]:
             fields = row.split()
@@ -5246,7 +5497,9 @@ def socket_owner(tables, client, server):
                 uid, inode = int(fields[7]), int(fields[9])
             except ValueError:
                 continue
-            if ((_plain(local[0]), local[1]), (_plain(remote[0]), remote[1])) == want:
+            if (_plain(local[0]), local[1]) != want_local or fields[3] == "0A":  # 0A: LISTEN
+                continue
+            if want_remote is None or (_plain(remote[0]), remote[1]) == want_remote:
                 return uid, inode
     return None
 
@@ -5254,8 +5507,166 @@ def socket_owner(tables, client, server):
 # The kernel's sock_diag interface (linux/sock_diag.h, linux/inet_diag.h), as `ss` uses it.
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLMSG_ERROR = 2
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
+TCP_LISTEN = 10
+
+
+def diag_request(client, server, sequence):
+    """The sock_diag message asking for the one socket whose own end is ``client``
+    and whose peer is ``server``; with ``server`` None, a dump of the sockets whose
+    own port is ``client``'s (a kernel filter: a port compared both ways)."""
+    local = _address(client[0])
+    family = socket.AF_INET if local.version == 4 else socket.AF_INET6
+    remote = _address(server[0]) if server is not None else ipaddress.ip_address(
+        "0.0.0.0" if family == socket.AF_INET else "::")
+    # inet_diag_req_v2: family, protocol, extensions, pad, states; then inet_diag_sockid:
+    # ports and addresses in network order, interface, cookie (none).
+    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0,
+                          0xFFFFFFFF & ~(1 << TCP_LISTEN))
+    request += struct.pack("!HH16s16s", client[1], server[1] if server else 0,
+                           local.packed, remote.packed)
+    request += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    flags = NLM_F_REQUEST
+    if server is None:
+        # Two conditions (source port >= P, <= P), each an op {code, yes, no} and a
+        # value op; 'no' jumps past the end, which rejects the socket.
+        program = struct.pack("=BBH", INET_DIAG_BC_S_GE, 8, 20) + struct.pack(
+            "=BBH", 0, 0, client[1])
+        program += struct.pack("=BBH", INET_DIAG_BC_S_LE, 8, 12) + struct.pack(
+            "=BBH", 0, 0, client[1])
+        request += struct.pack("=HH", 4 + len(program), INET_DIAG_REQ_BYTECODE) + program
+        flags |= NLM_F_DUMP
+    return struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, flags,
+                       sequence, 0) + request
+
+
+def parse_diag(data, sequence):
+    """The sockets of sock_diag's answer ``data`` to message ``sequence``, each as
+    (uid, inode, (own address, port), (peer address, port)); and True once the
+    answer is complete.  Messages of other sequences (a late answer to an earlier
+    question on a kept-open socket) are skipped.  OSError for the kernel's errors,
+    except ENOENT (no such socket: it is not on this machine, or closed)."""
+    found, done, at = [], False, 0
+    while at + 16 <= len(data):
+        length, kind, _, number = struct.unpack_from("=IHHI", data, at)
+        if length < 16 or at + length > len(data):
+            raise OSError("malformed sock_diag answer")
+        if number == sequence:
+            if kind == NLMSG_ERROR:
+                error = -struct.unpack_from("=i", data, at + 16)[0]
+                if error != errno.ENOENT:
+                    raise OSError(error, os.strerror(error))
+                done = True
+            elif kind == NLMSG_DONE:
+                done = True
+            elif kind == SOCK_DIAG_BY_FAMILY and length >= 16 + 72:
+                family = data[at + 16]
+                size = 4 if family == socket.AF_INET else 16
+                own_port, peer_port = struct.unpack_from("!HH", data, at + 20)
+                own = ipaddress.ip_address(data[at + 24:at + 24 + size])
+                peer = ipaddress.ip_address(data[at + 40:at + 40 + size])
+                uid, inode = struct.unpack_from("=II", data, at + 16 + 64)
+                found.append((uid, inode, (_plain(own), own_port), (_plain(peer), peer_port)))
+        at += (length + 3) & ~3
+    return found, done
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd, kind):
+    native = getattr(os, "setns", None)  # Python 3.12+
+    if native is not None:
+        native(fd, kind)
+        return
+    import ctypes  # only for a root server with clients in containers
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, kind) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def socket_in_namespace(path, *args):
+    """socket.socket(*args) made in the network namespace ``path`` names
+    (/proc/PID/ns/net): a socket keeps the namespace it was made in.  Made on a
+    thread of its own, which alone enters that namespace, and ends there."""
+    made = []
+
+    def make():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                _setns(fd, CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            made.append(socket.socket(*args))
+        except (OSError, AttributeError) as error:
+            made.append(error if isinstance(error, OSError) else OSError(str(error)))
+    thread = threading.Thread(target=make, name="netns", daemon=True)
+    thread.start()
+    thread.join()
+    if not made or isinstance(made[0], OSError):
+        raise made[0] if made else OSError("no socket")
+    return made[0]
+
+
+class SockDiag(object):
+    """Kept-open sock_diag sockets: one question costs a send and a receive, not a
+    socket's making.  Each lookup takes a socket of its own from the pool.
+    ``namespace``: the /proc/PID/ns/net path of another network namespace to ask
+    (a container's), else our own."""
+
+    def __init__(self, timeout=1.0, namespace=None):
+        self.timeout = timeout
+        self.namespace = namespace
+        self._idle = []
+        self._lock = threading.Lock()
+        self._sequence = 0
+
+    def ask(self, client, server):
+        """The sockets matching (see diag_request).  OSError without sock_diag."""
+        netlink = getattr(socket, "AF_NETLINK", None)
+        if netlink is None:
+            raise OSError("no AF_NETLINK")
+        with self._lock:
+            sock = self._idle.pop() if self._idle else None
+            self._sequence = self._sequence % 0x7FFFFFFF + 1
+            sequence = self._sequence
+        if sock is None:
+            if self.namespace is None:
+                sock = socket.socket(netlink, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+            else:
+                sock = socket_in_namespace(self.namespace, netlink, socket.SOCK_DGRAM,
+                                           NETLINK_SOCK_DIAG)
+            sock.settimeout(self.timeout)
+        try:
+            sock.sendto(diag_request(client, server, sequence), (0, 0))
+            found = []
+            while True:
+                sockets, done = parse_diag(sock.recv(262144), sequence)
+                found += sockets
+                if done or (server is not None and found):
+                    break
+        except BaseException:
+            sock.close()  # an answer may still be on its way: never reuse this one
+            raise
+        with self._lock:
+            if len(self._idle) < 8:
+                self._idle.append(sock)
+                sock = None
+        if sock is not None:
+            sock.close()
+        return found
+
+    def close(self):
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
 
 
 def diag_socket_owner(client, server, timeout=1.0):
@@ -5266,120 +5677,158 @@ def diag_socket_owner(client, server, timeout=1.0):
     socket, tens of milliseconds on a busy machine, long enough for a client
     to have exited.  Raises OSError where sock_diag is not available.
     """
-    netlink = getattr(socket, "AF_NETLINK", None)
-    if netlink is None:
-        raise OSError("no AF_NETLINK")
-    local = _plain(ipaddress.ip_address(client[0].partition("%")[0]))
-    remote = _plain(ipaddress.ip_address(server[0].partition("%")[0]))
-    family = socket.AF_INET if local.version == 4 else socket.AF_INET6
-    # inet_diag_req_v2: family, protocol, extensions, pad, states; then inet_diag_sockid:
-    # ports and addresses in network order, interface, cookie (none).
-    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-    request += struct.pack("!HH16s16s", client[1], server[1], local.packed, remote.packed)
-    request += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
-    header = struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, 1, 1, 0)
-    with socket.socket(netlink, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
-        sock.settimeout(timeout)
-        sock.sendto(header + request, (0, 0))
-        answer = sock.recv(65536)
-    if len(answer) < 16:
-        raise OSError("short sock_diag answer")
-    kind = struct.unpack_from("=H", answer, 4)[0]
-    if kind == NLMSG_ERROR:
-        error = -struct.unpack_from("=i", answer, 16)[0]
-        if error == 2:  # ENOENT: not a socket of this machine
-            return None
-        raise OSError(error, os.strerror(error))
-    if kind != SOCK_DIAG_BY_FAMILY or len(answer) < 16 + 72:
-        raise OSError("unexpected sock_diag answer")
-    # inet_diag_msg: 4 bytes, the 48-byte sockid, expires, rqueue, wqueue, uid, inode.
-    return struct.unpack_from("=II", answer, 16 + 64)
-
-
-def socket_process(inode, uid, deadline, clock=time.monotonic, proc="/proc", first=()):
-    """(pid, program) of a process of ``uid`` holding socket ``inode``, or None.
-
-    Gives up at ``deadline`` (of ``clock``).  The pids in ``first`` are looked
-    at first (the clients found lately, which often come back), then the newest
-    processes: a client is most often one just started.
-    """
-    target = "socket:[{}]".format(inode)
-
-    def program_holding(pid):
-        base = os.path.join(proc, str(pid))
-        try:
-            if os.stat(base).st_uid != uid:
-                return None
-            fds = os.listdir(os.path.join(base, "fd"))
-        except OSError:  # gone, or not ours to look at
-            return None
-        for fd in fds:
-            try:
-                if os.readlink(os.path.join(base, "fd", fd)) == target:
-                    with open(os.path.join(base, "comm"), "rb") as handle:
-                        return handle.read(64).decode("utf-8", "replace").strip()
-            except OSError:
-                continue
-        return None
-
-    for pid in first:
-        program = program_holding(pid)
-        if program is not None:
-            return pid, program
+    diag = SockDiag(timeout)
     try:
-        pids = sorted((int(name) for name in os.listdir(proc) if name.isdigit()), reverse=True)
-    except OSError:
-        return None
-    for pid in pids:
-        if clock() > deadline:
-            return None
-        if pid not in first:
-            program = program_holding(pid)
-            if program is not None:
-                return pid, program
+        found = diag.ask(client, server)
+    finally:
+        diag.close()
+    return found[0][:2] if found else None
+
+
+_CONTAINER_ID_RE = re.compile(r"(?:docker|libpod|crio|containerd|cri-containerd)[-/]"
+                              r"(?:conmon-)?([0-9a-f]{64})\b")
+
+
+def container_id(cgroup):
+    """The container id in the text of /proc/PID/cgroup (Docker, Podman, CRI-O,
+    containerd name their cgroups after it), else None."""
+    for line in cgroup.splitlines():
+        match = _CONTAINER_ID_RE.search(line.rpartition(":")[2])
+        if match:
+            return match.group(1)
     return None
 
 
+def container_name_in(engine_files, identifier):
+    """The container's name from its engine's own state files, else None.
+
+    ``engine_files``: (kind, text) pairs: ("podman", the text of containers.json:
+    a list of {"id", "names"}), ("docker", the text of the container's
+    config.v2.json: {"Name": "/name"})."""
+    for kind, text in engine_files:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            continue
+        if kind == "podman" and isinstance(data, list):
+            for entry in data:
+                if isinstance(entry, dict) and entry.get("id") == identifier:
+                    names = entry.get("names")
+                    if isinstance(names, list) and names and isinstance(names[0], str):
+                        return names[0]
+        elif kind == "docker" and isinstance(data, dict) and isinstance(data.get("Name"), str):
+            return data["Name"].lstrip("/") or None
+    return None
+
+
+# Where engines keep what names their containers (rootful; rootless under the
+# user's ~/.local/share/containers).
+PODMAN_CONTAINERS = ("/var/lib/containers/storage/overlay-containers/containers.json",
+                     "~/.local/share/containers/storage/overlay-containers/containers.json")
+DOCKER_CONTAINER = "/var/lib/docker/containers/{}/config.v2.json"
+
+
+def container_name(identifier):
+    files = []
+    for path in PODMAN_CONTAINERS + (DOCKER_CONTAINER.format(identifier),):
+        try:
+            with open(_expand(path), encoding="utf-8") as handle:
+                files.append(("docker" if "docker" in path else "podman", handle.read()))
+        except (OSError, ValueError):
+            continue
+    return container_name_in(files, identifier)
+
+
+def describe_holders(holders, container=None):
+    """The log suffix naming the processes holding a client's socket, and the same
+    as fields: ``holders`` is [(pid, program)], ``container`` (id, name or None)."""
+    fields = {"pid": holders[0][0], "program": holders[0][1]}
+    text = "client pid {} ({})".format(*holders[0])
+    if len(holders) > 1:
+        # An inherited socket (fork, then the parent or the child asks): the one that
+        # sent the request cannot be told from the others, so all are named.
+        text = "client pids {} (the socket is shared)".format(
+            ", ".join("{} ({})".format(pid, program) for pid, program in holders))
+        fields["pids"] = [pid for pid, _ in holders]
+        fields["programs"] = [program for _, program in holders]
+    if container is not None:
+        fields["container"] = container[0][:12]
+        if container[1]:
+            fields["container_name"] = container[1]
+        text += " in container {}{}".format(
+            container[0][:12], " ({})".format(container[1]) if container[1] else "")
+    return text, fields
+
+
+# What a search yields once it has found one process holding the socket: the answer
+# need not wait for the rest (its parent and children, which may share it).
+FIRST_FOUND = object()
+
+
 class ClientLookup(object):
-    """One connection's lookup: its answer (a log suffix) and the lines waiting for it."""
+    """One connection's lookup: its answer (a log suffix and fields), the lines
+    waiting for it, and its search while it runs (a generator, resumed by the
+    lookup thread after the first answer's budget)."""
 
     def __init__(self, client, server):
         self.client = client
         self.server = server
         self.found = None
+        self.fields = {}
         self.waiting = []
-        self.started = False  # queued for the lookup thread
+        self.search = None
+        self.deadline = 0.0
+        self.timed_out = "client not found (lookup timed out)"
+        self.first = None  # (pid, program) of the first process found holding it
+        self.in_container = False  # found in another network namespace
+        self.container = None  # (id, name or None) of the first holder's container
+        self.started = False  # begun (before the first answer)
 
 
 class ClientAttribution(object):
     """Names the local process that owns a client's socket, for the access log.
 
-    Linux only: the kernel's sock_diag (else /proc/net/tcp{,6}) gives the
-    owner and inode of the client's socket, /proc/PID/fd the process holding
-    it.  A lookup runs once per connection, on this class's own thread, and
-    starts once the first credential answer has been sent, so no client waits
-    for it.  A client that keeps its connection (an SDK's pool) is found; one
-    that closes its socket the moment it has read the answer (curl) is often
-    gone by then, and the line says so rather than guess.  The log line is
-    written when the lookup ends (well under a millisecond, mostly), which is
-    within ``time_limit`` seconds.  Only processes of the socket's owner are
-    examined, and only if that is the server's user (or the server is root);
-    another user's client is named by uid.  At most ``max_pending`` lookups
-    wait; beyond that the line says so at once.
+    Linux only.  The lookup of a connection begins before its first credential
+    answer, on the request's thread: one sock_diag question on a kept-open
+    socket gives the owner and inode of the client's socket (else
+    /proc/net/tcp{,6}), then /proc/PID/fd of the clients found lately and of the
+    newest processes gives who holds it.  It may take ``budget`` seconds there,
+    a deadline checked inside each process's descriptors too; the answer then
+    goes out, and the lookup thread carries on for up to ``time_limit`` (a
+    one-shot client such as curl is gone by then, which is why the search comes
+    first), unless other clients wait (then it ends there, timed out).  Processes
+    with more than ``many_fds`` descriptors are searched last.
+    Lookups are shed, and their lines say so, while they have taken more than
+    ``share`` of the current ``window`` seconds and other connections are open (see
+    ``busy``): a flood of new connections costs the server that much at most.  As
+    root every process is examined; otherwise only the server's user's own, and
+    another user's client is named by uid.  A client in another network namespace
+    (a container) is found by sock_diag in that namespace (root only) and named
+    with its container.
     """
 
+    budget = 0.002  # seconds the first answer may wait for the first holder found
     time_limit = 1.0
+    share = 0.02
+    window = 1.0
+    many_fds = 1024
     max_pending = 64
 
     def __init__(self, log, proc="/proc", clock=time.monotonic):
-        self.log = log
+        self.log = log  # log(line, priority, fields)
+        self.busy = lambda: False  # whether other clients wait (the server's busy())
         self.proc = proc
         self.clock = clock
         self.user = os.geteuid() if hasattr(os, "geteuid") else None
+        self.diag = SockDiag()
         self._lock = threading.Lock()  # guards every ClientLookup's found and waiting
         self._queue = queue.Queue(self.max_pending)
         self._thread = None
-        self._recent = []  # pids found lately, latest first; only the lookup thread uses it
+        self._recent = []  # pids found lately, latest first
+        self._spent = 0.0  # seconds of lookups in the current window
+        self._window_start = None
+        self._namespaces = (None, {})  # (when read, {netns inode: [pids]})
+        self._namespace_diags = {}  # netns inode -> SockDiag asking in it
 
     @classmethod
     def available(cls, proc="/proc"):
@@ -5393,65 +5842,189 @@ class ClientAttribution(object):
                                                 daemon=True)
                 self._thread.start()
 
-    def start(self, lookup):
-        """Have the lookup thread find who holds the client's end; never waits."""
-        self.start_thread()
+    # -- the request's side ------------------------------------------------------
+
+    def _charge(self, seconds):
+        """Count ``seconds`` of lookup work; True while lookups stay within their share."""
+        with self._lock:
+            now = self.clock()
+            if self._window_start is None or now - self._window_start >= self.window:
+                self._window_start, self._spent = now, 0.0
+            self._spent += seconds
+            return self._spent <= self.share * self.window
+
+    def _shedding(self):
+        with self._lock:
+            now = self.clock()
+            if self._window_start is None or now - self._window_start >= self.window:
+                return False
+            over = self._spent > self.share * self.window
+        # Lookups cost throughput only while other clients wait: one client at a time
+        # (curl after curl) is never kept from being named.
+        return over and self.busy()
+
+    def begin(self, lookup):
+        """Search for the client for ``budget`` seconds at most, before its answer."""
+        lookup.started = True
+        if self._shedding():
+            self._finish(lookup, "client not looked up (lookups shed: the server is busy)",
+                         {"lookup": "shed"})
+            return
+        started = self.clock()
+        lookup.search = self._search(lookup)
+        lookup.deadline = started + self.budget
+        self._step(lookup, until_found=True)
+        self._charge(self.clock() - started)
+        if lookup.found is None and self.busy():
+            # Other clients wait: going on would take from them what the share allows.
+            self._close_late(lookup, "the server is busy")
+        elif lookup.found is None:
+            self.start_thread()
+            try:
+                self._queue.put_nowait(lookup)
+            except queue.Full:
+                self._close(lookup, "client not looked up (too many lookups waiting)",
+                            {"lookup": "shed"})
+
+    def _step(self, lookup, until_found=False):
+        """Run the search until it ends or its deadline (or, ``until_found``, until
+        one holder is found); True if it ended."""
         try:
-            self._queue.put_nowait(lookup)
-        except queue.Full:
-            with self._lock:
-                lookup.found, waiting, lookup.waiting = (
-                    "client not looked up (too many lookups waiting)", lookup.waiting, [])
-            self._log_all(waiting, lookup.found)
+            while True:
+                if next(lookup.search) is FIRST_FOUND and until_found:
+                    return False
+                if self.clock() > lookup.deadline:
+                    return False
+        except StopIteration as end:
+            text, fields = end.value
+        except Exception as error:  # never let one odd entry end a thread
+            text, fields = "client not found ({})".format(error.__class__.__name__), {}
+        self._finish(lookup, text, fields)
+        return True
 
-    def _log_all(self, waiting, found):
-        for line, priority in waiting:
-            self.log("{} {}".format(line, found), priority)
+    def _close(self, lookup, text, fields):
+        if lookup.search is not None:
+            lookup.search.close()
+        self._finish(lookup, text, fields)
 
-    def log_after(self, lookup, line, priority=None):
+    def _finish(self, lookup, text, fields):
+        text = printable(text)  # a process names itself: it must not forge a line
+        with self._lock:
+            lookup.found, lookup.fields = text, fields
+            waiting, lookup.waiting = lookup.waiting, []
+            lookup.search = None
+        for line, priority, record in waiting:
+            self._write(line, priority, record, lookup)
+
+    def _write(self, line, priority, record, lookup):
+        record = dict(record, client_lookup=lookup.found, **lookup.fields)
+        self.log("{} {}".format(line, lookup.found), priority, record)
+
+    def log_after(self, lookup, line, priority=None, record=None):
         """Log ``line`` with the client named, now if the lookup has ended, else when it does."""
         with self._lock:
             if lookup.found is None:
-                lookup.waiting.append((line, priority))
+                lookup.waiting.append((line, priority, record or {}))
                 return
-        self.log("{} {}".format(line, lookup.found), priority)
+        self._write(line, priority, record or {}, lookup)
 
     def stop(self):
         """Let the lookups queued end and write their lines, for 2 * time_limit at
         most: a line should not be lost because the server is stopping."""
         with self._lock:
             thread = self._thread
-        if thread is None:
-            return
-        try:
-            self._queue.put(None, timeout=self.time_limit)
-        except queue.Full:
-            return
-        thread.join(2 * self.time_limit)
+        if thread is not None:
+            try:
+                self._queue.put(None, timeout=self.time_limit)
+            except queue.Full:
+                return
+            thread.join(2 * self.time_limit)
+        self.diag.close()
+        for diag in list(self._namespace_diags.values()):
+            diag.close()
 
     def _run(self):
         while True:
             lookup = self._queue.get()
             if lookup is None:
                 return
-            try:
-                found = self.find(lookup.client, lookup.server)
-            except Exception as error:  # never let one odd entry end the thread
-                found = "client not found ({})".format(error.__class__.__name__)
-            found = printable(found)  # a process names itself: it must not forge a line
-            with self._lock:
-                lookup.found, waiting, lookup.waiting = found, lookup.waiting, []
-            self._log_all(waiting, found)
+            started = self.clock()
+            lookup.deadline = started + self.time_limit
+            if not self._step(lookup):
+                self._close_late(lookup, "lookup timed out")
+            self._charge(self.clock() - started)
 
-    def find(self, client, server):
-        """The log suffix naming who holds the client's end of the connection."""
-        peer = _plain(ipaddress.ip_address(client[0].partition("%")[0]))
-        if not (peer.is_loopback or peer == _plain(ipaddress.ip_address(
-                server[0].partition("%")[0]))):
-            return "client remote"  # another machine's: its address is on the line
-        deadline = self.clock() + self.time_limit
+    def _close_late(self, lookup, why):
+        """End a search that ran out of time: named by the first holder if one was
+        found (saying the others were not all looked for), else timed out."""
+        if lookup.first is None:
+            self._close(lookup, lookup.timed_out, {"lookup": "timed out"})
+            return
+        text, fields = describe_holders([lookup.first], lookup.container)
+        self._close(lookup, "{} (not looked at for other holders: {})".format(text, why),
+                    dict(fields, lookup="first only"))
+
+    def find(self, client, server, time_limit=None):
+        """The log suffix naming who holds the client's end of the connection,
+        searched for ``time_limit`` seconds at most (the lookup thread's by default)."""
+        lookup = ClientLookup(client, server)
+        lookup.search = self._search(lookup)
+        lookup.deadline = self.clock() + (self.time_limit if time_limit is None
+                                          else time_limit)
+        if not self._step(lookup):
+            self._close_late(lookup, "lookup timed out")
+        return lookup.found
+
+    # -- the search ----------------------------------------------------------------
+    # Generators: each ``yield`` is a point where the deadline is looked at, and where
+    # the search may stop for the answer to go out, to go on in the lookup thread.
+
+    def _search(self, lookup):
+        client, server = lookup.client, lookup.server
+        peer = _address(client[0])
+        lookup.timed_out = "client not found (lookup timed out)"
+        if not (peer.is_loopback or peer == _address(server[0])):
+            found = yield from self._search_namespaces(lookup)
+            return found
+        asked = server
+        owner = self._owner(client, asked)
+        yield
+        if owner is None:
+            # A kernel redirect (iptables DNAT or REDIRECT to our port): the client's
+            # socket says it is connected to the address it asked for, so it is found
+            # by its own address and port alone.
+            asked = None
+            owner = self._owner(client, asked)
+            yield
+        if owner is None or not owner[1]:
+            # Closed already (a TIME_WAIT socket belongs to no one).
+            return ("client gone (it closed the connection before it was looked up)",
+                    {"lookup": "gone"})
+        uid, inode = owner
+        if self.user not in (0, uid):
+            return ("client uid {} (another user's process: not examined)".format(uid),
+                    {"uid": uid, "lookup": "another user"})
+        lookup.timed_out = "client uid {} (process not found: lookup timed out)".format(uid)
+        denied = []
+        found = yield from self._holders(inode, uid, self._pids(), denied, lookup)
+        if found:
+            return describe_holders(found)
+        if denied:
+            return ("client uid {} (not examined: the process holding it is not dumpable "
+                    "or changed its uid, so only root may look into it)".format(uid),
+                    {"uid": uid, "lookup": "not dumpable"})
+        if self._owner(client, asked) != owner:
+            # Its answer went out while the search went on, and it closed at once.
+            return ("client gone (it closed the connection before it was found)",
+                    {"uid": uid, "lookup": "gone"})
+        return "client uid {} (process not found)".format(uid), {"uid": uid,
+                                                                 "lookup": "not found"}
+
+    def _owner(self, client, server):
+        """(uid, inode) of the client's socket by its addresses (server None: by its
+        own address alone; one match, else None)."""
         try:
-            owner = diag_socket_owner(client, server, max(0.05, self.time_limit))
+            sockets = self.diag.ask(client, server)
         except OSError:  # no sock_diag (an old kernel, a sandbox): the slower tables
             tables = []
             for name in ("tcp", "tcp6"):
@@ -5460,21 +6033,225 @@ class ClientAttribution(object):
                         tables.append(handle.read())
                 except OSError:
                     pass
-            owner = socket_owner(tables, client, server)
-        if owner is None or not owner[1]:
-            # Closed already (a TIME_WAIT socket belongs to no one): curl and other
-            # one-shot clients close as soon as they have read the answer.
-            return "client gone (it closed the connection before it was looked up)"
-        uid, inode = owner
-        if self.user not in (0, uid):
-            return "client uid {} (another user's process: not examined)".format(uid)
-        found = socket_process(inode, uid, deadline, self.clock, self.proc, self._recent)
-        if found is not None:
-            self._recent = [found[0]] + [pid for pid in self._recent if pid != found[0]][:7]
-        if found is None:
-            return "client uid {} (process not found{})".format(
-                uid, ": lookup timed out" if self.clock() > deadline else "")
-        return "client pid {} ({})".format(found[0], found[1])
+            return socket_owner(tables, client, server)
+        own = (_address(client[0]), client[1])
+        sockets = [entry for entry in sockets if entry[2] == own]
+        if server is None and len(sockets) != 1:
+            return None  # none, or several to choose from: no guess
+        return sockets[0][:2] if sockets else None
+
+    def _pids(self):
+        """Recent clients first, then the newest processes."""
+        try:
+            pids = sorted((int(name) for name in os.listdir(self.proc) if name.isdigit()),
+                          reverse=True)
+        except OSError:
+            pids = []
+        recent = [pid for pid in self._recent]
+        return recent + [pid for pid in pids if pid not in recent]
+
+    def _holders(self, inode, uid, pids, denied=None, lookup=None):
+        """[(pid, program)] of the processes holding socket ``inode``: the first one
+        found among ``pids`` (newest first), then its parent and children, which
+        share it when it was inherited across fork."""
+        target = "socket:[{}]".format(inode)
+        crowded = []
+        first = None
+        for pid in pids:
+            held = yield from self._holds(pid, target, uid, self.many_fds)
+            if held == "denied" and denied is not None:
+                denied.append(pid)
+            elif held == "crowded":
+                crowded.append(pid)
+            elif held is True:
+                first = pid
+                break
+        if first is None:
+            for pid in crowded:
+                held = yield from self._holds(pid, target, uid, None)
+                if held is True:
+                    first = pid
+                    break
+        named = [(first, self._program(first))] if first is not None else []
+        if not named or named[0][1] is None:
+            return []  # none, or gone meanwhile
+        self._recent = [first] + [pid for pid in self._recent if pid != first][:7]
+        if lookup is not None:
+            lookup.first = named[0]
+            if lookup.in_container:  # read now: a one-shot client is soon gone
+                lookup.container = self._container(first)
+        yield FIRST_FOUND  # the answer may go out now: the rest can wait for it
+        parent = self._parent(first)
+        for pid in self._children(first) + [parent]:
+            if pid and pid not in [held for held, _ in named] and len(named) < 16:
+                held = yield from self._holds(pid, target, uid, None)
+                program = self._program(pid) if held is True else None
+                if program is not None:
+                    named.append((pid, program))
+        return sorted(named)
+
+    def _container(self, pid):
+        """(id, name or None) of the container process ``pid`` runs in, else None."""
+        try:
+            with open(os.path.join(self.proc, str(pid), "cgroup")) as handle:
+                identifier = container_id(handle.read())
+        except OSError:
+            return None
+        return (identifier, container_name(identifier)) if identifier else None
+
+    def _program(self, pid):
+        """The name a process gives itself (/proc/PID/comm), or None if it is gone."""
+        try:
+            with open(os.path.join(self.proc, str(pid), "comm"), "rb") as handle:
+                return handle.read(64).decode("utf-8", "replace").strip()
+        except OSError:
+            return None
+
+    def _holds(self, pid, target, uid, most):
+        """True if process ``pid`` has ``target`` open; "crowded" if it has more than
+        ``most`` descriptors (looked at later); "denied" if it is ``uid``'s but its
+        descriptors are closed to us (not dumpable: a setuid program, or one that
+        changed its uid); else False.  Yields every few descriptors, so a process
+        with 20,000 of them cannot hold up a deadline."""
+        yield
+        base = os.path.join(self.proc, str(pid))
+        try:
+            if self.user != 0 and os.stat(base).st_uid != uid:
+                return False
+            folder = os.path.join(base, "fd")
+            if most is not None and os.stat(folder).st_size > most:
+                return "crowded"  # Linux 6.2+ gives the count of descriptors as the size
+            entries = os.scandir(folder)
+        except PermissionError:
+            return "denied"
+        except OSError:  # gone
+            return False
+        with entries:
+            for count, entry in enumerate(entries):
+                if count & 63 == 63:
+                    yield
+                    if most is not None and count >= most:
+                        return "crowded"
+                try:
+                    if os.readlink(entry.path) == target:
+                        return True
+                except OSError:
+                    continue
+        return False
+
+    def _parent(self, pid):
+        try:
+            with open(os.path.join(self.proc, str(pid), "stat"), "rb") as handle:
+                return int(handle.read().rpartition(b")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _children(self, pid):
+        if not pid:
+            return []
+        children = []
+        try:
+            tasks = os.listdir(os.path.join(self.proc, str(pid), "task"))
+        except OSError:
+            return []
+        for task in tasks[:64]:
+            try:
+                with open(os.path.join(self.proc, str(pid), "task", task, "children")) as handle:
+                    children += [int(child) for child in handle.read().split()]
+            except (OSError, ValueError):
+                continue
+        return children[:64]
+
+    # -- clients in other network namespaces (containers) ------------------------
+
+    def _namespace_map(self, fresh):
+        """{network namespace: [pids in it]} of every process, other than ours; read
+        again when ``fresh`` (a client was not found in those known), at most every
+        0.1 s: a new container's first client is found at once."""
+        when, spaces = self._namespaces
+        if when is not None and not fresh:
+            return spaces
+        if when is not None and self.clock() - when < 0.1:
+            return spaces
+        spaces = {}
+        try:
+            own = os.readlink(os.path.join(self.proc, "self", "ns", "net"))
+            names = sorted((int(name) for name in os.listdir(self.proc) if name.isdigit()),
+                           reverse=True)
+        except OSError:
+            return spaces
+        for pid in names:
+            try:
+                space = os.readlink(os.path.join(self.proc, str(pid), "ns", "net"))
+            except OSError:
+                continue
+            if space != own:
+                spaces.setdefault(space, []).append(pid)
+        self._namespaces = (self.clock(), spaces)
+        for gone in [space for space in self._namespace_diags if space not in spaces]:
+            self._namespace_diags.pop(gone).close()
+        return spaces
+
+    def _namespace_owner(self, space, pids, client, server):
+        """(uid, inode) of the client's socket if it is in namespace ``space``: asked
+        of sock_diag there (a socket made in it once), else read from a process's
+        /proc/PID/net/tcp{,6} (slower: the kernel prints every socket)."""
+        diag = self._namespace_diags.get(space)
+        for pid in pids:  # any process of the namespace leads to it
+            if diag is not None:
+                break
+            candidate = SockDiag(namespace=os.path.join(self.proc, str(pid), "ns", "net"))
+            try:
+                sockets = candidate.ask(client, server)
+            except OSError:
+                continue
+            self._namespace_diags[space] = candidate
+            return sockets[0][:2] if sockets else None
+        if diag is not None:
+            try:
+                sockets = diag.ask(client, server)
+                return sockets[0][:2] if sockets else None
+            except OSError:
+                self._namespace_diags.pop(space, None)
+                diag.close()
+        tables = []
+        for pid in pids:
+            try:
+                for name in ("tcp", "tcp6"):
+                    with open(os.path.join(self.proc, str(pid), "net", name)) as handle:
+                        tables.append(handle.read())
+                break
+            except OSError:  # gone since the map was made
+                tables = []
+        return socket_owner(tables, client, server)
+
+    def _search_namespaces(self, lookup):
+        client, server = lookup.client, lookup.server
+        readable = self.user == 0
+        if not readable:
+            return ("client remote (or a container's: only a server running as root looks "
+                    "into other network namespaces)", {"lookup": "remote"})
+        for fresh in (False, True):
+            spaces = self._namespace_map(fresh)
+            for space, pids in spaces.items():
+                yield
+                owner = self._namespace_owner(space, pids, client, server)
+                if owner is None:
+                    continue
+                if not owner[1]:
+                    return ("client gone (it closed the connection before it was looked up)",
+                            {"lookup": "gone"})
+                lookup.timed_out = "client in another network namespace (process not found: " \
+                                   "lookup timed out)"
+                # Among all processes, newest first: the client may be newer than the map.
+                lookup.in_container = True
+                found = yield from self._holders(owner[1], owner[0], self._pids(),
+                                                 lookup=lookup)
+                if not found:
+                    return ("client in another network namespace (process not found)",
+                            {"lookup": "not found"})
+                return describe_holders(found, lookup.container)
+        return "client remote", {"lookup": "remote"}
 
 
 ######################################################################
@@ -5605,6 +6382,9 @@ def build_parser(prog="s3_localserver.py"):
     serving.add_argument("--no-client-lookup", action="store_true",
                          help="do not name the local process (pid, program) that took "
                               "credentials in the access log (Linux)")
+    serving.add_argument("--log-format", choices=("text", "json"), default="text",
+                         help="the log's form: text lines, or one JSON object per line "
+                              "(journal fields under journald)")
     guard = parser.add_argument_group("who may fetch credentials")
     guard.add_argument("--auth-token", metavar="TOKEN",
                        help="require 'Authorization: TOKEN' on GET / ('generate' makes a "
@@ -5651,6 +6431,12 @@ def build_parser(prog="s3_localserver.py"):
                       help="assume this role instead; no IAM calls")
     made.add_argument("--federation", action="store_true",
                       help="use GetFederationToken (needs long-term IAM user keys)")
+    how.add_argument("--session-name", metavar="NAME",
+                     help="the STS session name CloudTrail shows for every call made with "
+                          "the served credentials (default: USER@HOST)")
+    how.add_argument("--source-identity", metavar="NAME",
+                     help="set SourceIdentity on the assumed role (its trust policy must "
+                          "allow sts:SetSourceIdentity; the default role's does)")
     grants = parser.add_argument_group(
         "grants: several clients, each its own scope, token and session (GRANTS.md)")
     grants.add_argument("--grants", metavar="FILE",
@@ -5740,6 +6526,13 @@ def validate(args):
         raise ValueError("give --auth-token or --auth-token-file, not both")
     if args.role_arn:
         check_role_arn(args.role_arn)
+    if args.session_name is not None:
+        check_session_name(args.session_name, "--session-name",
+                           32 if args.federation else 64)
+    if args.source_identity is not None:
+        check_session_name(args.source_identity, "--source-identity", 64)
+        if args.federation:
+            raise ValueError("--source-identity needs a role (GetFederationToken sets none)")
     if args.region is not None:
         check_region(args.region)
     if not args.prefix:
@@ -5805,7 +6598,8 @@ def check_grants_options(parser, args, command):
         parser.error("--grant NAME is exec mode's grant: give the command after '--'")
 
 
-def load_grants(path, default_duration=None, partition="aws", session_limit=64):
+def load_grants(path, default_duration=None, partition="aws", session_limit=64,
+                default_session=None):
     """The grants of the file at ``path`` (read here, with its token files: a relative
     token-file is found next to the grants file); GrantError if it cannot be served."""
     try:
@@ -5826,7 +6620,24 @@ def load_grants(path, default_duration=None, partition="aws", session_limit=64):
         key, equals, value = line.partition("=")
         if equals and key.strip().lower() == "token":
             SECRETS.add(value.strip(), any_length=True)
-    return grants_from_ini(path, text, read_token, default_duration, partition, session_limit)
+    return grants_from_ini(path, text, read_token, default_duration, partition, session_limit,
+                           default_session)
+
+
+def session_names(args, environ):
+    """(the command line's session name, the default one of a file's grant, by name):
+    sts_session_name()'s USER@HOST (or --session-name), then '.GRANT' for a grant
+    that names none, so CloudTrail tells the machine and the grant."""
+    limit = 32 if args.federation else 64
+    user, host = user_name(environ), socket.gethostname()
+    return (sts_session_name(user, host, limit, args.session_name),
+            lambda name: sts_session_name(user, host, limit, args.session_name, name))
+
+
+def read_grants(args, environ, partition, need_duration=True):
+    """The --grants file as this run reads it, at start-up and at every reload."""
+    return load_grants(args.grants, args.duration or (None if need_duration else MIN_DURATION),
+                       partition, 32 if args.federation else 64, session_names(args, environ)[1])
 
 
 def resolve_auth_token(args, environ):
@@ -5917,6 +6728,14 @@ class ClientFiles(object):
         for path, text in ((self.config, config_text), (self.credentials, "")):
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write(text)
+
+    def write(self, name, text):
+        """A file of this folder's, readable by this user alone; its path."""
+        path = os.path.join(self.folder, name)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return path
 
     def remove(self):
         import shutil
@@ -6112,7 +6931,7 @@ def print_policy(args, environ, say):
     With --grants, each grant's, after a line naming it."""
     if args.grants:
         partition = partition_for_region(resolve_region(args, environ))
-        for grant in load_grants(args.grants, args.duration or MIN_DURATION, partition):
+        for grant in read_grants(args, environ, partition, need_duration=False):
             text = policy_json(grant.policy(partition))
             sys.stdout.write("[{}] {} characters\n{}\n".format(grant.name, len(text), text))
         sys.stdout.flush()
@@ -6130,8 +6949,8 @@ def revoke_grant(args, environ, say):
     """--revoke NAME: deny at AWS what was issued to that grant's session until now."""
     files = AWSFiles(environ)
     context = run_context(args, environ, files, log=say)
-    grants = load_grants(args.grants, args.duration or MIN_DURATION,
-                         partition_for_region(context.region))
+    grants = read_grants(args, environ, partition_for_region(context.region),
+                         need_duration=False)
     grant = next((grant for grant in grants if grant.name == args.revoke), None)
     if grant is None:
         raise GrantError(args.grants, "no grant of that name (--revoke)", args.revoke)
@@ -6341,8 +7160,9 @@ class GrantSessions(object):
     on its own schedule; and the revocation of a grant's sessions at AWS.  The
     default role is set up (and checked) once for them all."""
 
-    def __init__(self, client, mode, role_arn, say, named):
+    def __init__(self, client, mode, role_arn, say, named, source_identity=None):
         self.client = client
+        self.source_identity = source_identity  # --source-identity, for every grant
         self.mode = mode
         self.role_arn = role_arn
         self.role_created_at = None
@@ -6363,7 +7183,8 @@ class GrantSessions(object):
         maker = CredentialMaker(self.client, self.mode,
                                 policy_json(grant.policy(self.client.partition)),
                                 grant.duration, grant.permission, grant.buckets,
-                                role_arn=self.role_arn, log=log, session=grant.session)
+                                role_arn=self.role_arn, log=log, session=grant.session,
+                                source_identity=self.source_identity)
         self._share_role(maker)
         return CredentialCache(maker, maker.duration, clock=self.client.clock, log=log)
 
@@ -6374,7 +7195,8 @@ class GrantSessions(object):
 
     def _probe(self):
         return CredentialMaker(self.client, self.mode, None, MIN_DURATION, "read-write", [],
-                               role_arn=self.role_arn, log=self.say)
+                               role_arn=self.role_arn, log=self.say,
+                               source_identity=self.source_identity)
 
     def prepare(self, before_create=None):
         """The default role's ARN (or its creation), once for every grant (see
@@ -6471,8 +7293,7 @@ def start_server(args, environ, say, files, sockets=None):
     region = context.region
     if args.grants:
         token_origin = "the grants file"
-        grants = load_grants(args.grants, args.duration, partition_for_region(region),
-                             32 if mode == "federation" else 64)
+        grants = read_grants(args, environ, partition_for_region(region))
         served, default = chosen_grants(args, grants)
         revoked = [grant for grant in grants if grant.revoke]
         if not served:
@@ -6482,7 +7303,8 @@ def start_server(args, environ, say, files, sockets=None):
         token, token_origin = resolve_auth_token(args, environ)
         policy_json(session_policy(args, region))  # too long: say so before any call
         served, default = [Grant("default", args.buckets, args.duration, args.permission,
-                                 args.prefix, args.statements, token)], None
+                                 args.prefix, args.statements, token,
+                                 session=session_names(args, environ)[0])], None
         revoked = []
     hosts = [sock.getsockname()[0] for sock in sockets] if sockets else [args.host]
     exposed = [host for host in hosts if not is_loopback(host)]
@@ -6495,7 +7317,8 @@ def start_server(args, environ, say, files, sockets=None):
     # Every client signs with the context's clock, and the cache judges expiry by it.
     base = resolve_credentials(args, context.environ, files=files, context=context)
     client = context.client(base)
-    grant_sessions = GrantSessions(client, mode, args.role_arn, say, bool(args.grants))
+    grant_sessions = GrantSessions(client, mode, args.role_arn, say, bool(args.grants),
+                                   args.source_identity)
     sessions = collections.OrderedDict((grant.name, grant_sessions.make(grant))
                                        for grant in served)
     table = GrantTable(served, sessions, named=bool(args.grants), default=default)
@@ -6594,8 +7417,10 @@ class GrantReloader(object):
     The signal handler only sets an Event; the work is done on this class's thread.
     """
 
-    def __init__(self, args, server, grant_sessions, notifier, say, report, partition):
+    def __init__(self, args, environ, server, grant_sessions, notifier, say, report,
+                 partition):
         self.args = args
+        self.environ = environ
         self.server = server
         self.grant_sessions = grant_sessions
         self.notifier = notifier
@@ -6632,10 +7457,8 @@ class GrantReloader(object):
         """Reread the grants file and swap in what it says; False if it says nothing
         servable (the grants in service are kept)."""
         self.notifier.reloading()
-        mode = self.grant_sessions.mode
         try:
-            grants = load_grants(self.args.grants, self.args.duration, self.partition,
-                                 32 if mode == "federation" else 64)
+            grants = read_grants(self.args, self.environ, self.partition)
             served, default = chosen_grants(self.args, grants)
         except LocalServerError as error:
             self.say("Error: {} (not reloaded: the grants in service stay)".format(error))
@@ -6685,6 +7508,15 @@ class GrantReloader(object):
         return True
 
 
+def user_name(environ):
+    """This process's user name, for the default session name."""
+    try:
+        import pwd  # POSIX only; imported here, where it is needed
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError, AttributeError):
+        return environ.get("USER") or environ.get("USERNAME") or "user"
+
+
 def describe_buckets(buckets):
     """"bucket 'a'" for one (the seed's words), "buckets 'a', 'b'" for several."""
     return "bucket{} {}".format("s" if len(buckets) > 1 else "",
@@ -6710,13 +7542,23 @@ def _run(argv, environ, stop):
     environ = os.environ if environ is None else environ
     environ, service = take_service_variables(environ)
     journal = journal_stderr(environ)
+    # Under a unit, stdout goes to the journal too: a token must not be printed there.
+    journal_stdout = journal_stderr(environ, 1)
+
+    log_format = []  # set once the arguments are read: errors about them are text
 
     def say(message):
         message = SECRETS.redact(message)
-        sys.stderr.write((journal_line(message) if journal else message) + "\n")
+        if log_format == ["json"]:
+            line = json.dumps({"time": format_timestamp(time.time()), "message": message})
+        else:
+            line = message
+        sys.stderr.write((journal_line(line, journal_priority(message)) if journal else line)
+                         + "\n")
         sys.stderr.flush()
 
     args = parse_args(sys.argv[1:] if argv is None else argv, program_name(sys.argv[0]))
+    log_format.append(args.log_format)
     notifier = ServiceNotifier(service, os.getpid(), say)
     try:
         if args.print_identity:
@@ -6775,8 +7617,12 @@ def _run(argv, environ, stop):
     if args.statements:
         say("Extra policy statements: {}".format(len(args.statements)))
     server.journal = journal
+    server.log_format = args.log_format
+    if journal and args.log_format == "json":
+        server.journal_socket = JournalSocket.open()
     if not (args.no_client_lookup or server.quiet) and ClientAttribution.available():
-        server.attribution = ClientAttribution(server.log)
+        server.attribution = ClientAttribution(server.write_access)
+        server.attribution.busy = server.busy
         server.attribution.start_thread()
     server.heartbeat = notifier.heartbeat
 
@@ -6788,8 +7634,8 @@ def _run(argv, environ, stop):
     reloader = None
     if hasattr(signal, "SIGHUP"):  # not on Windows
         if args.grants:
-            reloader = GrantReloader(args, server, grant_sessions, notifier, say, report,
-                                     partition_for_region(region))
+            reloader = GrantReloader(args, environ, server, grant_sessions, notifier, say,
+                                     report, partition_for_region(region))
             signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request())
         else:
             cache = server.cache
@@ -6827,11 +7673,24 @@ def _run(argv, environ, stop):
         else:
             door = container_environment(host, server.server_port, server.rules.token,
                                          region)
-            if door:
+            if door and journal_stdout:
+                client_files = client_files or ClientFiles("", environ)
+                path = client_files.write("container.env", door)
+                say("Containers: their environment is in {} (readable by this user only; "
+                    "docker run --env-file {}; see CONTAINERS.md), not on stdout, which "
+                    "goes to the journal; it is removed when the server stops".format(
+                        path, path))
+            elif door:
                 say("Containers: the lines on stdout are their environment (docker run "
                     "--env-file FILE; see CONTAINERS.md)")
                 sys.stdout.write(door)
                 sys.stdout.flush()
+            elif token_origin == "generated" and journal_stdout:
+                path = client_files.write("shell.sh", shell_setup(env, os.getpid()))
+                say("Clients must send the generated token as the Authorization header: it "
+                    "is in {} (readable by this user only; '. {}' sets up a shell), not on "
+                    "stdout, which goes to the journal; it is removed when the server "
+                    "stops".format(path, path))
             elif token_origin == "generated":
                 say("Clients must send the generated token as the Authorization header: "
                     "the lines on stdout set up a shell for that")

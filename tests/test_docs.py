@@ -4,15 +4,19 @@ AWS_PROFILE and AWS_ACCESS_KEY_ID set.  Each must act as the served role."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
+import s3_localserver as s
 from conftest import BUCKET
 from helpers import BIN, ROOT, SCRIPT, clean_env, run_script
 
-SERVED_ROLE = ":assumed-role/s3-credentials.AmazonS3FullAccess/s3.read-write.my-bucket"
+# The session is named after this user and host (sts_session_name).
+SERVED_ROLE = ":assumed-role/s3-credentials.AmazonS3FullAccess/" + s.sts_session_name(
+    s.user_name({}), socket.gethostname(), 64)
 
 # The lines as the README and --help print them.  A test run swaps in the port, the moto
 # URL, and a question for STS in place of the listing (moto lets the user list too).

@@ -26,6 +26,10 @@ from helpers import (
     wait_answered,
 )
 
+# The default STS session name: this user at this host (what CloudTrail shows).
+DEFAULT_SESSION = s3_localserver.sts_session_name(s3_localserver.user_name({}),
+                                                  socket.gethostname(), 64)
+
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 
@@ -67,7 +71,7 @@ def test_default_role_lookup_with_auth_file(moto, start, home, proxy):
     params = proxy.params("AssumeRole")
     assert params["RoleArn"] == "arn:aws:iam::{}:role/s3-credentials.AmazonS3FullAccess".format(
         ACCOUNT)
-    assert params["RoleSessionName"] == "s3.read-write.my-bucket"
+    assert params["RoleSessionName"] == DEFAULT_SESSION
     assert params["DurationSeconds"] == "3600"
     assert served_policy(proxy) == s3_localserver.build_policy("read-write", BUCKET)
     assert params["Policy"] == json.dumps(served_policy(proxy), separators=(",", ":"))
@@ -132,7 +136,7 @@ def test_role_arn_read_only_prefix_statement(moto, start, tester_env, proxy):
     assert aws_calls(proxy) == ["S3 HEAD", "AssumeRole"]
     params = proxy.params("AssumeRole")
     assert params["RoleArn"] == moto.uploader_arn
-    assert params["RoleSessionName"] == "s3.read-only.my-bucket"
+    assert params["RoleSessionName"] == DEFAULT_SESSION
     assert served_policy(proxy) == {"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Action": ["s3:GetBucketLocation"],
          "Resource": ["arn:aws:s3:::my-bucket"]},
@@ -152,7 +156,7 @@ def test_write_only(moto, start, tester_env, proxy):
     server.fetch_json()
     assert served_policy(proxy)["Statement"] == [
         {"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": ["arn:aws:s3:::my-bucket/*"]}]
-    assert proxy.params("AssumeRole")["RoleSessionName"] == "s3.write-only.my-bucket"
+    assert proxy.params("AssumeRole")["RoleSessionName"] == DEFAULT_SESSION
 
 
 def test_federation(moto, start, tester_env, proxy):
@@ -163,7 +167,7 @@ def test_federation(moto, start, tester_env, proxy):
     doc = server.fetch_json()
     assert aws_calls(proxy) == ["S3 HEAD", "GetFederationToken"]
     params = proxy.params("GetFederationToken")
-    assert params["Name"] == "s3.read-write.my-bucket"
+    assert params["Name"] == DEFAULT_SESSION[:32]
     assert params["DurationSeconds"] == "2700"
     assert json.loads(params["Policy"]) == s3_localserver.build_policy("read-write", BUCKET)
     # The bucket check runs alongside: the last POST is the STS call.
@@ -200,7 +204,9 @@ def test_creates_default_role_when_missing(tmp_path, home, start):
         trust = role["AssumeRolePolicyDocument"]
         if isinstance(trust, str):
             trust = json.loads(urllib.parse.unquote(trust))
-        assert trust["Statement"] == [{"Effect": "Allow", "Action": "sts:AssumeRole",
+        # SetSourceIdentity too: --source-identity works with the role from the start.
+        assert trust["Statement"] == [{"Effect": "Allow",
+                                       "Action": ["sts:AssumeRole", "sts:SetSourceIdentity"],
                                        "Principal": {"AWS": "arn:aws:iam::{}:root".format(
                                            ACCOUNT)}}]
         attached = iam.list_attached_role_policies(
@@ -467,7 +473,8 @@ def test_access_log_and_quiet(moto, start, tester_env):
     log = sorted((line for line in server.lines if " 127.0.0.1 " in line),
                  key=lambda line: " GET /missing " in line)  # a 200's line waits for its client
     # The client is named in the line (tests/test_service.py checks how).
-    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.1 GET / 200 client ", log[0])
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.1 GET / 200 key ASIA\w+ client ",
+                    log[0])
     assert log[1].endswith(" GET /missing 404")
     quiet = start([BUCKET, "-d", "1h", "--endpoint-url", moto.url, "-q"], tester_env())
     quiet.fetch_json()

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import signal
+import socket
 import subprocess
 import sys
 import termios
@@ -18,7 +19,9 @@ import s3_localserver as s
 from conftest import BUCKET
 from helpers import BIN, SCRIPT, StandIn, clean_env, run_script
 
-SERVED_ROLE = "assumed-role/s3-credentials.AmazonS3FullAccess/s3.read-only.my-bucket"
+# The session is named after this user and host (sts_session_name).
+SERVED_ROLE = "assumed-role/s3-credentials.AmazonS3FullAccess/" + s.sts_session_name(
+    s.user_name({}), socket.gethostname(), 64)
 WHOAMI_BOTO3 = ("import boto3, os; print(boto3.client('sts', endpoint_url="
                 "os.environ['MOTO_URL']).get_caller_identity()['Arn'])")
 

@@ -236,3 +236,22 @@ def test_200_clients_across_a_forced_refresh(server_behind, sts_proxy):
         doc = json.loads(body.decode())
         assert doc["Token"] == doc["SessionToken"]
         server.secrets.extend([doc["SecretAccessKey"], doc["SessionToken"]])
+
+
+def test_expired_session_token_from_the_command_line_names_its_source(moto, home, sts_proxy):
+    """Keys given with --access-key/--secret-key/--session-token: the message says so,
+    and what to do with keys given by hand (no 'aws sso login' for them)."""
+    from helpers import clean_env, run_script
+    sts_proxy.faults.put(aws_error("ExpiredToken", "The security token included in the "
+                                   "request is expired", 400))
+    env = clean_env(home, AWS_ENDPOINT_URL=moto.url, AWS_ENDPOINT_URL_STS=sts_proxy.url)
+    code, out, err = run_script([BUCKET, "-d", "1h", "-p", "0", "--role-arn", moto.uploader_arn,
+                                 "--access-key", moto.tester["AccessKeyId"], "--secret-key",
+                                 moto.tester["SecretAccessKey"], "--session-token",
+                                 "expired-session-token"], env)
+    assert code == 1
+    assert err.splitlines()[-1] == (
+        "Error: ExpiredToken: The security token included in the request is expired (the "
+        "script's own credentials (from the command line: --access-key, --secret-key and "
+        "--session-token) have expired; give fresh ones and start the server again)")
+    assert "expired-session-token" not in err + out

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from helpers import (
 )
 
 BUCKET_A, BUCKET_B, BUCKET_C = "grants-a", "grants-b", "grants-c"
+SESSION = "grants-test"  # --session-name: a grant's session is then SESSION.GRANT
 TOKEN_A = "token-for-agent-a-0123456789"
 TOKEN_B = "token-for-agent-b-9876543210"
 ROLE = "s3-credentials.AmazonS3FullAccess"
@@ -269,8 +271,8 @@ def key_of(server, headers=(), path="/", source=None):
 
 
 def start_grants(start, moto, tester_env, grants_file, *extra, **env):
-    server = start(["--grants", str(grants_file), "--endpoint-url", moto.url] + list(extra),
-                   tester_env(**env))
+    server = start(["--grants", str(grants_file), "--endpoint-url", moto.url,
+                    "--session-name", SESSION] + list(extra), tester_env(**env))
     server.secrets += [TOKEN_A, TOKEN_B]  # the start fixture: never in its output
     return server
 
@@ -278,21 +280,27 @@ def start_grants(start, moto, tester_env, grants_file, *extra, **env):
 def test_each_grant_its_own_session_minted_in_parallel(moto, start, tester_env, buckets,
                                                         grants_file, proxy):
     server = start(["--grants", str(grants_file), "--endpoint-url", proxy.url], tester_env())
+    # A grant that names no session is USER@HOST (the command line's default), then
+    # '.GRANT': CloudTrail tells the machine and the grant.
+    a, c = (s.sts_session_name(s.user_name({}), socket.gethostname(), 64, None, name)
+            for name in ("agent-a", "agent-c"))
+    assert a.endswith("@{}.agent-a".format(socket.gethostname().split(".")[0]))
     assumed = [proxy_params(record) for record in proxy.requests
                if proxy_params(record).get("Action") == "AssumeRole"]
-    assert sorted(params["RoleSessionName"] for params in assumed) == [
-        "agent-a", "agent-c", "sandbox-b"]
+    assert sorted(params["RoleSessionName"] for params in assumed) == sorted(
+        [a, c, "sandbox-b"])
     policies = {params["RoleSessionName"]: json.loads(params["Policy"]) for params in assumed}
     assert policies["sandbox-b"] == s.build_policy("read-only", [BUCKET_B])
-    assert policies["agent-a"] == s.build_policy("read-write", [BUCKET_A], "work/")
-    assert policies["agent-c"] == s.build_policy("write-only", [BUCKET_C])
+    assert policies[a] == s.build_policy("read-write", [BUCKET_A], "work/")
+    assert policies[c] == s.build_policy("write-only", [BUCKET_C])
     # The role is set up once for them all.
     actions = [proxy_params(record).get("Action") for record in proxy.requests]
     assert actions.count("GetRole") == 1 and actions.count("AssumeRole") == 3, actions
     for line in ("Serving 3 grants at http://", "Grant agent-a: read-write credentials for "
-                 "bucket 'grants-a', 3600 seconds, prefix 'work/' (session agent-a; token "
-                 "from the grants file)", "Grant agent-c: write-only credentials for bucket "
-                 "'grants-c', 3600 seconds (session agent-c; clients in 127.0.0.2/32)"):
+                 "bucket 'grants-a', 3600 seconds, prefix 'work/' (session {}; token "
+                 "from the grants file)".format(a), "Grant agent-c: write-only credentials "
+                 "for bucket 'grants-c', 3600 seconds (session {}; clients in "
+                 "127.0.0.2/32)".format(c)):
         assert any(found.startswith(line) for found in server.lines), server.lines
     assert TOKEN_A not in server.output and TOKEN_B not in server.output
 
@@ -327,7 +335,8 @@ def test_real_clients_act_as_their_own_grant(moto, start, tester_env, buckets, g
          "--output", "text"], env=clean_env(home), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.decode().strip().endswith("assumed-role/{}/agent-a".format(ROLE))
+    assert result.stdout.decode().strip().endswith("assumed-role/{}/{}.agent-a".format(
+        ROLE, SESSION))
     # (moto does not enforce session policies: each grant's policy is checked as sent,
     # in test_each_grant_its_own_session_minted_in_parallel.)
     # The access log names each credential answer's grant.
@@ -426,7 +435,7 @@ def test_the_metadata_door_serves_the_address_grant_only(moto, start, tester_env
     result = subprocess.run([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, timeout=60)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
-    assert result.stdout.decode().strip().endswith("/{}/agent-c".format(ROLE))
+    assert result.stdout.decode().strip().endswith("/{}/{}.agent-c".format(ROLE, SESSION))
 
 
 def test_exec_mode_gets_the_named_grant(moto, tester_env, buckets, grants_file):
@@ -611,16 +620,16 @@ def test_revoke_puts_the_deny_policy_on_the_default_role(moto, tester_env, bucke
 
 def test_revoke_for_another_role_prints_the_policy_to_apply(moto, tester_env, grants_file):
     code, out, err = run_script(["--grants", grants_file, "--revoke", "agent-a",
-                                 "--role-arn", moto.uploader_arn,
+                                 "--role-arn", moto.uploader_arn, "--session-name", SESSION,
                                  "--endpoint-url", moto.url], tester_env())
     assert code == 0, err
-    assert out.startswith("To revoke grant agent-a (credentials issued to session agent-a "
-                          "before "), out
+    assert out.startswith("To revoke grant agent-a (credentials issued to session "
+                          "grants-test.agent-a before "), out
     assert "aws iam put-role-policy --role-name uploader --policy-name " \
            "s3_localserver-revoke-agent-a --policy-document '" in out
     document = json.loads(out.rsplit("--policy-document '", 1)[1].rstrip("'\n"))
     assert document["Statement"][0]["Condition"]["StringLike"] == {
-        "aws:userid": "*:agent-a"}
+        "aws:userid": "*:grants-test.agent-a"}
 
 
 def test_revoke_true_at_reload_denies_and_stops_serving(moto, start, tester_env, buckets,
@@ -630,9 +639,11 @@ def test_revoke_true_at_reload_denies_and_stops_serving(moto, start, tester_env,
     grants_file.write_text(GRANTS.replace("prefix = work/", "prefix = work/\nrevoke = true"))
     reload(server, 1)
     assert fetch(server, headers=[("Authorization", TOKEN_A)])[0] == 401
-    server.wait_for_line("Revoked grant agent-a: credentials issued to session agent-a")
+    server.wait_for_line("Revoked grant agent-a: credentials issued to session "
+                         "grants-test.agent-a")
     policy = stored_policy(moto, "s3_localserver-revoke-agent-a")
-    assert policy["Statement"][0]["Condition"]["StringLike"] == {"aws:userid": "*:agent-a"}
+    assert policy["Statement"][0]["Condition"]["StringLike"] == {
+        "aws:userid": "*:grants-test.agent-a"}
     # moto refuses the old key now, but it ignores the policy's conditions (it refuses
     # every session of the role, new ones and other grants' too: checked by hand), so
     # that proves nothing about aws:TokenIssueTime; the stored shape is what is tested.
