@@ -26,6 +26,7 @@ from helpers import (
     RecordingProxy,
     aws_error,
     clean_env,
+    free_port,
     podman_run,
     podman_unavailable,
     run_script,
@@ -730,3 +731,21 @@ def test_a_reload_while_sts_fails_keeps_serving_and_recovers(moto, start, tester
         assert server.process.poll() is None
     finally:
         failing.stop()
+
+
+def test_the_json_log_names_the_grant_and_the_key(moto, start, tester_env, buckets,
+                                                  grants_file):
+    port = free_port()
+    server = start(["--grants", str(grants_file), "--endpoint-url", moto.url,
+                    "--log-format", "json"], tester_env(), port=port, wait=False)
+    server.secrets += [TOKEN_A, TOKEN_B]
+    wait_for(lambda: any('"Press Ctrl+C to stop"' in line for line in list(server.lines)),
+             "the server")
+    server.url = "http://127.0.0.1:{}/".format(port)
+    key = key_of(server, [("Authorization", TOKEN_B)])
+    line = server.wait_for_line('"grant": "agent-b"')
+    record = json.loads(line)
+    assert (record["status"], record["key_id"], record["path"]) == (200, key, "/")
+    assert fetch(server, headers=[("Authorization", "nope")])[0] == 401
+    refused = json.loads(server.wait_for_line('"status": 401'))
+    assert "grant" not in refused and "key_id" not in refused
