@@ -19,7 +19,8 @@ $(MARKER): requirements-test.txt
 TEST_WORKERS ?= 4
 
 test: $(MARKER)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m 'not idle' tests
+	$(BIN)/python -m pytest -m idle tests
 
 lint: $(MARKER)
 	$(BIN)/ruff check s3_localserver.py tests bench

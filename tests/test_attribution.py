@@ -57,6 +57,7 @@ def serving(moto, start, tester_env):
     return start(["my-bucket", "-d", "1h", "--endpoint-url", moto.url], tester_env())
 
 
+@pytest.mark.idle
 def test_curl_one_shot_is_named(serving):
     """curl closes the moment it has its answer: it is named 99 times in 100 or better."""
     if not shutil.which("curl"):
@@ -77,6 +78,7 @@ def test_curl_one_shot_is_named(serving):
     assert all("(curl)" in line for line in lines if NAMED_RE.search(line))
 
 
+@pytest.mark.idle
 def test_urlopen_one_shot_is_named(serving):
     """Python's urlopen reads the answer and closes: named 99 times in 100 or better."""
     for _ in range(100):
@@ -402,6 +404,7 @@ CONTAINER_CLIENT = textwrap.dedent("""
     """)
 
 
+@pytest.mark.idle
 def test_a_podman_container_is_named_by_its_container(moto, start, tester_env):
     """A client in a real container on Podman's bridge: named by pid, program and
     container (id from its cgroup, name from Podman's state); one-shot curl runs too."""
