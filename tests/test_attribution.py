@@ -57,38 +57,50 @@ def serving(moto, start, tester_env):
     return start(["my-bucket", "-d", "1h", "--endpoint-url", moto.url], tester_env())
 
 
+def one_shot_rounds(serving, fetch, check):
+    """Runs rounds of 100 one-shot fetches until one names 99 or more, two rounds at the
+    most: the goal is for an idle machine, and a CI machine may be busy for a moment
+    (a load spike costs one round; a lookup that does not work, 53 of 100 before, fails
+    both).  ``fetch`` returns the pid expected in the line; returns the last round's lines."""
+    for attempt in range(2):
+        before = len(credential_lines(serving))
+        pids = [fetch() for _ in range(100)]
+        lines = wait_for(lambda before=before: len(credential_lines(serving)) >= before + 100
+                         and credential_lines(serving)[before:], what="100 lines")
+        named = sum(check(pid, found) for pid, found in zip(pids, named_pids(lines)))
+        print("round {}: named {} of {}".format(attempt + 1, named, len(pids)))
+        print("\n".join(line for line, found in zip(lines, named_pids(lines)) if not found))
+        if named >= 99:
+            return lines
+    pytest.fail("named {} of 100 in the second round too".format(named))
+
+
 @pytest.mark.idle
 def test_curl_one_shot_is_named(serving):
     """curl closes the moment it has its answer: it is named 99 times in 100 or better."""
     if not shutil.which("curl"):
         pytest.skip("needs curl")
     port = serving.local_url.rstrip("/").rsplit(":", 1)[1]
-    pids = []
-    for _ in range(100):
+
+    def fetch():
         process = subprocess.Popen(["curl", "-sSf", "-o", "/dev/null",
                                     "http://127.0.0.1:{}/".format(port)])
         assert process.wait(30) == 0
-        pids.append(process.pid)
-    lines = wait_for(lambda: len(credential_lines(serving)) >= 100 and credential_lines(serving),
-                     what="100 lines")
-    named = sum(pid in found for pid, found in zip(pids, named_pids(lines)))
-    print("curl named {} of {}".format(named, len(pids)))
-    print("\n".join(line for line, found in zip(lines, named_pids(lines)) if not found))
-    assert named >= 99, lines
+        return process.pid
+
+    lines = one_shot_rounds(serving, fetch, lambda pid, found: pid in found)
     assert all("(curl)" in line for line in lines if NAMED_RE.search(line))
 
 
 @pytest.mark.idle
 def test_urlopen_one_shot_is_named(serving):
     """Python's urlopen reads the answer and closes: named 99 times in 100 or better."""
-    for _ in range(100):
+    def fetch():
         with urllib.request.urlopen(serving.local_url, timeout=10) as response:
             serving.secrets.append(json.loads(response.read().decode())["SecretAccessKey"])
-    lines = wait_for(lambda: len(credential_lines(serving)) >= 100 and credential_lines(serving),
-                     what="100 lines")
-    named = sum(found == [os.getpid()] for found in named_pids(lines))
-    print("urlopen named {} of {}".format(named, len(lines)))
-    assert named >= 99, lines
+        return os.getpid()
+
+    one_shot_rounds(serving, fetch, lambda pid, found: found == [pid])
 
 
 SDK_CLIENT = """

@@ -251,7 +251,7 @@ def test_socket_activation_on_interpreter(systemd, minor):
             response = connection.getresponse()
             assert response.status == 200
             server.secrets.append(json.loads(response.read().decode())["SecretAccessKey"])
-            wait_for(lambda count=index + 1: sum(line.endswith(me) for line in server.lines)
+            wait_for(lambda count=index + 1: sum(me + " " in line + " " for line in server.lines)
                      == count,
                      what="the access line")
         finally:
