@@ -265,8 +265,10 @@ HOG = ("import socket, sys, time\n"
 
 
 @contextlib.contextmanager
-def connections_held(command):
-    """While ``command`` (HOG, in a namespace or a container) holds its connections."""
+def connections_held(command, container=None):
+    """While ``command`` (HOG, in a namespace or in the Podman container named
+    ``container``) holds its connections.  Killing `podman run` leaves its container
+    running: the container is removed by name."""
     hog = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         assert hog.stdout.readline().strip() == b"ready"
@@ -274,6 +276,10 @@ def connections_held(command):
     finally:
         hog.kill()
         hog.wait()
+        if container is not None:
+            subprocess.run(["podman", "rm", "--force", "--time", "0", container],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=60)
 
 
 def fetch_as_this_host(server, door):
@@ -885,8 +891,9 @@ def test_idle_podman_container_does_not_lock_out_another(podman, moto, start, te
     server = serve(start, moto, tester_env, DOOR, 0, "--auth-token", "generate")
     door = door_settings(server)
     port = door["AWS_CONTAINER_CREDENTIALS_FULL_URI"].rsplit(":", 1)[1].strip("/")
-    with connections_held(PODMAN_RUN + ["--rootfs", "/:O", sys.executable, "-c", HOG, DOOR,
-                                        port, "256"]):
+    name = "s3ls-hog-" + os.urandom(6).hex()
+    with connections_held(PODMAN_RUN + ["--name", name, "--rootfs", "/:O", sys.executable,
+                                        "-c", HOG, DOOR, port, "256"], container=name):
         status, body = podman_fetch(door["AWS_CONTAINER_CREDENTIALS_FULL_URI"], {
             "Authorization": door["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
         assert status == 200 and "AccessKeyId" in body, body
