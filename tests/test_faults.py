@@ -189,7 +189,7 @@ def test_200_clients_across_a_forced_refresh(server_behind, sts_proxy):
     server = server_behind("-q")
     url = server.local_url
     before = server.fetch()[2]
-    bodies, statuses = [], []
+    bodies, statuses, asked_after_refresh = [], [], []
     lock = threading.Lock()
     go, refreshed = threading.Event(), threading.Event()
 
@@ -197,6 +197,9 @@ def test_200_clients_across_a_forced_refresh(server_behind, sts_proxy):
         go.wait()
         after_refresh = 0
         for _ in range(5000):  # bounded; ends two answers after the refresh
+            # Asked once the refresh was over (an answer asked for before it may be the
+            # old set, however late it arrives).
+            asked_after = refreshed.is_set()
             try:
                 with urllib.request.urlopen(url, timeout=30) as response:
                     status, body = response.status, response.read()
@@ -205,7 +208,9 @@ def test_200_clients_across_a_forced_refresh(server_behind, sts_proxy):
             with lock:
                 statuses.append(status)
                 bodies.append(body)
-            if refreshed.is_set():
+                if asked_after:
+                    asked_after_refresh.append(body)
+            if asked_after:
                 after_refresh += 1
                 if after_refresh == 2:
                     break
@@ -228,14 +233,22 @@ def test_200_clients_across_a_forced_refresh(server_behind, sts_proxy):
     # Exactly one STS call for the forced refresh (plus the first one at start).
     assert len(assume_attempts(sts_proxy)) == 2
     # Every answer is one of the two documents, whole: never a mix of fields.
+    # (Counts and truth values only: a failing assert must not print the credentials.)
     after = server.fetch()[2]
-    assert before != after
-    assert set(bodies) == {before, after}
-    assert bodies.count(after) >= 400
+    changed = before != after
+    assert changed, "the forced refresh served the same set"
+    odd = len(set(bodies) - {before, after})
+    assert odd == 0, "an answer is neither set, whole"
+    # Each client asked twice once the refresh was over, and got the new set each time.
+    assert len(asked_after_refresh) == 400
+    stale = sum(1 for body in asked_after_refresh if body != after)
+    assert stale == 0, "{} of 400 answers asked for after the refresh were the old set".format(
+        stale)
     for body in (before, after):
         doc = json.loads(body.decode())
-        assert doc["Token"] == doc["SessionToken"]
         server.secrets.extend([doc["SecretAccessKey"], doc["SessionToken"]])
+        same = doc["Token"] == doc["SessionToken"]
+        assert same, "Token and SessionToken differ"
 
 
 def test_expired_session_token_from_the_command_line_names_its_source(moto, home, sts_proxy):
