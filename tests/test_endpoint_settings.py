@@ -32,11 +32,18 @@ CASES = [(service, region, fips, dualstack, sts)
          for sts in (("regional", "legacy") if service == "sts" else ("regional",))]
 
 
+# One boto3 session for each sts_regional_endpoints value: a session loads botocore's
+# models and endpoint rules once and keeps them (a new one per case took 80 s in all).
+_SESSIONS = {}
+
+
 def botocore_endpoint(service, region, fips, dualstack, sts, monkeypatch):
     """(URL, signing region) botocore resolves, or the text of its error."""
     monkeypatch.setenv("AWS_STS_REGIONAL_ENDPOINTS", sts)
+    if sts not in _SESSIONS:
+        _SESSIONS[sts] = boto3.session.Session()
     try:  # the legacy resolver may refuse already (dual-stack in aws-iso-e, aws-iso-f)
-        client = boto3.session.Session().client(
+        client = _SESSIONS[sts].client(
             service, region_name=region, aws_access_key_id="a", aws_secret_access_key="b",
             config=Config(use_fips_endpoint=fips, use_dualstack_endpoint=dualstack,
                           s3={"addressing_style": "virtual"}))
